@@ -1,0 +1,150 @@
+"""``automl-compress``: a thin command line over the library (DESIGN.md §3)."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from automl_compress.config import Config, dump_config, load_config
+from automl_compress.errors import AutoMLCompressError
+
+
+def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, help="YAML file of config overrides")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="dotted override, e.g. --set env.budget_bits=3 (repeatable)",
+    )
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="automl-compress",
+        description="Post-training compression with exact layer solvers and RL allocation.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("build-db", help="solve every layer at every option once and cache it")
+    _add_common(p)
+    p.add_argument("--out", required=True, help="run directory")
+
+    p = sub.add_parser("compress", help="allocate with a non-RL method and write the plan")
+    _add_common(p)
+    p.add_argument("--method", choices=("uniform", "dp", "rtn"), required=True)
+    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
+    p.add_argument("--out", required=True, help="run directory")
+
+    p = sub.add_parser("train", help="train the RL controllers and write the best plan")
+    _add_common(p)
+    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
+    p.add_argument("--total-steps", type=int, default=None, help="environment steps")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run")
+
+    p = sub.add_parser("apply", help="compress with a trained policy (zero-shot or fine-tuned)")
+    _add_common(p)
+    p.add_argument("--policy", required=True, help="run directory holding policy/")
+    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
+    p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--out", required=True, help="run directory")
+
+    p = sub.add_parser("evaluate", help="re-evaluate a run's plan on the held-out split")
+    p.add_argument("run", help="run directory")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
+
+    p = sub.add_parser("export", help="write compressed.safetensors (packed integers + plan)")
+    p.add_argument("run", help="run directory")
+
+    sub.add_parser("info", help="environment report for bug reports")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """Defaults < YAML file < --set overrides < --device/--seed flags."""
+    overrides = list(args.overrides)
+    if getattr(args, "device", None):
+        overrides.append(f"device={args.device}")
+    if getattr(args, "seed", None) is not None:
+        overrides.append(f"seed={args.seed}")
+    if getattr(args, "budget_bits", None) is not None:
+        overrides.append(f"env.budget_bits={args.budget_bits}")
+    return load_config(args.config, overrides)
+
+
+def _info() -> int:
+    import numpy
+    import torch
+
+    from automl_compress import __version__
+
+    print(f"automl-compress {__version__}")
+    print(f"python {platform.python_version()} on {platform.platform()}")
+    print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
+    if torch.cuda.is_available():
+        print(f"gpu: {torch.cuda.get_device_name(0)}")
+    print(f"numpy {numpy.__version__}")
+    for mod in ("gymnasium", "stable_baselines3", "sb3_contrib", "tensorboard", "safetensors"):
+        try:
+            m = __import__(mod)
+            print(f"{mod} {getattr(m, '__version__', '?')}")
+        except ImportError:
+            print(f"{mod} not installed")
+    return 0
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "info":
+        return _info()
+    if args.command in ("evaluate", "export"):
+        from automl_compress import pipeline
+
+        if args.command == "evaluate":
+            return pipeline.run_evaluate(Path(args.run), device=args.device)
+        return pipeline.run_export(Path(args.run))
+    cfg = resolve_config(args)
+    if args.print_config:
+        print(dump_config(cfg), end="")
+        return 0
+    out = Path(args.out)
+    if args.command == "build-db":
+        from automl_compress import pipeline
+
+        return pipeline.run_build_db(cfg, out)
+    if args.command == "compress":
+        from automl_compress import pipeline
+
+        return pipeline.run_compress(cfg, args.method, out)
+    from automl_compress.agents import run as agent_run
+
+    if args.command == "train":
+        return agent_run.run_train(cfg, out, total_steps=args.total_steps, resume=args.resume)
+    return agent_run.run_apply(
+        cfg, out, policy_dir=Path(args.policy), finetune_steps=args.finetune_steps
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``automl-compress`` console script."""
+    args = build_parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except AutoMLCompressError as exc:
+        print(f"automl-compress: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("automl-compress: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

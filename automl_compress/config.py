@@ -1,0 +1,340 @@
+"""Typed, frozen, self-validating configuration.
+
+The dataclasses below are the schema and hold every default; YAML files hold only overrides, and
+``--set section.key=value`` overrides those. Unknown keys are errors that name the closest valid key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from automl_compress.errors import ConfigError
+
+PATTERNS = ("dense", "2:4", "50%", "75%")
+
+
+def parse_pattern(p: str) -> tuple[str, float | tuple[int, int] | None]:
+    """``"dense"`` → ("dense", None); ``"2:4"`` → ("nm", (2, 4)); ``"50%"`` → ("unstructured", 0.5)."""
+    p = str(p).strip()
+    if p == "dense":
+        return "dense", None
+    if ":" in p:
+        n, m = p.split(":", 1)
+        if n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
+            return "nm", (int(n), int(m))
+    if p.endswith("%"):
+        try:
+            s = float(p[:-1]) / 100.0
+        except ValueError:
+            s = -1.0
+        if 0.0 < s < 1.0:
+            return "unstructured", s
+    raise ConfigError(
+        f"sparsity pattern must be 'dense', 'N:M' with 0 < N < M (e.g. '2:4') or a percentage in "
+        f"(0, 100) (e.g. '50%'), found {p!r}"
+    )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """What to compress: a built-in zoo key or ``package.module:function`` returning a Task.
+
+    Attributes:
+        name: zoo key (``digits_cnn``, ``digits_cnn_wide``, ``crepe_tiny``, ``crepe_full``,
+            ``minilm_l6``) or a dotted path to the user's factory.
+        options: keyword arguments passed to the factory.
+        cache_dir: where tasks cache trained weights (default: ``~/.cache/automl-compress``).
+    """
+
+    name: str = "digits_cnn"
+    options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            raise ConfigError("task.name must be a zoo key or 'package.module:function', found ''")
+
+
+@dataclass(frozen=True)
+class CaptureConfig:
+    """Which layers are compressed and how their Hessians are collected.
+
+    Attributes:
+        include: glob patterns of module names to compress.
+        exclude: glob patterns of module names to leave dense.
+        max_dense_cols: above this many columns H is block-diagonal over column blocks.
+        block_cols: the column-block size of the block-diagonal fallback.
+        centered: centred H with bias folding (ALGORITHMS.md §0.4).
+        max_batches: cap on calibration batches (None = all).
+    """
+
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    max_dense_cols: int = 16384
+    block_cols: int = 4096
+    centered: bool = False
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_dense_cols < 1 or self.block_cols < 1:
+            raise ConfigError(
+                f"capture.max_dense_cols and capture.block_cols must be >= 1, found "
+                f"{self.max_dense_cols} and {self.block_cols}"
+            )
+
+
+@dataclass(frozen=True)
+class MenuConfig:
+    """The option menu: per-row bit-widths x layer sparsity patterns (DESIGN.md §5).
+
+    Attributes:
+        bits: per-row bit-widths; 0 removes the output channel.
+        patterns: layer patterns: 'dense', 'N:M', or 'P%' unstructured.
+    """
+
+    bits: tuple[int, ...] = (0, 2, 3, 4, 6, 8)
+    patterns: tuple[str, ...] = PATTERNS
+
+    def __post_init__(self) -> None:
+        if not self.bits:
+            raise ConfigError("menu.bits must list at least one bit-width, found []")
+        for b in self.bits:
+            if not (b == 0 or 2 <= int(b) <= 8):
+                raise ConfigError(f"menu.bits entries must be 0 or 2..8, found {b}")
+        if len(set(self.bits)) != len(self.bits):
+            raise ConfigError(f"menu.bits has duplicates: {list(self.bits)}")
+        if "dense" not in self.patterns:
+            raise ConfigError(f"menu.patterns must include 'dense', found {list(self.patterns)}")
+        for p in self.patterns:
+            parse_pattern(p)
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How layers are solved.
+
+    Attributes:
+        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (GPTQ candidates + refinement).
+        prune: 'exact_obs' or 'sparsegpt'.
+        symmetric: symmetric per-row grid (else asymmetric).
+        grid_search: 'mse' shrink search or 'minmax'.
+        damp: relative damping (fraction of mean diag H).
+        row_batch: rows per batch (None: sized to the device).
+    """
+
+    quant: str = "obq"
+    prune: str = "exact_obs"
+    symmetric: bool = True
+    grid_search: str = "mse"
+    damp: float = 0.01
+    row_batch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.quant not in ("obq", "gptq", "fast"):
+            raise ConfigError(f"solver.quant must be 'obq', 'gptq' or 'fast', found {self.quant!r}")
+        if self.prune not in ("exact_obs", "sparsegpt"):
+            raise ConfigError(
+                f"solver.prune must be 'exact_obs' or 'sparsegpt', found {self.prune!r}"
+            )
+        if self.grid_search not in ("mse", "minmax"):
+            raise ConfigError(
+                f"solver.grid_search must be 'mse' or 'minmax', found {self.grid_search!r}"
+            )
+        if not 0.0 <= self.damp < 10.0:
+            raise ConfigError(f"solver.damp must be in [0, 10), found {self.damp}")
+
+
+@dataclass(frozen=True)
+class CostConfig:
+    """Size accounting (DESIGN.md §3).
+
+    Attributes:
+        scale_bits: bits per per-row scale.
+        zero_bits: bits per per-row zero point.
+        activation_bits: activation width for BOPs.
+    """
+
+    scale_bits: int = 16
+    zero_bits: int = 16
+    activation_bits: int = 8
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Stitched-model evaluation.
+
+    Attributes:
+        bn_reestimate: re-estimate BatchNorm statistics on calibration data.
+        bias_correction: fold ``(W − Ŵ)μ`` into biases.
+    """
+
+    bn_reestimate: bool = True
+    bias_correction: bool = True
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The compression environment (issue 6)."""
+
+    budget_bits: float = 4.0
+    groups: int = 8
+    step_reward_weight: float = 1.0
+    metric_reward_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.budget_bits <= 32.0:
+            raise ConfigError(f"env.budget_bits must be in (0, 32], found {self.budget_bits}")
+        if self.groups < 1:
+            raise ConfigError(f"env.groups must be >= 1, found {self.groups}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The controllers (issue 6)."""
+
+    form: str = "hierarchical"
+    layer_controller: str = "learned"
+    channel_controller: str = "learned"
+    total_steps: int = 4096
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole run."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    menu: MenuConfig = field(default_factory=MenuConfig)
+    solver: SolverConfig = field(default_factory=SolverConfig)
+    cost: CostConfig = field(default_factory=CostConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    env: EnvConfig = field(default_factory=EnvConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    seed: int = 0
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda', found {self.device!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if origin is tuple:
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            value = [value]
+        return tuple(_coerce(v, args[0], where) for v in value)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, found {value!r}")
+        return dict(value)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, found {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, found {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, found {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where} must be a string, found {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, data: Any, where: str = "") -> Any:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, found {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown config key {path!r}{hint} (valid: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], path)
+    try:
+        return cls(**kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"{where or 'config'}: {exc}") from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: {k!r} is not a section")
+    node[keys[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Resolve a config: defaults, then the YAML file, then ``key.sub=value`` overrides.
+
+    Raises:
+        ConfigError: unreadable YAML, unknown keys, wrong types or invalid values.
+    """
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist; pass an existing YAML file")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping, found {loaded!r}")
+        tree = loaded or {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key.sub=value, found {item!r}")
+        key, raw = item.split("=", 1)
+        _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+    return _build(Config, tree)
+
+
+def config_to_dict(cfg: Any) -> Any:
+    """Plain-YAML form of a config (tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: config_to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [config_to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: config_to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_config(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -1,0 +1,90 @@
+"""The in-memory view of the layer database that allocators and environments read.
+
+Nothing here solves anything: a :class:`LayerTable` holds, for one layer, the exact per-row error of
+every option of the menu (rows × patterns × bits) and the layer's shape metadata. Row errors are
+exactly additive (ALGORITHMS.md §0.1), so any per-row mixture's error is a sum of table entries.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from automl_compress.config import CostConfig
+from automl_compress.database.costs import row_bits
+
+
+@dataclass(frozen=True)
+class LayerInfo:
+    """Shape metadata of one compressible layer.
+
+    Attributes:
+        name: module name in the model (``model.get_submodule(name)``).
+        kind: 'linear', 'conv1d' or 'conv2d'.
+        rows: output channels (weight rows).
+        cols: weights per row (in_features, or C_in/groups × kernel area).
+        kernel: kernel size (empty for linear).
+        stride: stride (empty for linear).
+        groups: conv groups (1 for linear).
+        macs: multiply-accumulates per calibration sample (per forward of one input item).
+        index: position among the compressible layers (0-based, forward order).
+        has_bias: whether the layer has a bias.
+    """
+
+    name: str
+    kind: str
+    rows: int
+    cols: int
+    kernel: tuple[int, ...] = ()
+    stride: tuple[int, ...] = ()
+    groups: int = 1
+    macs: int = 0
+    index: int = 0
+    has_bias: bool = False
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """Exact per-row errors of every option for one layer.
+
+    Attributes:
+        info: the layer's metadata.
+        bits: the menu's bit-widths, ascending (0 = row removed).
+        patterns: the patterns this layer can take (N:M patterns that do not fit are absent);
+            'dense' is always first.
+        errors: (rows, len(patterns), len(bits)) float64; ``errors[r, p, b]`` is the exact error
+            ``0.5 (w−ŵ)H(w−ŵ)ᵀ`` of row r at pattern p and bit-width bits[b]. The 0-bit column is
+            the row's full output energy (the same for every pattern).
+    """
+
+    info: LayerInfo
+    bits: tuple[int, ...]
+    patterns: tuple[str, ...]
+    errors: np.ndarray
+
+    def __post_init__(self) -> None:
+        shape = (self.info.rows, len(self.patterns), len(self.bits))
+        if self.errors.shape != shape:
+            raise ValueError(f"errors must have shape {shape}, found {self.errors.shape}")
+        if list(self.bits) != sorted(self.bits):
+            raise ValueError(f"bits must be ascending, found {self.bits}")
+        if not self.patterns or self.patterns[0] != "dense":
+            raise ValueError(f"patterns must start with 'dense', found {self.patterns}")
+
+    def option_bits(self, cost: CostConfig | None = None) -> np.ndarray:
+        """(len(patterns), len(bits)) bits to store one row at each option, metadata included."""
+        return np.array(
+            [[row_bits(self.info.cols, b, p, cost) for b in self.bits] for p in self.patterns],
+            dtype=np.float64,
+        )
+
+    def error_of(self, pattern: str, row_bits_: np.ndarray) -> float:
+        """Layer error of a per-row assignment: the sum of the table entries."""
+        p = self.patterns.index(pattern)
+        idx = np.searchsorted(np.asarray(self.bits), np.asarray(row_bits_))
+        return float(self.errors[np.arange(self.info.rows), p, idx].sum())

@@ -1,0 +1,90 @@
+"""Hessian preparation shared by every solver (ALGORITHMS.md §0.3).
+
+``H = 2 XᵀX / n`` from calibration inputs (see :mod:`automl_compress.capture`). Before a solve, dead
+inputs (zero diagonal: the input never fired) are given a unit-scale diagonal and their weight
+columns are zeroed (their inputs are always zero, so this costs nothing), and a relative damping of
+``damp * mean(diag H)`` is added. Errors are always reported under the *undamped* H.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from automl_compress.errors import HessianNotPSDError
+
+DEFAULT_DAMP = 0.01
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    """A Hessian ready for a solve.
+
+    Attributes:
+        H: (cols, cols) float64, damped, dead diagonal entries replaced.
+        dead: (cols,) bool, True for inputs with zero diagonal.
+        damp: the absolute damping that was added to the diagonal.
+    """
+
+    H: torch.Tensor
+    dead: torch.Tensor
+    damp: float
+
+
+def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP) -> PreparedHessian:
+    """Damp H and neutralise dead inputs.
+
+    Args:
+        H: (cols, cols) symmetric PSD Hessian (any float dtype).
+        damp: relative damping, a fraction of the mean live diagonal (default 1%).
+
+    Returns:
+        The prepared Hessian in float64 on H's device.
+    """
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, found {damp}")
+    Hd = H.to(torch.float64).clone()
+    diag = torch.diagonal(Hd)
+    top = diag.abs().max() if diag.numel() else torch.zeros((), dtype=torch.float64)
+    dead = diag <= 1e-12 * torch.clamp(top, min=1e-300)
+    live = ~dead
+    mean_live = diag[live].mean() if bool(live.any()) else torch.ones((), dtype=torch.float64)
+    Hd[dead, :] = 0.0
+    Hd[:, dead] = 0.0
+    idx = torch.nonzero(dead).flatten()
+    Hd[idx, idx] = mean_live
+    lam = float(damp * mean_live)
+    Hd.diagonal().add_(lam)
+    return PreparedHessian(H=Hd, dead=dead, damp=lam)
+
+
+def cholesky_checked(H: torch.Tensor, what: str = "H") -> torch.Tensor:
+    """Lower Cholesky factor of H, or a :class:`HessianNotPSDError` that says what to do."""
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        raise HessianNotPSDError(
+            f"{what} ({H.shape[0]}x{H.shape[0]}) is not positive definite even after damping "
+            f"(Cholesky failed at pivot {int(info)}); expected a PSD Hessian 2·XᵀX/n: check the "
+            "calibration inputs for NaN/Inf, or raise the damping (e.g. damp=0.1)"
+        )
+    return L
+
+
+def inverse_hessian(prepared: PreparedHessian) -> torch.Tensor:
+    """``H⁻¹`` of the prepared (damped) Hessian, float64, via Cholesky."""
+    L = cholesky_checked(prepared.H)
+    return torch.cholesky_inverse(L)
+
+
+def upper_cholesky_of_inverse(prepared: PreparedHessian) -> torch.Tensor:
+    """Upper factor U with ``H⁻¹ = UᵀU`` (GPTQ's reformulation, ALGORITHMS.md §2.1), float64."""
+    Hinv = inverse_hessian(prepared)
+    return cholesky_checked(Hinv, "H⁻¹").mH.contiguous()
+
+
+def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Exact per-row error ``0.5 · (w - ŵ) H (w - ŵ)ᵀ`` in float64 under the given (undamped) H."""
+    D = (W.to(torch.float64) - W_hat.to(torch.float64))
+    Hd = H.to(device=D.device, dtype=torch.float64)
+    return 0.5 * ((D @ Hd) * D).sum(dim=1)
