@@ -1,7 +1,8 @@
 """Typed, frozen, self-validating configuration.
 
 The dataclasses below are the schema and hold every default; YAML files hold only overrides, and
-``--set section.key=value`` overrides those. Unknown keys are errors that name the closest valid key.
+``--set section.key=value`` overrides those. Unknown keys are errors that name the closest valid
+key.
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ PATTERNS = ("dense", "2:4", "50%", "75%")
 
 
 def parse_pattern(p: str) -> tuple[str, float | tuple[int, int] | None]:
-    """``"dense"`` → ("dense", None); ``"2:4"`` → ("nm", (2, 4)); ``"50%"`` → ("unstructured", 0.5)."""
+    """Parse a layer pattern.
+
+    ``"dense"`` → ("dense", None); ``"2:4"`` → ("nm", (2, 4)); ``"50%"`` → ("unstructured", 0.5).
+    """
     p = str(p).strip()
     if p == "dense":
         return "dense", None

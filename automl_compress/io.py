@@ -1,4 +1,4 @@
-"""Atomic file writes: a reader never sees a half-written file, and a crash loses nothing written."""
+"""Atomic file writes: a reader never sees a half-written file; a crash loses nothing written."""
 
 from __future__ import annotations
 

@@ -31,7 +31,7 @@ def pattern_fits(cols: int, pattern: str) -> bool:
 
 
 def row_bits(cols: int, bits: int, pattern: str, cost: CostConfig | None = None) -> float:
-    """Bits to store one row of ``cols`` weights at ``bits`` under ``pattern``, metadata included."""
+    """Bits to store one row of ``cols`` weights at ``bits`` under ``pattern``, with metadata."""
     cost = cost or CostConfig()
     if bits == 0:
         return 0.0

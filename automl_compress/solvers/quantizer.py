@@ -1,8 +1,8 @@
 """Per-row uniform affine quantization grids (ALGORITHMS.md §0.6).
 
-``q(x) = s · (clamp(round(x / s) + z, 0, 2^b − 1) − z)``. Zero is always on the grid. The range is
-min/max, or shrunk by a factor p ∈ {1, 1 − 1/grid, …} chosen per row to minimise ``Σ |q(x) − x|^norm``
-(OBC's "MSE" search, norm 2.4).
+``q(x) = s · (clamp(round(x / s) + z, 0, 2^b − 1) − z)``. Zero is always on the grid. The range
+is min/max, or shrunk by a factor p ∈ {1, 1 − 1/grid, …} chosen per row to minimise
+``Σ |q(x) − x|^norm`` (OBC's "MSE" search, norm 2.4).
 """
 
 from __future__ import annotations

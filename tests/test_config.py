@@ -1,0 +1,67 @@
+import pytest
+
+from automl_compress.config import (
+    Config,
+    dump_config,
+    load_config,
+    parse_pattern,
+)
+from automl_compress.errors import ConfigError
+
+
+def test_defaults_and_overrides(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("env:\n  budget_bits: 3\nmenu:\n  bits: [0, 4, 8]\n")
+    cfg = load_config(f, ["solver.quant=gptq", "capture.exclude=[fc]"])
+    assert cfg.env.budget_bits == 3.0
+    assert cfg.menu.bits == (0, 4, 8)
+    assert cfg.solver.quant == "gptq"
+    assert cfg.capture.exclude == ("fc",)
+    assert cfg.task == Config().task
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["env.budget_bits=2.5", "seed=7"])
+    f = tmp_path / "resolved.yaml"
+    f.write_text(dump_config(cfg))
+    assert load_config(f) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        ("env.budgt_bits=3", "did you mean 'budget_bits'"),
+        ("solver.quant=foo", "solver.quant"),
+        ("menu.bits=[1, 4]", "0 or 2..8"),
+        ("env.budget_bits=abc", "must be a number"),
+        ("device=tpu", "device"),
+        ("menu.patterns=[dense, 3:2]", "N:M"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        load_config(None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("env: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_config_is_frozen():
+    cfg = Config()
+    with pytest.raises(AttributeError):
+        cfg.seed = 3  # type: ignore[misc]
+
+
+def test_parse_pattern():
+    assert parse_pattern("dense") == ("dense", None)
+    assert parse_pattern("2:4") == ("nm", (2, 4))
+    assert parse_pattern("75%") == ("unstructured", 0.75)
+    for bad in ("4:2", "0%", "100%", "sparse"):
+        with pytest.raises(ConfigError):
+            parse_pattern(bad)
