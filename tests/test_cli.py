@@ -1,0 +1,45 @@
+import subprocess
+import sys
+
+import yaml
+
+from automl_compress.cli import main
+
+
+def test_info_reports_versions(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "automl-compress" in out and "torch" in out and "gymnasium" in out
+
+
+def test_print_config_shows_resolved_values(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("solver:\n  quant: gptq\n")
+    code = main(
+        ["compress", "--config", str(cfg), "--method", "dp", "--budget-bits", "3",
+         "--out", str(tmp_path / "run"), "--set", "seed=5", "--print-config"]
+    )
+    assert code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["solver"]["quant"] == "gptq"
+    assert resolved["env"]["budget_bits"] == 3.0
+    assert resolved["seed"] == 5
+    assert not (tmp_path / "run").exists()
+
+
+def test_config_typo_is_a_clear_error_with_exit_code_2(capsys, tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("solver:\n  qant: gptq\n")
+    code = main(["build-db", "--config", str(cfg), "--out", str(tmp_path / "run")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "unknown config key 'solver.qant'" in err and "did you mean 'quant'" in err
+
+
+def test_console_script_module_runs():
+    proc = subprocess.run(
+        [sys.executable, "-m", "automl_compress.cli", "info"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "automl-compress" in proc.stdout
