@@ -52,7 +52,7 @@ class Task:
             if isinstance(x, torch.Tensor):
                 t = x.detach().cpu().contiguous()
                 h.update(str((tuple(t.shape), str(t.dtype))).encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
             elif isinstance(x, dict):
                 for k in sorted(x):
                     h.update(str(k).encode())
@@ -76,5 +76,5 @@ def model_fingerprint(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(str((tuple(t.shape), str(t.dtype))).encode())
         if t.numel():
-            h.update(t.view(torch.uint8).numpy().tobytes())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
