@@ -10,6 +10,7 @@ from automl_compress.solvers.gptq import gptq_quantize
 from automl_compress.solvers.obc import obc_compress
 from automl_compress.solvers.obq import obq_quantize
 from automl_compress.solvers.quantizer import GridSpec, QuantGrid, fit_grid
+from automl_compress.solvers.refine import fast_quantize
 from automl_compress.solvers.result import SolveResult
 from automl_compress.solvers.sparsegpt import sparsegpt_prune
 
@@ -18,6 +19,7 @@ __all__ = [
     "QuantGrid",
     "SolveResult",
     "exact_obs_prune",
+    "fast_quantize",
     "fit_grid",
     "gptq_quantize",
     "magnitude_prune",

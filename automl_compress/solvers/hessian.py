@@ -47,6 +47,11 @@ def prepare_hessian(H: torch.Tensor, damp: float = DEFAULT_DAMP) -> PreparedHess
     Hd = H.to(torch.float64).clone()
     diag = torch.diagonal(Hd)
     top = diag.abs().max() if diag.numel() else torch.zeros((), dtype=torch.float64)
+    if bool((diag < -1e-9 * torch.clamp(top, min=1e-300)).any()):
+        raise HessianNotPSDError(
+            f"H must be positive semi-definite, found negative diagonal entries (min "
+            f"{float(diag.min()):.3g}); expected 2·XᵀX/n from calibration inputs"
+        )
     dead = diag <= 1e-12 * torch.clamp(top, min=1e-300)
     live = ~dead
     mean_live = diag[live].mean() if bool(live.any()) else torch.ones((), dtype=torch.float64)
