@@ -39,9 +39,48 @@ def auto_row_batch(rows: int, cols: int, device: torch.device, itemsize: int) ->
     return int(max(1, min(rows, budget // max(per_row, 1))))
 
 
+class LazyInverse:
+    """Stacked per-row inverses with rank-1 downdates applied lazily (ALGORITHMS.md §1.2).
+
+    The greedy choice needs only the diagonal (kept current in O(d) per step) and the pivot column,
+    which is the stored column minus the pending factors' contributions (O(d·k)). Every ``rank``
+    steps the pending factors are flushed into the stored matrices with one batched rank-``rank``
+    GEMM. ``rank=1`` is the plain eager downdate; every rank gives the same greedy result.
+    """
+
+    def __init__(self, Hinv: torch.Tensor, rank: int) -> None:
+        if rank < 1:
+            raise ValueError(f"lazy rank must be >= 1, found {rank}")
+        R, d, _ = Hinv.shape
+        self.base = Hinv
+        self.rank = rank
+        self.U = Hinv.new_zeros(R, rank, d)
+        self.k = 0
+        self.diag = torch.diagonal(Hinv, dim1=1, dim2=2).clone()
+        self.rows = torch.arange(R, device=Hinv.device)
+
+    def column(self, p: torch.Tensor) -> torch.Tensor:
+        """(R, d) current column ``p[r]`` of every row's inverse."""
+        col = self.base[self.rows, :, p]
+        if self.k:
+            U = self.U[:, : self.k]
+            col = col - torch.einsum("rs,rsd->rd", U[self.rows, :, p], U)
+        return col
+
+    def downdate(self, u: torch.Tensor) -> None:
+        """Queue ``Hinv −= u uᵀ`` for every row (u: (R, d))."""
+        self.U[:, self.k] = u
+        self.diag -= u * u
+        self.k += 1
+        if self.k == self.rank:
+            self.base.baddbmm_(self.U.transpose(1, 2), self.U, alpha=-1.0)
+            self.U.zero_()
+            self.k = 0
+
+
 def obs_fix(
     w: torch.Tensor,
-    Hinv: torch.Tensor,
+    inv: LazyInverse,
     free: torch.Tensor,
     p: torch.Tensor,
     target: torch.Tensor,
@@ -51,7 +90,7 @@ def obs_fix(
 
     Args:
         w: (R, d) current weights.
-        Hinv: (R, d, d) current inverses over the free coordinates (fixed ones are ~0).
+        inv: the rows' current inverses over the free coordinates (fixed ones are ~0).
         free: (R, d) bool, True for coordinates not yet fixed.
         p: (R,) chosen coordinate per row.
         target: (R,) value the coordinate must take.
@@ -60,16 +99,14 @@ def obs_fix(
     Returns:
         (R,) loss of the step, ``(w_p − t)² / (2 [Hinv]_pp)`` (0 for inactive rows).
     """
-    R = w.shape[0]
-    ar = torch.arange(R, device=w.device)
-    col = Hinv[ar, :, p]  # (R, d)
+    ar = inv.rows
+    col = torch.where(free, inv.column(p), torch.zeros_like(w))  # fixed coordinates stay fixed
     d = col[ar, p]
     d = torch.where(active & (d > 0), d, torch.ones_like(d))
     r = torch.where(active, w[ar, p] - target, torch.zeros_like(target))
-    w -= (r / d)[:, None] * torch.where(free, col, torch.zeros_like(col))  # fixed stay fixed
+    w -= (r / d)[:, None] * col
     w[ar, p] = torch.where(active, target, w[ar, p])
-    scaled = col / torch.sqrt(d)[:, None] * active.to(col.dtype)[:, None]
-    Hinv.baddbmm_(scaled[:, :, None], scaled[:, None, :], alpha=-1.0)
+    inv.downdate(col / torch.sqrt(d)[:, None] * active.to(col.dtype)[:, None])
     free[ar, p] = free[ar, p] & ~active
     return r * r / (2 * d)
 
@@ -82,9 +119,11 @@ def _obq_batch(
     maxq: int,
     keep: torch.Tensor | None,
     outlier_rule: bool,
+    lazy_rank: int = 1,
 ) -> torch.Tensor:
     """Greedy OBQ on one batch of rows (in place); returns the (R,) summed step losses."""
     R, d = w.shape
+    inv = LazyInverse(Hinv, lazy_rank)
     free = torch.ones_like(w, dtype=torch.bool)
     loss = torch.zeros(R, dtype=w.dtype, device=w.device)
     inf = torch.tensor(float("inf"), dtype=w.dtype, device=w.device)
@@ -96,23 +135,21 @@ def _obq_batch(
             cand = pruned & free
             p = torch.argmax(cand.to(torch.int8), dim=1)
             active = n_pruned > k
-            loss += obs_fix(w, Hinv, free, p, torch.zeros_like(loss), active)
+            loss += obs_fix(w, inv, free, p, torch.zeros_like(loss), active)
     s = scale[:, None]
     z = zero[:, None]
     steps = d if keep is None else int(keep.sum(1).max())
     for _ in range(steps):
         q = s * (torch.clamp(torch.round(w / s) + z, 0, maxq) - z)
         err2 = (w - q) ** 2
-        diag = torch.diagonal(Hinv, dim1=1, dim2=2)
-        score = torch.where(free, err2 / torch.clamp(diag, min=1e-30), inf)
+        score = torch.where(free, err2 / torch.clamp(inv.diag, min=1e-30), inf)
         p = torch.argmin(score, dim=1)
         if outlier_rule:
             out = torch.where(free & (err2 > s * s / 4), err2, -inf)
             best_out, p_out = out.max(dim=1)
             p = torch.where(best_out > -inf, p_out, p)
         active = free.any(dim=1)
-        ar = torch.arange(R, device=w.device)
-        loss += obs_fix(w, Hinv, free, p, q[ar, p], active)
+        loss += obs_fix(w, inv, free, p, q[inv.rows, p], active)
     return loss
 
 
@@ -127,6 +164,7 @@ def obq_quantize(
     outlier_rule: bool = True,
     row_batch: int | None = None,
     dtype: torch.dtype | None = None,
+    lazy_rank: int = 32,
 ) -> SolveResult:
     """Quantize W with OBQ (exact greedy per row).
 
@@ -140,6 +178,8 @@ def obq_quantize(
         outlier_rule: fix weights pushed outside the clipped grid first (§1.8).
         row_batch: rows per batch (default: sized to the device memory).
         dtype: working precision (default float64 on CPU, float32 on CUDA).
+        lazy_rank: downdates queued before one batched GEMM applies them (1 = eager); the
+            greedy result does not depend on it.
 
     Returns:
         SolveResult with ``row_error`` under the undamped H; ``info["step_loss_sum"]`` holds the
@@ -177,6 +217,7 @@ def obq_quantize(
             g.maxq,
             kb,
             outlier_rule,
+            lazy_rank,
         )
     W_hat = g.quantize(Wk).to(W.dtype)
     if keep is not None:

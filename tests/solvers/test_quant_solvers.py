@@ -19,7 +19,7 @@ from automl_compress.solvers import (
     obq_quantize,
     rtn_quantize,
 )
-from automl_compress.solvers.obq import _obq_batch
+from automl_compress.solvers.obq import LazyInverse, _obq_batch, obs_fix
 from automl_compress.solvers.refine import fast_quantize, one_opt
 
 
@@ -84,16 +84,14 @@ def test_obq_step_is_the_exact_optimum_of_fixing_one_weight(make_layer):
         loss = float(0.5 * d @ H @ d)
         if loss < best[0]:
             best = (loss, (j, cand))
-    Hinv = torch.linalg.inv(H)[None].clone()
+    inv = LazyInverse(torch.linalg.inv(H)[None].clone(), rank=1)
     wb = w[None].clone()
     # one step of the batched solver
-    from automl_compress.solvers.obq import obs_fix
-
     qv = scale * (torch.clamp(torch.round(wb / scale) + zero, 0, 7) - zero)
-    score = (wb - qv) ** 2 / torch.diagonal(Hinv, dim1=1, dim2=2)
+    score = (wb - qv) ** 2 / inv.diag
     p = score.argmin(dim=1)
     free_mask = torch.ones_like(wb, dtype=torch.bool)
-    loss = obs_fix(wb, Hinv, free_mask, p, qv[0, p], torch.tensor([True]))
+    loss = obs_fix(wb, inv, free_mask, p, qv[0, p], torch.tensor([True]))
     assert int(p) == best[1][0]
     assert float(loss) == pytest.approx(best[0], rel=1e-9)
     assert torch.allclose(wb[0], best[1][1], atol=1e-10)
@@ -105,11 +103,19 @@ def test_obq_step_losses_sum_to_the_damped_error(make_layer):
     assert torch.allclose(res.info["step_loss_sum"], res.row_error, rtol=1e-8)
 
 
-def test_obq_is_independent_of_the_row_batch(make_layer):
-    L = make_layer(10, 16, seed=5)
-    a = obq_quantize(L.W, L.H, 3, row_batch=10)
-    b = obq_quantize(L.W, L.H, 3, row_batch=3)
+def test_obq_is_independent_of_the_row_batch_and_the_lazy_rank(make_layer):
+    L = make_layer(10, 40, seed=5)
+    a = obq_quantize(L.W, L.H, 3, row_batch=10, lazy_rank=1)
+    b = obq_quantize(L.W, L.H, 3, row_batch=3, lazy_rank=1)
     assert torch.equal(a.weight, b.weight)
+    for rank in (2, 7, 32, 64):
+        lazy = obq_quantize(L.W, L.H, 3, row_batch=4, lazy_rank=rank)
+        assert torch.equal(lazy.weight, a.weight), rank
+        assert torch.allclose(lazy.info["step_loss_sum"], a.info["step_loss_sum"], rtol=1e-9)
+    masked = exact_obs_prune(L.W, L.H, n_m=(2, 4))
+    eager = obq_quantize(masked.weight, L.H, 3, mask=masked.mask, lazy_rank=1)
+    lazy = obq_quantize(masked.weight, L.H, 3, mask=masked.mask, lazy_rank=16)
+    assert torch.equal(eager.weight, lazy.weight)
 
 
 def test_obq_with_mask_keeps_zeros_and_beats_rtn_on_the_mask(make_layer):
