@@ -1,0 +1,406 @@
+"""Build the layer database: solve every selected layer at every option of the menu once.
+
+For each layer (forward order) and each option (pattern × bits > 0) the configured solver runs on
+every (row group, column block) of the layer's Hessian: grouped convs solve each group's rows with
+its own H, and a block-diagonal H (very wide layers) solves its column blocks independently, the
+row errors adding up (ALGORITHMS.md §0.1). Dense quantization uses ``solver.quant`` (OBQ, GPTQ or
+the fast refined mode); a sparse pattern uses the joint OBC solver with one exact per-row count of
+kept weights, so every row's cost is exact. The 0-bit column is the row's full output energy
+``0.5 · w H wᵀ`` (under the centred H when ``capture.centered``). Round-to-nearest is stored too,
+for the ``rtn`` baseline. With ``solver.prune = sparsegpt`` the N:M options use SparseGPT's joint
+prune + quantize pass (fast); unstructured options always use OBC with an exact per-row count.
+
+The stored error of every option is recomputed from the stored (rebuilt) weights under the undamped
+captured H, so the error of any stitched mixture equals the sum of its table entries to round-off.
+
+Each finished layer is written atomically and recorded in the manifest; a killed build resumes at
+the first unfinished layer. A layer file that fails its checksum is re-solved with a warning.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from automl_compress.config import CaptureConfig, Config, MenuConfig, SolverConfig, parse_pattern
+from automl_compress.database.costs import kept_per_row, pattern_fits
+from automl_compress.database.store import LayerDatabase, LayerSolutions, OptionSolution
+from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.solvers.hessian import row_errors
+from automl_compress.solvers.quantizer import GridSpec
+from automl_compress.solvers.result import SolveResult
+from automl_compress.zoo.base import Task, model_fingerprint
+
+SOLVER_VERSION = "1"
+
+SolveFn = Callable[..., SolveResult]
+
+
+# ---------------------------------------------------------------------------------------------
+# Fingerprints
+
+
+def fingerprints(task: Task, cfg: Config) -> dict[str, Any]:
+    """What a database depends on: model, calibration, solver, menu and capture settings."""
+    return {
+        "model": model_fingerprint(task.model),
+        "calibration": task.calib_fingerprint(),
+        "solver": {"version": SOLVER_VERSION, **asdict(cfg.solver)},
+        "menu": {
+            "bits": sorted(int(b) for b in cfg.menu.bits),
+            "patterns": list(cfg.menu.patterns),
+        },
+        "capture": {
+            "include": list(cfg.capture.include),
+            "exclude": list(cfg.capture.exclude),
+            "max_dense_cols": cfg.capture.max_dense_cols,
+            "block_cols": cfg.capture.block_cols,
+            "centered": cfg.capture.centered,
+            "max_batches": cfg.capture.max_batches,
+        },
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving one option
+
+
+def _call(fn: Callable[..., SolveResult], *args: Any, **kwargs: Any) -> SolveResult:
+    """Call a solver with the keyword options it accepts (solvers may grow options)."""
+    params = inspect.signature(fn).parameters
+    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        kwargs = {k: v for k, v in kwargs.items() if k in params}
+    return fn(*args, **kwargs)
+
+
+def grid_spec(cfg: SolverConfig) -> GridSpec:
+    """The per-row grid the solvers fit."""
+    return GridSpec(symmetric=cfg.symmetric, search=cfg.grid_search)
+
+
+def solve_option(
+    W: torch.Tensor, H: torch.Tensor, pattern: str, bits: int, cfg: SolverConfig, area: int = 1
+) -> SolveResult:
+    """Solve one (pattern, bits > 0) option of one row group / column block.
+
+    Args:
+        W: (rows, cols) weights.
+        H: (cols, cols) undamped Hessian.
+        pattern: 'dense', 'N:M' or 'P%'.
+        bits: 2..8.
+        cfg: which solver and its options.
+        area: kernel area of a conv (N:M groups run along input channels), 1 for linear.
+    """
+    kw = {"grid": grid_spec(cfg), "damp": cfg.damp, "row_batch": cfg.row_batch}
+    kind, arg = parse_pattern(pattern)
+    if kind == "dense":
+        if cfg.quant == "obq":
+            from automl_compress.solvers.obq import obq_quantize as fn
+        elif cfg.quant == "gptq":
+            from automl_compress.solvers.gptq import gptq_quantize as fn
+        else:
+            from automl_compress.solvers.refine import fast_quantize as fn
+        return _call(fn, W, H, bits=bits, **kw)
+    if kind == "nm" and cfg.prune == "sparsegpt":
+        # fixed-order joint prune + quantize; N:M keeps exactly N of M in every row
+        from automl_compress.solvers.sparsegpt import sparsegpt_prune
+
+        return _call(sparsegpt_prune, W, H, n_m=arg, bits=bits, kernel_area=area, **kw)
+    # unstructured patterns always use the joint OBC solver with one exact count per row (so the
+    # row's cost is exact); SparseGPT picks its mask per column block across rows
+    from automl_compress.solvers.obc import obc_compress
+
+    if kind == "nm":
+        return _call(
+            obc_compress, W, H, bits, n_m=arg, allocation="uniform", kernel_area=area, **kw
+        )
+    return _call(
+        obc_compress, W, H, bits, sparsity=arg, allocation="uniform", kernel_area=area, **kw
+    )
+
+
+def rtn_option(W: torch.Tensor, H: torch.Tensor, bits: int, cfg: SolverConfig) -> SolveResult:
+    """Round-to-nearest on the same grid family (the ``rtn`` baseline)."""
+    from automl_compress.solvers.baselines import rtn_quantize
+
+    return rtn_quantize(W, bits, H=H, grid=grid_spec(cfg))
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian blocks
+
+
+def hessian_blocks(lh: Any, rows: int, cols: int) -> Iterator[tuple[slice, slice, torch.Tensor]]:
+    """(row slice, column slice, H block) pieces of a captured layer Hessian.
+
+    Grouped convs: one piece per group (rows of that group, all columns, its own H). Block-diagonal
+    fallback: one piece per (group, column block).
+    """
+    blocks = getattr(lh, "iter_blocks", None)
+    if callable(blocks):
+        for item in blocks():
+            _, r, c, Hb = item
+            yield _as_slice(r), _as_slice(c), Hb
+        return
+    H = lh.H
+    if H.dim() == 2:
+        H = H[None]
+    groups = H.shape[0]
+    per = rows // groups
+    for g in range(groups):
+        yield slice(g * per, (g + 1) * per), slice(0, cols), H[g]
+
+
+def _as_slice(x: Any) -> slice:
+    if isinstance(x, slice):
+        return x
+    if isinstance(x, range):
+        return slice(x.start, x.stop)
+    if isinstance(x, (tuple, list)) and len(x) == 2:
+        return slice(int(x[0]), int(x[1]))
+    raise TypeError(f"expected a slice, range or (start, stop) pair, found {x!r}")
+
+
+def kernel_area(info: LayerInfo) -> int:
+    """kh·kw of a conv (1 for linear): N:M groups run along input channels at one tap."""
+    return int(np.prod(info.kernel)) if info.kernel and info.kind != "linear" else 1
+
+
+def layer_patterns(info: LayerInfo, patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The menu patterns a layer can take, 'dense' first (N:M needs C_in % M == 0)."""
+    out = ["dense"]
+    for p in patterns:
+        if p == "dense" or not pattern_fits(info.cols, p):
+            continue
+        kind, arg = parse_pattern(p)
+        if kind == "nm" and (info.cols // kernel_area(info)) % arg[1]:
+            continue
+        out.append(p)
+    return tuple(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Solving one layer
+
+
+def _codes(res: SolveResult, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if res.scale is None or res.zero is None:
+        raise RuntimeError(
+            f"solver returned no grid for a {bits}-bit option (scale/zero are None); expected a "
+            "quantized SolveResult"
+        )
+    maxq = 2**bits - 1
+    s = res.scale.detach().to(torch.float64).cpu()
+    z = res.zero.detach().to(torch.float64).cpu()
+    w = res.weight.detach().to(torch.float64).cpu()
+    q = torch.clamp(torch.round(w / s[:, None]) + z[:, None], 0, maxq)
+    return q.to(torch.uint8), s.to(torch.float32), z.to(torch.float32)
+
+
+def _check_pattern(mask: torch.Tensor, pattern: str, n_blocks: int, name: str) -> None:
+    kind, arg = parse_pattern(pattern)
+    cols = mask.shape[1]
+    kept = mask.sum(dim=1)
+    limit = kept_per_row(cols, pattern) + (n_blocks - 1 if kind == "unstructured" else 0)
+    if bool((kept > limit).any()):
+        raise RuntimeError(
+            f"layer {name!r}, pattern {pattern}: a row keeps {int(kept.max())} weights, at most "
+            f"{limit} allowed; the solver did not honour the per-row count"
+        )
+
+
+def solve_layer(
+    info: LayerInfo,
+    W: torch.Tensor,
+    lh: Any,
+    menu: MenuConfig,
+    cfg: SolverConfig,
+    device: str | torch.device = "cpu",
+    solve: SolveFn | None = None,
+) -> LayerSolutions:
+    """Every option of the menu for one layer.
+
+    Args:
+        info: layer metadata.
+        W: (rows, cols) dense weights (``weight.flatten(1)``).
+        lh: the captured Hessian (see :func:`hessian_blocks`).
+        menu: bits × patterns.
+        cfg: solver settings.
+        device: where the solvers run.
+        solve: the per-option solver (default :func:`solve_option`).
+    """
+    solve = solve or solve_option
+    rows, cols = W.shape
+    bits = tuple(sorted(int(b) for b in menu.bits))
+    patterns = layer_patterns(info, tuple(menu.patterns))
+    pieces = list(hessian_blocks(lh, rows, cols))
+    col_blocks = sorted({(c.start, c.stop) for _, c, _ in pieces})
+    blk_index = {cb: k for k, cb in enumerate(col_blocks)}
+    nb = len(col_blocks)
+    W64 = W.detach().to(torch.float64).cpu()
+
+    def empty() -> dict[str, torch.Tensor]:
+        return {
+            "codes": torch.zeros(rows, cols, dtype=torch.uint8),
+            "scale": torch.ones(rows, nb, dtype=torch.float32),
+            "zero": torch.zeros(rows, nb, dtype=torch.float32),
+            "mask": torch.ones(rows, cols, dtype=torch.bool),
+        }
+
+    def run(pattern: str, b: int, rtn: bool) -> OptionSolution:
+        acc = empty()
+        area = kernel_area(info) if nb == 1 else 1
+        for rs, cs, Hb in pieces:
+            Wb = W[rs, cs].detach().to(device=device, dtype=torch.float32)
+            Hd = Hb.to(device=device, dtype=torch.float64)
+            res = rtn_option(Wb, Hd, b, cfg) if rtn else solve(Wb, Hd, pattern, b, cfg, area)
+            q, s, z = _codes(res, b)
+            mask = res.mask.detach().cpu() if res.mask is not None else None
+            k = blk_index[(cs.start, cs.stop)]
+            if mask is not None:
+                q = torch.where(mask, q, z.round().to(torch.uint8)[:, None].expand_as(q))
+                acc["mask"][rs, cs] = mask
+            acc["codes"][rs, cs] = q
+            acc["scale"][rs, k] = s
+            acc["zero"][rs, k] = z
+        dense = parse_pattern(pattern)[0] == "dense"
+        if not dense:
+            _check_pattern(acc["mask"], pattern, nb, info.name)
+        mask = None if dense else acc["mask"]
+        return OptionSolution(acc["codes"], acc["scale"], acc["zero"], mask)
+
+    blocks_t = torch.tensor(col_blocks, dtype=torch.int64).reshape(-1, 2)
+
+    def errors_of(sol: OptionSolution) -> torch.Tensor:
+        W_hat = sol.weight(blocks_t).to(torch.float64)
+        err = torch.zeros(rows, dtype=torch.float64)
+        for rs, cs, Hb in pieces:
+            err[rs] += row_errors(W64[rs, cs], W_hat[rs, cs], Hb.detach().cpu())
+        return err
+
+    zero_err = torch.zeros(rows, dtype=torch.float64)
+    for rs, cs, Hb in pieces:
+        zero_err[rs] += row_errors(W64[rs, cs], torch.zeros_like(W64[rs, cs]), Hb.detach().cpu())
+
+    errors = np.zeros((rows, len(patterns), len(bits)))
+    rtn_errors = np.zeros((rows, len(bits)))
+    options: dict[tuple[str, int], OptionSolution] = {}
+    rtn: dict[int, OptionSolution] = {}
+    for bi, b in enumerate(bits):
+        if b == 0:
+            errors[:, :, bi] = zero_err.numpy()[:, None]
+            rtn_errors[:, bi] = zero_err.numpy()
+            continue
+        rtn[b] = run("dense", b, rtn=True)
+        rtn_errors[:, bi] = errors_of(rtn[b]).numpy()
+        for pi, p in enumerate(patterns):
+            options[(p, b)] = run(p, b, rtn=False)
+            errors[:, pi, bi] = errors_of(options[(p, b)]).numpy()
+    table = LayerTable(info, bits, patterns, errors)
+    return LayerSolutions(table, rtn_errors, options, rtn, blocks_t)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole database
+
+
+def _capture(task: Task, cap: CaptureConfig, include: tuple[str, ...], device: str) -> dict:
+    from automl_compress.capture import capture_hessians
+
+    batches = list(task.calib)
+    if cap.max_batches is not None:
+        batches = batches[: cap.max_batches]
+    return _call(
+        capture_hessians,
+        task.model,
+        batches,
+        max_batches=cap.max_batches,
+        forward=task.forward,
+        include=include,
+        exclude=cap.exclude,
+        max_dense_cols=cap.max_dense_cols,
+        block_cols=cap.block_cols,
+        centered=cap.centered,
+        device=device,
+    )
+
+
+def build_database(
+    task: Task,
+    cfg: Config,
+    root: str | Path,
+    device: str = "cpu",
+    progress: bool = True,
+    on_layer_done: Callable[[str], None] | None = None,
+    solve: SolveFn | None = None,
+) -> LayerDatabase:
+    """Build (or finish, or just open) the database of ``task`` under ``root``.
+
+    Args:
+        task: model, calibration data and metric.
+        cfg: the run config (capture, menu and solver sections are used).
+        root: the database folder.
+        device: where capture and solvers run ('cpu' or 'cuda').
+        progress: show a tqdm bar (layers done, time left).
+        on_layer_done: called with each layer name after its file is written.
+        solve: the per-option solver (default: the configured solvers).
+
+    Returns:
+        The complete database.
+
+    Raises:
+        DatabaseMismatchError: ``root`` holds a database for another model/calibration/menu/solver.
+    """
+    db = LayerDatabase.create_or_resume(root, fingerprints(task, cfg))
+    if db.complete:
+        bad = {i.name: db.verify_layer(i.name) for i in db.order}
+        bad = {k: v for k, v in bad.items() if v is not None}
+        if not bad:
+            return db
+    for name in list(db.finished()):
+        problem = db.verify_layer(name)
+        if problem is not None:
+            warnings.warn(
+                f"layer database: {name!r} is corrupt ({problem}); re-solving that layer",
+                stacklevel=2,
+            )
+            db.forget_layer(name)
+    done = set(db.finished())
+    include = cfg.capture.include
+    if db.order:
+        pending = [i.name for i in db.order if i.name not in done]
+        include = tuple(pending)
+    else:
+        pending = None
+    hessians = _capture(task, cfg.capture, include, device) if include else {}
+    if not db.order:
+        infos = sorted((lh.info for lh in hessians.values()), key=lambda i: i.index)
+        db.set_order(infos)
+    todo = [i for i in db.order if i.name not in done]
+    modules = dict(task.model.named_modules())
+    bar = tqdm(total=len(db.order), initial=len(db.order) - len(todo), unit="layer",
+               desc="build-db", disable=not progress, dynamic_ncols=True)
+    try:
+        for info in todo:
+            t0 = time.perf_counter()
+            W = modules[info.name].weight.detach().flatten(1)
+            sol = solve_layer(info, W, hessians[info.name], cfg.menu, cfg.solver, device, solve)
+            db.write_layer(sol)
+            hessians.pop(info.name, None)
+            bar.set_postfix_str(f"{info.name} {time.perf_counter() - t0:.1f}s")
+            bar.update(1)
+            if on_layer_done is not None:
+                on_layer_done(info.name)
+    finally:
+        bar.close()
+    db.mark_complete()
+    return db

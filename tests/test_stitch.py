@@ -1,0 +1,121 @@
+"""Stitching plans from the database: exact additivity, no side effects, statistics corrections."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from _compress_task import make_task, tiny_config
+
+from automl_compress.capture import capture_hessians
+from automl_compress.database.allocate import allocate_dp, plan_error
+from automl_compress.database.build import build_database
+from automl_compress.errors import InvalidInputError
+from automl_compress.evaluate import bias_correct, bn_reestimate
+from automl_compress.plan import CompressionPlan, LayerPlan
+from automl_compress.stitch import stitch
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    task = make_task()
+    db = build_database(task, tiny_config(), tmp_path_factory.mktemp("db"), progress=False)
+    hess = capture_hessians(task.model, task.calib, task.forward)
+    return task, db, hess
+
+
+def random_plan(db, seed):
+    rng = np.random.default_rng(seed)
+    layers = {}
+    for info in db.order:
+        t = db.table(info.name)
+        p = t.patterns[rng.integers(len(t.patterns))]
+        layers[info.name] = LayerPlan(p, tuple(int(b) for b in rng.choice(t.bits, info.rows)))
+    return CompressionPlan(layers, meta={"method": "test"})
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_stitched_error_equals_sum_of_table_entries(setup, seed):
+    task, db, hess = setup
+    plan = random_plan(db, seed)
+    model = stitch(task.model, db, plan)
+    dense = dict(task.model.named_modules())
+    comp = dict(model.named_modules())
+    total = 0.0
+    for info in db.order:
+        W = dense[info.name].weight.detach().flatten(1)
+        W_hat = comp[info.name].weight.detach().flatten(1)
+        direct = hess[info.name].row_errors(W, W_hat)
+        lp = plan.layers[info.name]
+        t = db.table(info.name)
+        idx = np.searchsorted(t.bits, lp.row_bits)
+        table = t.errors[np.arange(info.rows), t.patterns.index(lp.pattern), idx]
+        np.testing.assert_allclose(direct.numpy(), table, rtol=1e-6, atol=1e-12)
+        total += float(direct.sum())
+        removed = np.asarray(lp.row_bits) == 0
+        assert bool((W_hat[torch.from_numpy(removed)] == 0).all())
+    assert total == pytest.approx(plan_error(plan, db.tables()), rel=1e-6)
+
+
+def test_user_model_is_never_modified(setup):
+    task, db, _ = setup
+    before = {k: v.clone() for k, v in task.model.state_dict().items()}
+    plan = allocate_dp(db.tables(), 2.5)
+    model = stitch(task.model, db, plan)
+    from automl_compress.config import EvalConfig
+    from automl_compress.evaluate import correct
+
+    correct(task.model, model, task, plan, EvalConfig())
+    for k, v in task.model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model is not task.model
+    assert not torch.equal(model.fc1.weight, task.model.fc1.weight)
+
+
+def test_rtn_source_and_bad_plans(setup):
+    task, db, _ = setup
+    plan = CompressionPlan(
+        {i.name: LayerPlan("dense", (4,) * i.rows) for i in db.order}, meta={"method": "rtn"}
+    )
+    m_rtn = stitch(task.model, db, plan)
+    m_tab = stitch(task.model, db, CompressionPlan(plan.layers, meta={"method": "dp"}))
+    assert not torch.equal(m_rtn.fc1.weight, m_tab.fc1.weight)
+    bad = CompressionPlan({"fc1": LayerPlan("dense", (4,) * 3)})
+    with pytest.raises(InvalidInputError, match="32 rows"):
+        stitch(task.model, db, bad)
+    with pytest.raises(InvalidInputError, match="not stored"):
+        stitch(task.model, db, CompressionPlan({"conv1": LayerPlan("2:4", (4,) * 8)}))
+
+
+def _outputs(model, module_name, task):
+    outs = []
+    mod = dict(model.named_modules())[module_name]
+    h = mod.register_forward_hook(lambda m, i, o: outs.append(o.detach()))
+    with torch.no_grad():
+        for b in task.calib:
+            task.forward(model, b)
+    h.remove()
+    return torch.cat(outs)
+
+
+def test_bias_correction_restores_the_mean_output(setup):
+    task, db, _ = setup
+    plan = CompressionPlan({"fc2": LayerPlan("dense", (2,) * 5 + (0,) * 5)})
+    model = stitch(task.model, db, plan)
+    y_dense = _outputs(task.model, "fc2", task)
+    y_before = _outputs(model, "fc2", task)
+    assert (y_before.mean(0) - y_dense.mean(0)).abs().max() > 1e-3
+    assert bias_correct(task.model, model, task, ["fc2"]) == ["fc2"]
+    y_after = _outputs(model, "fc2", task)  # fc2's inputs are unchanged (only fc2 compressed)
+    torch.testing.assert_close(y_after.mean(0), y_dense.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_bn_reestimation_matches_calibration_statistics(setup):
+    task, db, _ = setup
+    plan = CompressionPlan({"conv1": LayerPlan("dense", (2,) * 8)})
+    model = stitch(task.model, db, plan)
+    assert bn_reestimate(model, task) == 2
+    pre = _outputs(model, "conv1", task)
+    mean = pre.transpose(0, 1).reshape(pre.shape[1], -1).mean(1)
+    torch.testing.assert_close(model.bn1.running_mean, mean, rtol=1e-4, atol=1e-5)
+    assert not model.training and model.bn1.momentum == task.model.bn1.momentum
