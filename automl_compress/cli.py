@@ -142,7 +142,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"automl-compress: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("automl-compress: interrupted; re-run the same command to resume", file=sys.stderr)
+        hint = (
+            "add --resume to the same command to continue from the last checkpoint"
+            if args.command == "train"
+            else "re-run the same command; finished layers are kept"
+        )
+        print(f"automl-compress: interrupted; {hint}", file=sys.stderr)
         return 130
 
 

@@ -186,28 +186,108 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """The compression environment (issue 6)."""
+    """The compression environment (issue 6; formula in automl_compress/envs/rewards.py).
+
+    Attributes:
+        budget_bits: the budget in average bits per compressible weight (metadata included).
+        groups: K, the channel controller's importance groups per layer.
+        step_reward_weight: w_step of the per-step table-error term.
+        metric_reward_weight: w_metric of the episode-end true-metric term.
+        layer_levels: budget levels per layer (a ladder from the layer's cheapest to its
+            dearest option).
+        prune_fractions: the layer controller's 0-bit fractions (least important rows removed);
+            only the first (0.0) is offered when the menu has no 0 bits.
+        metric_every: the true metric is measured every this many episodes (and for the final
+            candidates); other episodes get no end term.
+    """
 
     budget_bits: float = 4.0
     groups: int = 8
     step_reward_weight: float = 1.0
     metric_reward_weight: float = 1.0
+    layer_levels: int = 16
+    prune_fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5)
+    metric_every: int = 8
 
     def __post_init__(self) -> None:
         if not 0.0 < self.budget_bits <= 32.0:
             raise ConfigError(f"env.budget_bits must be in (0, 32], found {self.budget_bits}")
         if self.groups < 1:
             raise ConfigError(f"env.groups must be >= 1, found {self.groups}")
+        if self.step_reward_weight < 0 or self.metric_reward_weight < 0:
+            raise ConfigError(
+                "env.step_reward_weight and env.metric_reward_weight must be >= 0, found "
+                f"{self.step_reward_weight} and {self.metric_reward_weight}"
+            )
+        if self.layer_levels < 2:
+            raise ConfigError(f"env.layer_levels must be >= 2, found {self.layer_levels}")
+        fr = self.prune_fractions
+        if not fr or fr[0] != 0.0 or any(not 0.0 <= f < 1.0 for f in fr) or list(fr) != sorted(
+            set(fr)
+        ):
+            raise ConfigError(
+                "env.prune_fractions must be ascending, distinct, in [0, 1) and start with 0.0, "
+                f"found {list(fr)}"
+            )
+        if self.metric_every < 1:
+            raise ConfigError(f"env.metric_every must be >= 1, found {self.metric_every}")
 
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The controllers (issue 6)."""
+    """The controllers (issue 6).
+
+    Attributes:
+        form: 'hierarchical' (two SB3 models trained in alternation), 'flat' (one MaskablePPO on
+            the two-phase episode) or 'haq' (HAQ-style DDPG baseline).
+        layer_controller: 'learned' or 'dp' (layer budgets from the DP allocator).
+        channel_controller: 'learned', 'knapsack' (exact per-row knapsack) or 'uniform'.
+        total_steps: environment steps of training, all controllers together.
+        n_steps: rollout length per PPO update.
+        batch_size: PPO minibatch size.
+        n_epochs: PPO epochs per update.
+        learning_rate: optimiser step size.
+        round_steps: steps one controller trains before the other takes its turn.
+        checkpoint_every: steps between resumable checkpoints.
+        final_candidates: deterministic rollouts of the final policy that are evaluated on the
+            true metric (candidates for the best plan).
+    """
 
     form: str = "hierarchical"
     layer_controller: str = "learned"
     channel_controller: str = "learned"
-    total_steps: int = 4096
+    total_steps: int = 16384
+    n_steps: int = 256
+    batch_size: int = 64
+    n_epochs: int = 4
+    learning_rate: float = 3e-4
+    round_steps: int = 1024
+    checkpoint_every: int = 1024
+    final_candidates: int = 4
+
+    def __post_init__(self) -> None:
+        choices = {
+            "form": ("hierarchical", "flat", "haq"),
+            "layer_controller": ("learned", "dp"),
+            "channel_controller": ("learned", "knapsack", "uniform"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"agent.{key} must be one of {list(allowed)}, found {getattr(self, key)!r}"
+                )
+        if self.layer_controller == "dp" and self.channel_controller != "learned":
+            raise ConfigError(
+                "agent.layer_controller='dp' with a non-learned channel controller leaves nothing "
+                "to learn; use `automl-compress compress --method dp` or set one controller to "
+                "'learned'"
+            )
+        for key in ("total_steps", "n_steps", "batch_size", "n_epochs", "round_steps",
+                    "checkpoint_every", "final_candidates"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"agent.{key} must be >= 1, found {getattr(self, key)}")
+        if not 0.0 < self.learning_rate < 1.0:
+            raise ConfigError(f"agent.learning_rate must be in (0, 1), found {self.learning_rate}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,6 @@
+"""Gymnasium environments over the layer database (DESIGN.md §5); they never run solvers."""
+
+from automl_compress.envs.compression_env import MODES, CompressionEnv, EpisodeSummary
+from automl_compress.envs.features import FEATURE_VERSION, obs_size
+
+__all__ = ["FEATURE_VERSION", "MODES", "CompressionEnv", "EpisodeSummary", "obs_size"]

@@ -1,0 +1,62 @@
+"""The SB3 models behind the controllers, and frozen-policy adapters for the envs.
+
+Algorithms (no RL maths here, SB3 does it):
+
+- Layer controller: sb3-contrib ``MaskablePPO`` on ``Discrete(patterns × fractions × levels)``.
+  The budget constraint is a mask over that set, so a masked discrete policy never proposes an
+  infeasible layer budget; SAC/TD3 would need a continuous action and a projection every step.
+- Channel controller: ``MaskablePPO`` on ``Discrete(len(menu.bits))`` per importance group, the
+  masks recomputed after every group (the joint layer budget is not per-sub-action separable, so
+  a MultiDiscrete over K groups could not be masked correctly).
+- HAQ-style baseline: SB3 ``DDPG`` with one continuous action per layer (``agents/haq.py``).
+
+``gamma = 1``: episodes are short and finite, and the return is exactly the plan's quality.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from automl_compress.config import AgentConfig
+
+ALGORITHMS = {"layer_controller": "MaskablePPO", "channel_controller": "MaskablePPO",
+              "flat": "MaskablePPO", "haq": "DDPG"}
+NET_ARCH = (64, 64)
+
+
+def make_ppo(env: Any, acfg: AgentConfig, seed: int):
+    """A MaskablePPO model on ``env`` with the configured hyper-parameters (CPU)."""
+    from sb3_contrib import MaskablePPO
+
+    return MaskablePPO(
+        "MlpPolicy", env, n_steps=acfg.n_steps, batch_size=acfg.batch_size,
+        n_epochs=acfg.n_epochs, learning_rate=acfg.learning_rate, gamma=1.0, gae_lambda=0.95,
+        ent_coef=0.01, seed=seed, verbose=0, device="cpu",
+        policy_kwargs={"net_arch": list(NET_ARCH)},
+    )
+
+
+def load_ppo(path: str, env: Any):
+    """Load a MaskablePPO zip onto ``env`` (raises if the spaces differ)."""
+    from sb3_contrib import MaskablePPO
+
+    return MaskablePPO.load(path, env=env, device="cpu")
+
+
+class PolicyRef:
+    """A frozen view of a model for use inside another controller's env.
+
+    Calling it gives the model's deterministic, masked action; ``model`` can be set after the env
+    is built (the two controllers' envs refer to each other's models).
+    """
+
+    def __init__(self, model: Any = None) -> None:
+        self.model = model
+
+    def __call__(self, obs: np.ndarray, mask: np.ndarray) -> int:
+        if self.model is None:  # before the model exists: the cheapest allowed action
+            return int(np.flatnonzero(mask)[0])
+        action, _ = self.model.predict(obs, action_masks=mask, deterministic=True)
+        return int(np.asarray(action).reshape(-1)[0])

@@ -1,0 +1,126 @@
+"""TensorBoard helpers for the search (DESIGN.md §3: ``RUN/tb/``).
+
+The ``search`` run holds the episode scalars (``episode/reward``, ``episode/metric``,
+``episode/avg_bits``, ``episode/proxy_error``, ``episode/projections``, ``search/best_metric``),
+the image ``episode/allocation`` (per-layer mean bit-width and pruned share, drawn with
+matplotlib's Agg canvas, no pyplot state), and the texts ``config`` and ``plan/best``. The SB3
+controllers log their own ``train/*`` and ``rollout/*`` into sibling runs (see
+:func:`sb3_logger`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from automl_compress.database.tables import LayerTable
+from automl_compress.plan import CompressionPlan
+
+SEARCH_RUN = "search"
+
+
+def sb3_logger(tb_dir: str | Path, run: str):
+    """An SB3 logger writing TensorBoard events into ``tb_dir/run`` (e.g. 'layer_controller')."""
+    from stable_baselines3.common.logger import configure
+
+    return configure(str(Path(tb_dir) / run), ["tensorboard"])
+
+
+def allocation_image(plan: CompressionPlan, tables: Sequence[LayerTable], title: str = "") \
+        -> np.ndarray:
+    """Per-layer mean bit-width of the kept rows (bars) and pruned row share (line) as an image.
+
+    Returns:
+        (H, W, 3) uint8 RGB array.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    names, mean_bits, pruned = [], [], []
+    for t in tables:
+        rb = np.asarray(plan.layers[t.info.name].row_bits)
+        kept = rb[rb > 0]
+        names.append(f"{t.info.name}\n{plan.layers[t.info.name].pattern}")
+        mean_bits.append(float(kept.mean()) if len(kept) else 0.0)
+        pruned.append(float((rb == 0).mean()))
+    fig = Figure(figsize=(max(4.0, 0.6 * len(tables) + 2.0), 3.2), dpi=80)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(tables))
+    ax.bar(x, mean_bits, color="#4c72b0", label="mean bits (kept rows)")
+    ax.set_ylabel("bits")
+    ax.set_ylim(0, 8.5)
+    ax.set_xticks(x)
+    ax.set_xticklabels(names, fontsize=6, rotation=45, ha="right")
+    ax2 = ax.twinx()
+    ax2.plot(x, pruned, color="#dd8452", marker="o", label="pruned share")
+    ax2.set_ylim(0, 1)
+    ax2.set_ylabel("pruned share")
+    ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
+
+
+def plan_table(plan: CompressionPlan, tables: Sequence[LayerTable]) -> str:
+    """A markdown table of a plan: layer, pattern, bit histogram, pruned share, error."""
+    lines = ["| layer | pattern | rows | bits histogram | pruned | error |",
+             "|---|---|---|---|---|---|"]
+    for t in tables:
+        lp = plan.layers[t.info.name]
+        vals, counts = np.unique(np.asarray(lp.row_bits), return_counts=True)
+        hist = ", ".join(f"{v}b×{c}" for v, c in zip(vals, counts, strict=True))
+        err = t.error_of(lp.pattern, np.asarray(lp.row_bits))
+        pruned = float((np.asarray(lp.row_bits) == 0).mean())
+        lines.append(f"| {t.info.name} | {lp.pattern} | {t.info.rows} | {hist} | {pruned:.2f} | "
+                     f"{err:.4g} |")
+    return "\n".join(lines)
+
+
+class SearchWriter:
+    """The ``search`` TensorBoard run.
+
+    Args:
+        tb_dir: the run's ``tb`` folder; events go to ``tb_dir/search``.
+        purge_step: on resume, the global step to continue from (later events are dropped).
+    """
+
+    def __init__(self, tb_dir: str | Path, purge_step: int | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(Path(tb_dir) / SEARCH_RUN), purge_step=purge_step)
+
+    def config(self, text: str) -> None:
+        """The resolved config as text (shown verbatim)."""
+        self.writer.add_text("config", "```\n" + text + "\n```", 0)
+
+    def episode(self, step: int, reward: float, metric: float, avg_bits: float,
+                proxy_error: float, projections: int) -> None:
+        """One episode's scalars; ``metric`` is skipped when it was not measured (nan)."""
+        w = self.writer
+        w.add_scalar("episode/reward", reward, step)
+        if math.isfinite(metric):
+            w.add_scalar("episode/metric", metric, step)
+        w.add_scalar("episode/avg_bits", avg_bits, step)
+        w.add_scalar("episode/proxy_error", proxy_error, step)
+        w.add_scalar("episode/projections", projections, step)
+
+    def best(self, step: int, metric: float) -> None:
+        self.writer.add_scalar("search/best_metric", metric, step)
+
+    def allocation(self, step: int, plan: CompressionPlan, tables: Sequence[LayerTable],
+                   title: str) -> None:
+        img = allocation_image(plan, tables, title)
+        self.writer.add_image("episode/allocation", img, step, dataformats="HWC")
+
+    def best_plan(self, step: int, plan: CompressionPlan, tables: Sequence[LayerTable]) -> None:
+        self.writer.add_text("plan/best", plan_table(plan, tables), step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()

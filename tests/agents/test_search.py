@@ -1,0 +1,153 @@
+"""The orchestrator, controllers, save/load and manifest checks over synthesised tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from synth import synth_config, synth_tables
+
+from automl_compress.agents.callbacks import Progress
+from automl_compress.agents.hierarchical import MetricOracle, Search
+from automl_compress.agents.run import load_models
+from automl_compress.agents.transfer import check_manifest, read_manifest, save_policy
+from automl_compress.config import load_config
+from automl_compress.database.allocate import plan_avg_bits, plan_error
+from automl_compress.errors import ConfigError, PolicyMismatchError
+from automl_compress.plan import CompressionPlan, LayerPlan
+
+STEPS = 256
+
+
+def _cfg(budget=3.0, **agent):
+    cfg = synth_config(budget)
+    base = {"total_steps": STEPS, "n_steps": 64, "batch_size": 32, "n_epochs": 2,
+            "round_steps": 128, "final_candidates": 2}
+    return dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, **{**base, **agent}))
+
+
+def _metric(tables):
+    return lambda plan: math.exp(-plan_error(plan, tables) / 500.0)
+
+
+def _search(cfg, tables, **kw):
+    return Search(tables, cfg, metric_fn=_metric(tables), metric_dense=1.0,
+                  progress=Progress(cfg.agent.total_steps), **kw)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return synth_tables(0)
+
+
+@pytest.mark.parametrize("agent", [
+    {"form": "hierarchical"},
+    {"form": "flat"},
+    {"form": "haq"},
+    {"form": "hierarchical", "channel_controller": "knapsack"},
+    {"form": "hierarchical", "channel_controller": "uniform"},
+    {"form": "hierarchical", "layer_controller": "dp"},
+])
+def test_every_form_trains_and_keeps_a_within_budget_best(tables, agent):
+    cfg = _cfg(**agent)
+    s = _search(cfg, tables)
+    s.train(STEPS)
+    cands = s.final_candidates()
+    assert s.progress.steps >= STEPS
+    assert len(cands) == 2 and all(math.isfinite(c.metric) for c in cands)
+    best = s.tracker.best
+    assert best is not None and math.isfinite(best.metric)
+    # the best is the highest measured metric among everything seen
+    assert best.metric >= max(c.metric for c in cands)
+    assert plan_avg_bits(best.plan, tables) <= 3.0 + 1e-9
+    s.close()
+
+
+def test_hierarchical_alternates_turns(tables):
+    s = _search(_cfg(total_steps=512, round_steps=128), tables)
+    sched = s.schedule(0, 512)
+    assert [n for n, _ in sched] == ["layer_controller", "channel_controller"] * 2
+    assert s.schedule(200, 512)[0] == ("channel_controller", 56)  # resume mid-turn
+    s.close()
+
+
+def test_same_seed_same_plan(tables):
+    plans = []
+    for _ in range(2):
+        s = _search(_cfg(), tables)
+        s.train(STEPS)
+        plans.append(s.rollout().plan.to_dict())
+        s.close()
+    assert plans[0] == plans[1]
+
+
+def test_policy_save_load_gives_identical_actions(tables, tmp_path):
+    cfg = _cfg()
+    s = _search(cfg, tables)
+    s.train(STEPS)
+    save_policy(tmp_path, s.models, cfg, s.progress.steps)
+    loaded = load_models(tmp_path, list(s.models))
+    s2 = _search(cfg, synth_tables(1), models=loaded)  # another model, same spaces
+    rng = np.random.default_rng(0)
+    for name, model in s.models.items():
+        env = s2.envs[name]
+        obs = rng.uniform(-1, 1, size=(32, *env.observation_space.shape)).astype(np.float32)
+        masks = rng.random((32, env.action_space.n)) < 0.6
+        masks[:, 0] = True
+        a1, _ = model.predict(obs, action_masks=masks, deterministic=True)
+        a2, _ = s2.models[name].predict(obs, action_masks=masks, deterministic=True)
+        assert np.array_equal(a1, a2)
+        assert masks[np.arange(32), a2].all()
+    assert s.rollout().plan.to_dict() == _search(cfg, tables, models=load_models(
+        tmp_path, list(s.models))).rollout().plan.to_dict()
+    s.close()
+    s2.close()
+
+
+def test_manifest_records_spec_and_mismatch_names_the_difference(tables, tmp_path):
+    cfg = _cfg()
+    s = _search(cfg, tables)
+    save_policy(tmp_path, s.models, cfg, 0)
+    m = read_manifest(tmp_path)
+    assert m["menu"] == {"bits": [0, 2, 3, 4, 6, 8], "patterns": ["dense", "2:4"]}
+    assert m["feature_version"] == 1 and m["normalisation"]["obs_size"] > 0
+    assert set(m["files"]) == {"layer_controller", "channel_controller"}
+    check_manifest(m, cfg)  # fits itself
+    other = dataclasses.replace(cfg, menu=dataclasses.replace(cfg.menu, bits=(0, 2, 4, 8)))
+    with pytest.raises(PolicyMismatchError, match=r"menu\.bits: policy has \[0, 2, 3, 4, 6, 8\]"):
+        check_manifest(m, other)
+    other = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, groups=4))
+    with pytest.raises(PolicyMismatchError, match="env.groups"):
+        check_manifest(m, other)
+    with pytest.raises(PolicyMismatchError, match="manifest.json"):
+        read_manifest(tmp_path / "nothing")
+    s.close()
+
+
+def test_metric_oracle_every_k_with_cache_and_force():
+    calls = []
+
+    def fn(plan):
+        calls.append(plan)
+        return 0.5
+
+    o = MetricOracle(fn, every=3)
+    plans = [CompressionPlan({"a": LayerPlan("dense", (b, 2))}) for b in (2, 3, 4, 6, 8)]
+    got = [o(p) for p in plans]
+    assert got == [0.5, None, None, 0.5, None] and len(calls) == 2
+    assert o(plans[0]) == 0.5 and len(calls) == 2  # cached
+    o.force = True
+    assert o(plans[1]) == 0.5 and len(calls) == 3
+
+
+def test_config_typos_and_bad_values_are_named_errors():
+    with pytest.raises(ConfigError, match="did you mean 'channel_controller'"):
+        load_config(None, ["agent.chanel_controller=knapsack"])
+    with pytest.raises(ConfigError, match="agent.channel_controller must be one of"):
+        load_config(None, ["agent.channel_controller=greedy"])
+    with pytest.raises(ConfigError, match="leaves nothing to learn"):
+        load_config(None, ["agent.layer_controller=dp", "agent.channel_controller=knapsack"])
+    with pytest.raises(ConfigError, match="prune_fractions"):
+        load_config(None, ["env.prune_fractions=[0.5, 0.0]"])

@@ -1,0 +1,215 @@
+"""The compression env over synthesised exact tables: API checks, budget, rewards, features."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from synth import SHAPES, synth_config, synth_tables
+
+from automl_compress.agents.haq import HAQEnv
+from automl_compress.database.allocate import (
+    allocate_dp,
+    min_feasible_avg_bits,
+    plan_avg_bits,
+    plan_error,
+)
+from automl_compress.envs import CompressionEnv
+from automl_compress.errors import ConfigError, InfeasibleBudgetError
+
+MODES = [
+    ("flat", {}),
+    ("layer", {"channel_policy": "knapsack"}),
+    ("layer", {"channel_policy": "uniform"}),
+    ("channel", {"layer_policy": "dp"}),
+]
+
+
+def _run(env, choose, seed=0):
+    obs, _ = env.reset(seed=seed)
+    total, steps = 0.0, 0
+    while True:
+        assert env.observation_space.contains(obs)
+        obs, r, done, trunc, info = env.step(choose(env))
+        assert type(r) is float
+        assert not trunc
+        total += r
+        steps += 1
+        if done:
+            return info["compression"], total, steps
+
+
+@pytest.mark.parametrize("mode,kw", MODES)
+def test_check_env_both_checkers(tables, mode, kw):
+    env = CompressionEnv(tables, synth_config(3.0), mode=mode, **kw)
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=False)
+
+
+def test_haq_env_checks(tables):
+    env = HAQEnv(tables, synth_config(3.0))
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=False)
+
+
+def _adversaries(env, rng):
+    n = env.action_space.n
+    return {
+        "random": lambda e: int(rng.integers(n)),
+        "max": lambda e: n - 1,  # always the dearest action, ignoring masks
+        "out_of_range": lambda e: n + 5,
+        "masked_random": lambda e: int(rng.choice(np.flatnonzero(e.action_masks()))),
+        "dearest_allowed": lambda e: int(np.flatnonzero(e.action_masks())[-1]),
+    }
+
+
+@pytest.mark.parametrize("mode,kw", MODES)
+def test_budget_holds_for_random_and_adversarial_actions(tables, mode, kw):
+    minimum = min_feasible_avg_bits(tables)
+    for budget in (minimum + 1e-9, 2.0, 3.0, 5.0):
+        env = CompressionEnv(tables, synth_config(budget), mode=mode, **kw)
+        rng = np.random.default_rng(1)
+        for name, choose in _adversaries(env, rng).items():
+            s, _, _ = _run(env, choose)
+            assert s.avg_bits <= budget + 1e-9, (mode, budget, name)
+            assert plan_avg_bits(s.plan, tables) == pytest.approx(s.avg_bits, rel=1e-12)
+            assert set(s.plan.layers) == {t.info.name for t in tables}
+            if name in ("masked_random", "dearest_allowed"):
+                assert s.projections == 0
+            if name == "out_of_range":
+                assert s.projections == s.steps  # every such action is projected and counted
+
+
+def test_projection_reported_in_info(tables):
+    env = CompressionEnv(tables, synth_config(2.0), mode="flat")
+    env.reset(seed=0)
+    mask = env.action_masks()
+    bad = int(np.flatnonzero(~mask)[0])
+    _, _, _, _, info = env.step(bad)
+    assert info["projected"] is True and info["projections"] == 1
+    good = int(np.flatnonzero(env.action_masks())[0])
+    _, _, _, _, info = env.step(good)
+    assert info["projected"] is False and info["projections"] == 1
+
+
+def test_budget_below_minimum_is_named_error(tables):
+    bits = (2, 3, 4, 6, 8)  # no 0 bits: every row costs at least its 2-bit price
+    minimum = min_feasible_avg_bits(synth_tables(0, bits=bits))
+    assert minimum > 1.0
+    cfg = synth_config(0.9 * minimum, bits=bits)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget"):
+        CompressionEnv(synth_tables(0, bits=bits), cfg, mode="flat")
+
+
+def test_mode_without_policy_is_config_error(tables):
+    with pytest.raises(ConfigError, match="channel_policy"):
+        CompressionEnv(tables, synth_config(3.0), mode="layer")
+
+
+def test_reset_is_reproducible_and_fresh(tables):
+    env = CompressionEnv(tables, synth_config(3.0), mode="flat")
+    rng = np.random.default_rng(3)
+    actions = [int(a) for a in rng.integers(env.action_space.n, size=200)]
+
+    def replay():
+        obs, _ = env.reset(seed=7)
+        trace = [obs]
+        for a in actions:
+            obs, r, done, _, info = env.step(a)
+            trace.append(obs)
+            if done:
+                return trace, info["compression"]
+        raise AssertionError("episode did not end")
+
+    t1, s1 = replay()
+    t2, s2 = replay()
+    assert all(np.array_equal(a, b) for a, b in zip(t1, t2, strict=True))
+    assert s1.plan.to_dict() == s2.plan.to_dict() and s1.reward == s2.reward
+
+
+def test_step_rewards_sum_to_scaled_proxy_and_metric_term(tables):
+    cfg = synth_config(3.0, step_reward_weight=2.0, metric_reward_weight=0.5)
+    dense = 0.9
+
+    def metric(plan):  # any deterministic function of the plan will do for the reward algebra
+        return dense - 1e-3 * plan_error(plan, tables)
+
+    env = CompressionEnv(tables, cfg, mode="flat", metric_fn=metric, metric_dense=dense)
+    rng = np.random.default_rng(0)
+    s, total, _ = _run(env, lambda e: int(rng.choice(np.flatnonzero(e.action_masks()))))
+    assert s.proxy_error == pytest.approx(plan_error(s.plan, tables), rel=1e-9)
+    expected = -2.0 * s.proxy_error / env.e_ref + 0.5 * 10 * (s.metric - dense) / dense
+    assert total == pytest.approx(expected, rel=1e-9)
+    assert s.reward == pytest.approx(total, rel=1e-12)
+
+
+def test_skipped_metric_gives_no_end_term(tables):
+    env = CompressionEnv(tables, synth_config(3.0), mode="flat", metric_fn=lambda p: None)
+    s, total, _ = _run(env, lambda e: int(np.flatnonzero(e.action_masks())[0]))
+    assert math.isnan(s.metric)
+    assert total == pytest.approx(-s.proxy_error / env.e_ref, rel=1e-9)
+
+
+def test_knapsack_channel_at_dp_budgets_matches_dp(tables):
+    """channel env with DP layer budgets + exact knapsack groups: the DP plan's error or better."""
+    cfg = synth_config(3.0)
+    dp = allocate_dp(tables, 3.0)
+    env = CompressionEnv(tables, cfg, mode="channel", layer_policy="dp")
+    # a channel agent that always takes the dearest allowed width cannot beat the exact DP ...
+    s, _, _ = _run(env, lambda e: int(np.flatnonzero(e.action_masks())[-1]))
+    assert s.proxy_error >= plan_error(dp, tables) - 1e-9
+    assert s.avg_bits <= 3.0 + 1e-9
+
+
+def test_observation_size_is_model_independent():
+    wide = tuple((n, k, 2 * r + 3, c, kern) for n, k, r, c, kern in SHAPES) + (
+        ("fc3", "linear", 7, 40, ()),)
+    small = CompressionEnv(synth_tables(0), synth_config(3.0), mode="flat")
+    big = CompressionEnv(synth_tables(1, shapes=wide), synth_config(3.0), mode="flat")
+    assert small.observation_space == big.observation_space
+    assert small.action_space == big.action_space
+    for env in (small, big):
+        obs, _ = env.reset(seed=0)
+        assert np.all(np.abs(obs) <= 8.0) and np.isfinite(obs).all()
+
+
+def test_step_is_fast(tables):
+    import time
+
+    env = CompressionEnv(tables, synth_config(3.0), mode="flat")
+    env.reset(seed=0)
+    n, t0 = 0, time.perf_counter()
+    for _ in range(20):
+        while True:
+            a = int(np.flatnonzero(env.action_masks())[-1])
+            n += 1
+            if env.step(a)[2]:
+                env.reset()
+                break
+    assert (time.perf_counter() - t0) / n < 5e-3  # generous bound; bench/search.py measures it
+
+
+def test_haq_action_wall_enforces_budget_and_is_reported(tables):
+    env = HAQEnv(tables, synth_config(2.5))
+    env.reset(seed=0)
+    done = False
+    while not done:  # the dearest width everywhere: far over budget
+        _, r, done, _, info = env.step(np.array([1.0], dtype=np.float32))
+    s = info["compression"]
+    assert s.avg_bits <= 2.5 + 1e-9 and plan_avg_bits(s.plan, tables) == pytest.approx(s.avg_bits)
+    assert info["projected"] and s.projections > 0
+    assert type(r) is float
+
+
+def test_budget_at_the_exact_minimum_without_zero_bits():
+    bits = (2, 3, 4, 6, 8)
+    tabs = synth_tables(2, bits=bits)
+    minimum = min_feasible_avg_bits(tabs)
+    env = CompressionEnv(tabs, synth_config(minimum, bits=bits), mode="flat")
+    rng = np.random.default_rng(0)
+    s, _, _ = _run(env, lambda e: int(rng.integers(e.action_space.n)))
+    assert s.avg_bits <= minimum + 1e-9
+    assert all(min(lp.row_bits) == 2 for lp in s.plan.layers.values())
