@@ -171,17 +171,30 @@ class CostConfig:
     activation_bits: int = 8
 
 
+BN_MODES = ("relative", "reset", "off")
+
+
 @dataclass(frozen=True)
 class EvalConfig:
     """Stitched-model evaluation.
 
     Attributes:
-        bn_reestimate: re-estimate BatchNorm statistics on calibration data.
+        bn_reestimate: BatchNorm statistics after compression: 'relative' (move the pretrained
+            statistics by the shift compression causes on the calibration data), 'reset'
+            (re-estimate them from the calibration data alone) or 'off'; see
+            automl_compress/evaluate.py.
         bias_correction: fold ``(W − Ŵ)μ`` into biases.
     """
 
-    bn_reestimate: bool = True
+    bn_reestimate: str = "relative"
     bias_correction: bool = True
+
+    def __post_init__(self) -> None:
+        if self.bn_reestimate not in BN_MODES:
+            raise ConfigError(
+                f"eval.bn_reestimate must be one of {list(BN_MODES)}, found "
+                f"{self.bn_reestimate!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -257,10 +270,10 @@ class AgentConfig:
     layer_controller: str = "learned"
     channel_controller: str = "learned"
     total_steps: int = 16384
-    n_steps: int = 256
+    n_steps: int = 128
     batch_size: int = 64
-    n_epochs: int = 4
-    learning_rate: float = 3e-4
+    n_epochs: int = 10
+    learning_rate: float = 1e-3
     round_steps: int = 1024
     checkpoint_every: int = 1024
     final_candidates: int = 4
@@ -345,7 +358,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where} must be a number, found {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+        if isinstance(value, bool):
+            raise ConfigError(
+                f"{where} must be a string, found the YAML boolean {value!r}; quote the word "
+                "(YAML reads off/on/yes/no as booleans), e.g. 'off'"
+            )
+        if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where} must be a string, found {value!r}")
         return str(value)
     return value

@@ -36,6 +36,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("env.budget_bits=abc", "must be a number"),
         ("device=tpu", "device"),
         ("menu.patterns=[dense, 3:2]", "N:M"),
+        ("eval.bn_reestimate=sometimes", "eval.bn_reestimate must be one of"),
+        ("eval.bn_reestimate=off", "quote the word"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

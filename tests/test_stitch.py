@@ -11,7 +11,7 @@ from automl_compress.capture import capture_hessians
 from automl_compress.database.allocate import allocate_dp, plan_error
 from automl_compress.database.build import build_database
 from automl_compress.errors import InvalidInputError
-from automl_compress.evaluate import bias_correct, bn_reestimate
+from automl_compress.evaluate import bias_correct, bn_reestimate, bn_shift
 from automl_compress.plan import CompressionPlan, LayerPlan
 from automl_compress.stitch import stitch
 
@@ -119,3 +119,29 @@ def test_bn_reestimation_matches_calibration_statistics(setup):
     mean = pre.transpose(0, 1).reshape(pre.shape[1], -1).mean(1)
     torch.testing.assert_close(model.bn1.running_mean, mean, rtol=1e-4, atol=1e-5)
     assert not model.training and model.bn1.momentum == task.model.bn1.momentum
+
+
+def _bn_out_moments(model, name, task):
+    y = _outputs(model, name, task)
+    y = y.transpose(0, 1).reshape(y.shape[1], -1).to(torch.float64)
+    return y.mean(1), y.var(1, unbiased=False)
+
+
+def test_bn_shift_keeps_dense_statistics_and_restores_output_moments(setup):
+    task, db, _ = setup
+    same = stitch(task.model, db, CompressionPlan({}))
+    assert bn_shift(task.model, same, task) == 2  # nothing compressed: nothing moves
+    for a, b in ((same.bn1, task.model.bn1), (same.bn2, task.model.bn2)):
+        torch.testing.assert_close(a.running_mean, b.running_mean, rtol=0, atol=1e-6)
+        torch.testing.assert_close(a.running_var, b.running_var, rtol=1e-5, atol=0)
+    plan = CompressionPlan({"conv1": LayerPlan("dense", (2,) * 8)})
+    model = stitch(task.model, db, plan)
+    assert (model.bn1.running_mean == task.model.bn1.running_mean).all()
+    bn_shift(task.model, model, task)
+    # bn1's output has the dense model's per-channel mean and variance on the calibration data
+    mean_d, var_d = _bn_out_moments(task.model, "bn1", task)
+    mean_c, var_c = _bn_out_moments(model, "bn1", task)
+    torch.testing.assert_close(mean_c, mean_d, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(var_c, var_d, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(model.bn1.running_mean, task.model.bn1.running_mean)
+    assert not model.training
