@@ -14,7 +14,10 @@ order. At each layer there are two kinds of decision (DESIGN.md §5):
 2. **Group decisions** (the channel controller): the kept rows, ranked by importance (the sum of
    their exact error curve under the pattern, most important first), are split into
    ``min(K, n_keep)`` groups; one ``Discrete(len(menu.bits))`` action per group gives the group's
-   bit-width. Unused layer budget returns to the model's pool.
+   bit-width *relative to its fair share*: with i* the dearest width whose per-row cost fits the
+   layer budget left per undecided row, action a takes width index ``clip(i* + a − c, 0, nb − 1)``
+   with c = (nb − 1) // 2, so "spend my share" is the same action on every layer, and the last
+   group of a layer can spend what is left. Unused layer budget returns to the model's pool.
 
 ``mode`` says which decisions are the agent's:
 
@@ -320,13 +323,29 @@ class CompressionEnv(gym.Env):
         lim = self.budget_total - self._used - self.min_rest[self._l + 1] + _TOL
         return self.la_valid[self._l] & (self._layer_budgets() <= lim)
 
-    def _group_mask(self) -> np.ndarray:
+    def _group_mask_abs(self) -> np.ndarray:
+        """Allowed width indices for the current group (absolute, by the budget rule)."""
         st = self._layer
         assert st is not None
         ob = self.option_bits[self._l][st.p]
         size = len(st.groups[st.j])
         rest = sum(len(g) for g in st.groups[st.j + 1:]) * float(ob.min())
         return st.used + size * ob + rest <= st.budget + _TOL
+
+    def _group_widths(self) -> np.ndarray:
+        """Width index taken by each group action: ``clip(i* + a − c, 0, nb − 1)``."""
+        st = self._layer
+        assert st is not None
+        ob = self.option_bits[self._l][st.p]
+        undecided = sum(len(g) for g in st.groups[st.j:])
+        share = (st.budget - st.used) / max(undecided, 1)
+        fits = np.flatnonzero(ob <= share + _TOL)
+        i_star = int(fits[np.argmax(ob[fits])]) if len(fits) else int(np.argmin(ob))
+        center = (self.n_bits - 1) // 2
+        return np.clip(i_star + np.arange(self.n_bits) - center, 0, self.n_bits - 1)
+
+    def _group_mask(self) -> np.ndarray:
+        return self._group_mask_abs()[self._group_widths()]
 
     def _layer_step(self, a: int) -> bool:
         mask = self._layer_mask()
@@ -369,15 +388,20 @@ class CompressionEnv(gym.Env):
         mask = self._group_mask()
         projected = not (0 <= a < self.n_bits and mask[a])
         if projected:
-            st = self._layer
-            assert st is not None
-            a = self._project(a, mask, self.option_bits[self._l][st.p])
+            a = self._project_group(a, mask)
         self._apply_group(a)
         return projected
 
-    def _apply_group(self, a: int) -> None:
+    def _project_group(self, a: int, mask: np.ndarray) -> int:
+        st = self._layer
+        assert st is not None
+        cost = self.option_bits[self._l][st.p][self._group_widths()]
+        return self._project(a, mask, cost)
+
+    def _apply_group(self, action: int) -> None:
         st, t = self._layer, self.tables[self._l]
         assert st is not None
+        a = int(self._group_widths()[action])
         rows = st.groups[st.j]
         st.row_bits[rows] = self.menu_bits[a]
         st.used += len(rows) * float(self.option_bits[self._l][st.p, a])
@@ -455,7 +479,7 @@ class CompressionEnv(gym.Env):
             a = int(self.channel_policy(self._obs(), mask))
             if not (0 <= a < self.n_bits and mask[a]):
                 self._projections += 1
-                a = self._project(a, mask, self.option_bits[self._l][st.p])
+                a = self._project_group(a, mask)
             self._apply_group(a)
 
     def _finish_episode(self) -> float:

@@ -34,7 +34,7 @@ import numpy as np
 
 from automl_compress.database.tables import LayerTable
 
-FEATURE_VERSION = 1
+FEATURE_VERSION = 2  # 2: group actions relative to the fair share
 OBS_CLIP = 8.0
 KINDS = ("linear", "conv1d", "conv2d")
 _TINY = 1e-30

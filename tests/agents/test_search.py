@@ -15,6 +15,7 @@ from automl_compress.agents.run import load_models
 from automl_compress.agents.transfer import check_manifest, read_manifest, save_policy
 from automl_compress.config import load_config
 from automl_compress.database.allocate import plan_avg_bits, plan_error
+from automl_compress.envs.features import FEATURE_VERSION
 from automl_compress.errors import ConfigError, PolicyMismatchError
 from automl_compress.plan import CompressionPlan, LayerPlan
 
@@ -112,7 +113,7 @@ def test_manifest_records_spec_and_mismatch_names_the_difference(tables, tmp_pat
     save_policy(tmp_path, s.models, cfg, 0)
     m = read_manifest(tmp_path)
     assert m["menu"] == {"bits": [0, 2, 3, 4, 6, 8], "patterns": ["dense", "2:4"]}
-    assert m["feature_version"] == 1 and m["normalisation"]["obs_size"] > 0
+    assert m["feature_version"] == FEATURE_VERSION and m["normalisation"]["obs_size"] > 0
     assert set(m["files"]) == {"layer_controller", "channel_controller"}
     check_manifest(m, cfg)  # fits itself
     other = dataclasses.replace(cfg, menu=dataclasses.replace(cfg.menu, bits=(0, 2, 4, 8)))

@@ -176,22 +176,6 @@ def test_observation_size_is_model_independent():
         assert np.all(np.abs(obs) <= 8.0) and np.isfinite(obs).all()
 
 
-def test_step_is_fast(tables):
-    import time
-
-    env = CompressionEnv(tables, synth_config(3.0), mode="flat")
-    env.reset(seed=0)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(20):
-        while True:
-            a = int(np.flatnonzero(env.action_masks())[-1])
-            n += 1
-            if env.step(a)[2]:
-                env.reset()
-                break
-    assert (time.perf_counter() - t0) / n < 5e-3  # generous bound; bench/search.py measures it
-
-
 def test_haq_action_wall_enforces_budget_and_is_reported(tables):
     env = HAQEnv(tables, synth_config(2.5))
     env.reset(seed=0)
