@@ -146,6 +146,14 @@ def evaluate_plan(prepared: Prepared, plan: CompressionPlan) -> float:
     return metric(stitched_model(prepared, plan), prepared.task)
 
 
+def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] | None:
+    """The task's secondary held-out metrics of the stitched, corrected model (None if the task
+    has none)."""
+    if prepared.task.report is None:
+        return None
+    return {k: float(v) for k, v in prepared.task.report(stitched_model(prepared, plan)).items()}
+
+
 def _layer_rows(prepared: Prepared, plan: CompressionPlan) -> list[dict[str, Any]]:
     out = []
     for t in prepared.tables_for(plan):
@@ -210,6 +218,9 @@ def write_run(
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     plan.save(out / "plan.json")
     res = results_dict(prepared, plan, method, metric, wall_seconds)
+    report = plan_report(prepared, plan)
+    if report is not None:
+        res["metrics"] = report
     for k, v in (extra or {}).items():
         res.setdefault(k, v)
     atomic_write_json(out / "results.json", res)
@@ -279,6 +290,9 @@ def run_evaluate(run_dir: Path, device: str | None = None) -> int:
         res = json.loads(path.read_text())
         res["metric"] = value
         res["metric_dense"] = prepared.dense_metric()
+        report = plan_report(prepared, plan)
+        if report is not None:
+            res["metrics"] = report
         atomic_write_json(path, res)
     else:
         method = str(plan.meta.get("method", "unknown"))

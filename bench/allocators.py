@@ -26,7 +26,7 @@ import torch
 
 from automl_compress.config import load_config
 from automl_compress.errors import InfeasibleBudgetError, TaskError
-from automl_compress.pipeline import allocate, evaluate_plan, prepare, results_dict
+from automl_compress.pipeline import allocate, evaluate_plan, plan_report, prepare, results_dict
 
 METHODS = ("rtn", "uniform", "dp")
 
@@ -63,8 +63,10 @@ def bench_config(path: str, overrides: list[str], budgets: list[float], work: Pa
             value = evaluate_plan(prepared, plan)
             wall = time.perf_counter() - t0
             res = results_dict(prepared, plan, method, value, wall)
+            report = plan_report(prepared, plan)
+            others = ", ".join(f"{k} {v:.4f}" for k, v in (report or {}).items())
             print(f"| {budget:g} | {method} | {value:.4f} | {res['avg_bits']:.3f} | "
-                  f"{res['proxy_error']:.4g} | {wall:.2f} |")
+                  f"{res['proxy_error']:.4g} | {wall:.2f} |" + (f" {others} |" if others else ""))
         sys.stdout.flush()
 
 

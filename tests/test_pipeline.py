@@ -45,8 +45,9 @@ def test_compress_evaluate_export_in_process(config, tmp_path, capsys):
                  "--out", str(run)])
     assert code == 0, capsys.readouterr().err
     res = json.loads((run / "results.json").read_text())
-    assert tuple(res) == RESULT_KEYS
+    assert tuple(res) == (*RESULT_KEYS, "metrics")  # the task's secondary metrics come last
     assert res["method"] == "dp" and res["metric_name"] == "top1"
+    assert set(res["metrics"]) == {"top3"} and res["metrics"]["top3"] >= res["metric"]
     assert res["budget_bits"] == 3.0 and 0 < res["avg_bits"] <= 3.0
     assert 0.0 <= res["metric"] <= 1.0 and res["metric_dense"] > 0.5
     n_params = sum(l["rows"] * l["cols"] for l in res["layers"])
@@ -65,6 +66,7 @@ def test_compress_evaluate_export_in_process(config, tmp_path, capsys):
     assert main(["evaluate", str(run)]) == 0
     again = json.loads((run / "results.json").read_text())
     assert again["metric"] == pytest.approx(res["metric"])
+    assert again["metrics"] == pytest.approx(res["metrics"])
 
     assert main(["export", str(run)]) == 0
     assert "identical: True" in capsys.readouterr().out

@@ -34,6 +34,8 @@ class Task:
             calibration never saw; higher is better.
         metric_name: name of that metric (e.g. ``"top1"``).
         forward: how to run the model on one calibration batch.
+        report: optional ``report(model) -> {name: value}``, secondary held-out metrics written
+            to results.json under ``metrics`` (e.g. MiniLM's retrieval agreement).
     """
 
     name: str
@@ -43,6 +45,7 @@ class Task:
     evaluate: Callable[[nn.Module], float]
     metric_name: str
     forward: Callable[[nn.Module, Any], Any] = default_forward
+    report: Callable[[nn.Module], dict[str, float]] | None = None
 
     def calib_fingerprint(self) -> str:
         """SHA-256 over the calibration tensors (values, shapes, dtypes)."""

@@ -262,4 +262,5 @@ def minilm_l6(
         calib=calib,
         evaluate=evaluator,
         metric_name="embedding_cosine",
+        report=evaluator.report,
     )

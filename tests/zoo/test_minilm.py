@@ -32,7 +32,8 @@ def task():
 
 def test_dense_fidelity_is_perfect_and_damage_shows(task):
     assert task.metric_name == "embedding_cosine" and task.family == "minilm"
-    dense = task.evaluate.report(task.model)
+    assert task.report is not None
+    dense = task.report(task.model)
     assert dense["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert dense["retrieval_top1"] == 1.0
     assert task.evaluate(task.model) == pytest.approx(dense["cosine"])
@@ -42,7 +43,7 @@ def test_dense_fidelity_is_perfect_and_damage_shows(task):
         for m in noisy.modules():
             if isinstance(m, torch.nn.Linear):
                 m.weight += 0.5 * m.weight.std() * torch.randn(m.weight.shape, generator=gen)
-    damaged = task.evaluate.report(noisy)
+    damaged = task.report(noisy)
     assert 0.0 < damaged["cosine"] < 0.99
     assert damaged["retrieval_top1"] < 1.0
 
