@@ -21,9 +21,10 @@ order. At each layer there are two kinds of decision (DESIGN.md §5):
 
 ``mode`` says which decisions are the agent's:
 
-- ``"layer"``: layer decisions; group decisions come from ``channel_policy`` ('knapsack': the exact
-  per-row knapsack on the kept rows; 'uniform': one bit-width for all kept rows; or a callable
-  ``(obs, mask) -> action``, e.g. a frozen channel model).
+- ``"layer"``: layer decisions; group decisions come from ``channel_policy`` ('knapsack': the
+  per-row knapsack on the kept rows, exact DP on small layers, convex-hull greedy on large
+  ones; 'uniform': one bit-width for all kept rows; or a callable ``(obs, mask) -> action``,
+  e.g. a frozen channel model).
 - ``"channel"``: group decisions; layer decisions come from ``layer_policy`` ('dp': the DP
   allocator's per-layer budgets; or a callable ``(obs, mask) -> action``).
 - ``"flat"``: both, as one two-phase episode (a layer step, then its group steps) with one
@@ -61,6 +62,10 @@ from automl_compress.plan import CompressionPlan, LayerPlan
 
 MODES = ("layer", "channel", "flat")
 _TOL = 1e-6
+# the 'knapsack' channel policy runs inside every step: the exact DP up to this many
+# rows x budget-states cells, the convex-hull greedy above (exact at hull breakpoints, within one
+# row's option of the optimum); the allocators use the exact DP up to MAX_DP_CELLS
+ENV_DP_CELLS = 200_000
 
 Policy = Callable[[np.ndarray, np.ndarray], int]
 
@@ -463,7 +468,8 @@ class CompressionEnv(gym.Env):
             if self.channel_policy == "knapsack":
                 info = dataclasses.replace(t.info, rows=keep)
                 sub = LayerTable(info, t.bits, t.patterns, t.errors[st.order])
-                bits = knapsack_layer(sub, t.patterns[st.p], st.budget, self.cfg.cost)
+                bits = knapsack_layer(sub, t.patterns[st.p], st.budget, self.cfg.cost,
+                                      max_cells=ENV_DP_CELLS)
                 idx = np.searchsorted(np.asarray(t.bits), bits)
             else:
                 fits = np.flatnonzero(keep * ob <= st.budget + _TOL)
