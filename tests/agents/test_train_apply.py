@@ -103,3 +103,39 @@ def test_train_rejects_bad_steps(tmp_path):
 
     with pytest.raises(ConfigError, match="total-steps"):
         run_train(load_config(ROOT / "configs/digits.yaml"), tmp_path, total_steps=0)
+
+
+def test_killed_train_leaves_a_checkpoint_and_resume_finishes(tmp_path):
+    """A plain `kill` (SIGTERM) mid-search writes a checkpoint; `--resume` continues from it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "automl_compress.cli", "train", "--config",
+            str(ROOT / "configs/digits.yaml"), "--budget-bits", "3", "--out", str(run),
+            *_sets([*SHORT, "solver.quant=gptq", "agent.checkpoint_every=64"])]
+    proc = subprocess.Popen([*args, "--total-steps", "100000"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    ckpt = run / "policy" / "checkpoint.json"
+    deadline = time.monotonic() + 300
+    while not ckpt.is_file() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ckpt.is_file(), proc.communicate()[1] if proc.poll() is not None else "no checkpoint"
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    stopped = json.loads(ckpt.read_text())["steps"]
+    assert 0 < stopped < 100000
+    assert not (run / "results.json").exists()
+    done = subprocess.run([*args, "--total-steps", str(stopped + 128), "--resume"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 0, done.stderr
+    assert f"resuming from step {stopped}" in done.stdout
+    res = json.loads((run / "results.json").read_text())
+    assert res["env_steps"] >= stopped + 128 and res["avg_bits"] <= 3.0 + 1e-9
