@@ -12,7 +12,8 @@ Usage (the database of each task is built once under OUT/db_<task> and reused):
     python bench/search.py --config configs/crepe_tiny.yaml --budgets 4 3 2.5
     python bench/search.py --transfer configs/digits.yaml configs/digits_wide.yaml --budgets 3
 
-Writes OUT/search_<task>_b<budgets>.json and prints markdown tables for docs/benchmarks.md.
+Writes OUT/search_<task>_b<budgets>.json, every plan it reports under OUT/plans/ (for
+``bench/fresh_split.py``), and prints markdown tables for docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -77,9 +78,12 @@ def learned_run(prepared: pipeline.Prepared, cfg: Config, models=None,
             "metric_evaluations": search.oracle.evaluations if search.oracle else 0}, search
 
 
-def baseline_run(prepared: pipeline.Prepared, method: str, budget: float) -> dict[str, Any]:
+def baseline_run(prepared: pipeline.Prepared, method: str, budget: float,
+                 save: Path | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     plan = pipeline.allocate(prepared, method, budget)
+    if save is not None:
+        plan.save(save)
     value = pipeline.evaluate_plan(prepared, plan)
     tables = prepared.tables_for(plan)
     return {"metric": value, "avg_bits": plan_avg_bits(plan, tables, prepared.cfg.cost),
@@ -140,13 +144,16 @@ def bench_task(cfg: Config, out: Path, budgets: list[float], seeds: list[int], s
         row: dict[str, Any] = {}
         for m in ("dp", "uniform", "rtn"):
             try:
-                row[m] = baseline_run(prepared, m, b)
+                row[m] = baseline_run(prepared, m, b,
+                                      out / "plans" / f"{cfg.task.name}_b{b:g}_{m}.json")
             except Exception as exc:  # noqa: BLE001 - an infeasible baseline is a table entry
                 row[m] = {"error": str(exc)}
         for name in methods:
             runs = []
             for s in seeds:
                 r, search = learned_run(prepared, _with(cfg, b, s, steps, **LEARNED[name]))
+                search.tracker.best.plan.save(out / "plans" / f"{cfg.task.name}_b{b:g}_{name}"
+                                                              f"_s{s}.json")
                 if name == "rl-hier":
                     r.update(channel_vs_knapsack(prepared, search.cfg, search))
                 search.close()
