@@ -29,9 +29,9 @@ The metric comes from ``Task.evaluate`` on the task's held-out split, which cali
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -39,24 +39,78 @@ from automl_compress.config import EvalConfig
 from automl_compress.plan import CompressionPlan
 from automl_compress.zoo.base import Task
 
+_CORRECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 
-def _delta_output(
-    module: nn.Module, x: torch.Tensor, dW: torch.Tensor
-) -> tuple[torch.Tensor, int]:
-    """Per-output-channel sum of ``(W − Ŵ) x`` over a batch, and the number of outputs summed."""
+
+@dataclass(frozen=True)
+class DenseStats:
+    """What the corrections need from the dense model, measured once per task.
+
+    Attributes:
+        input_sums: per layer with a bias, its calibration inputs summed over everything the
+            weight is shared across (Linear: all leading dims, a (d,) vector; Conv: the batch,
+            one (1, C, ...) tensor per input shape), each with the number of outputs per channel
+            it stands for. ``x ↦ (W − Ŵ) x`` is linear, so the mean output change is ``W − Ŵ``
+            applied to the sums, divided by the total count.
+        bn_moments: per BatchNorm, the mean and (biased) variance of its input.
+    """
+
+    input_sums: dict[str, list[tuple[torch.Tensor, int]]]
+    bn_moments: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def _sum_inputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A batch's input summed over what the weight is shared across, and the number of outputs
+    per channel that sum stands for."""
+    x = x.detach().to(torch.float64)
     if isinstance(module, nn.Linear):
-        y = F.linear(x, dW)
-        return y.reshape(-1, y.shape[-1]).sum(dim=0), y.numel() // y.shape[-1]
-    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
-        y = module._conv_forward(x, dW, None)
-        per = y.numel() // y.shape[1]
-        return y.transpose(0, 1).reshape(y.shape[1], -1).sum(dim=1), per
-    raise TypeError(f"bias correction supports Linear, Conv1d and Conv2d, found {type(module)}")
+        return x.reshape(-1, x.shape[-1]).sum(dim=0), x.numel() // x.shape[-1]
+    w = module.weight.detach().to(torch.float64)
+    positions = module._conv_forward(x[:1], w, None).shape[2:].numel()
+    return x.sum(dim=0, keepdim=True), x.shape[0] * positions
+
+
+def _delta_sum(module: nn.Module, total: torch.Tensor, dW: torch.Tensor) -> torch.Tensor:
+    """Per-output-channel sum of ``(W − Ŵ) x`` from a :func:`_sum_inputs` sum."""
+    if isinstance(module, nn.Linear):
+        return dW @ total
+    y = module._conv_forward(total, dW, None)
+    return y.reshape(y.shape[1], -1).sum(dim=1)
+
+
+@torch.no_grad()
+def dense_stats(dense: nn.Module, task: Task) -> DenseStats:
+    """One pass of the dense model over the calibration batches: the input sums of every
+    Linear / Conv1d / Conv2d with a bias and the input moments of every tracked BatchNorm."""
+    mods = dict(dense.named_modules())
+    layers = [n for n, m in mods.items()
+              if isinstance(m, _CORRECTABLE) and getattr(m, "bias", None) is not None]
+    sums: dict[str, dict[tuple, list]] = {n: {} for n in layers}
+
+    def hook(name: str):
+        def fn(module: nn.Module, inputs: tuple) -> None:
+            total, count = _sum_inputs(module, inputs[0])
+            acc = sums[name].setdefault(tuple(total.shape), [0, 0])
+            acc[0], acc[1] = acc[0] + total, acc[1] + count
+
+        return fn
+
+    was_training = dense.training
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in layers]
+    try:
+        bn = _bn_input_moments(dense, task, [n for n, _ in _bn_layers(dense)])
+    finally:
+        for h in handles:
+            h.remove()
+        dense.train(was_training)
+    return DenseStats({n: [(t, c) for t, c in acc.values()] for n, acc in sums.items() if acc},
+                      bn)
 
 
 @torch.no_grad()
 def bias_correct(
-    dense: nn.Module, compressed: nn.Module, task: Task, names: Iterable[str]
+    dense: nn.Module, compressed: nn.Module, task: Task, names: Iterable[str],
+    stats: DenseStats | None = None,
 ) -> list[str]:
     """Fold the mean output change of each compressed layer into its bias (in place).
 
@@ -65,6 +119,7 @@ def bias_correct(
         compressed: the stitched copy; its biases are updated.
         task: gives the calibration batches and the forward function.
         names: the compressed layers.
+        stats: :func:`dense_stats` of ``dense`` on ``task`` (measured here when None).
 
     Returns:
         The names of the layers whose bias was corrected.
@@ -74,37 +129,22 @@ def bias_correct(
     names = [n for n in names if getattr(cmods[n], "bias", None) is not None]
     if not names:
         return []
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = dict.fromkeys(names, 0)
-    dws = {}
     for n in names:
-        wd, wc = dmods[n].weight, cmods[n].weight
-        dws[n] = (wd.detach() - wc.detach().to(wd.device)).to(wd.dtype)
-
-    def hook(name: str):
-        def fn(module: nn.Module, inputs: tuple) -> None:
-            s, c = _delta_output(module, inputs[0], dws[name])
-            sums[name] = sums.get(name, 0) + s.to(torch.float64)
-            counts[name] += c
-
-        return fn
-
-    handles = [dmods[n].register_forward_pre_hook(hook(n)) for n in names]
-    was_training = dense.training
-    dense.eval()
-    try:
-        for batch in task.calib:
-            task.forward(dense, batch)
-    finally:
-        for h in handles:
-            h.remove()
-        dense.train(was_training)
+        if not isinstance(dmods[n], _CORRECTABLE):
+            raise TypeError(f"bias correction supports Linear, Conv1d and Conv2d, found "
+                            f"{type(dmods[n]).__name__} at {n!r}")
+    stats = dense_stats(dense, task) if stats is None else stats
     done = []
     for n in names:
-        if counts[n]:
-            b = cmods[n].bias
-            b.add_((sums[n] / counts[n]).to(device=b.device, dtype=b.dtype))
-            done.append(n)
+        parts = stats.input_sums.get(n, [])
+        count = sum(c for _, c in parts)
+        if not count:
+            continue
+        wd, b = dmods[n].weight, cmods[n].bias
+        dW = wd.detach().to(torch.float64) - cmods[n].weight.detach().to(wd.device, torch.float64)
+        delta = sum(_delta_sum(dmods[n], t.to(wd.device), dW) for t, _ in parts)
+        b.add_((delta / count).to(device=b.device, dtype=b.dtype))
+        done.append(n)
     return done
 
 
@@ -176,7 +216,8 @@ def _bn_input_moments(
 
 
 @torch.no_grad()
-def bn_shift(dense: nn.Module, compressed: nn.Module, task: Task) -> int:
+def bn_shift(dense: nn.Module, compressed: nn.Module, task: Task,
+             stats: DenseStats | None = None) -> int:
     """Move each BN's pretrained statistics so its output moments match the dense model's.
 
     For each BN of ``compressed`` in forward order, r = σ̂/σ: ``m' = μ̂ − (μ − m)·r`` and
@@ -184,7 +225,8 @@ def bn_shift(dense: nn.Module, compressed: nn.Module, task: Task) -> int:
     in ``compressed`` with the earlier BNs already moved; m, v the running statistics). Then the
     BN's output has the dense output's per-channel mean and variance on the calibration data; a
     layer that compression left unchanged keeps its statistics. Channels whose dense input
-    variance is zero use r = 1.
+    variance is zero use r = 1. ``stats`` (:func:`dense_stats`) supplies the dense moments;
+    they are measured here when None.
 
     Returns:
         The number of BatchNorm layers moved (0 leaves the model unchanged).
@@ -193,7 +235,7 @@ def bn_shift(dense: nn.Module, compressed: nn.Module, task: Task) -> int:
     if not bns:
         return 0
     names = [n for n, _ in bns]
-    ref = _bn_input_moments(dense, task, names)
+    ref = stats.bn_moments if stats is not None else _bn_input_moments(dense, task, names)
     for name, bn in bns:
         if name not in ref:  # not reached by the calibration forward
             continue
@@ -211,13 +253,20 @@ def bn_shift(dense: nn.Module, compressed: nn.Module, task: Task) -> int:
 
 
 def correct(
-    dense: nn.Module, compressed: nn.Module, task: Task, plan: CompressionPlan, cfg: EvalConfig
+    dense: nn.Module, compressed: nn.Module, task: Task, plan: CompressionPlan, cfg: EvalConfig,
+    stats: DenseStats | None = None,
 ) -> nn.Module:
-    """Apply the configured statistics corrections to a stitched model (in place) and return it."""
+    """Apply the configured statistics corrections to a stitched model (in place) and return it.
+
+    ``stats`` (:func:`dense_stats`, measured once per task by the caller) saves the dense pass
+    over the calibration batches; without it the corrections measure what they need.
+    """
+    if stats is None and (cfg.bias_correction or cfg.bn_reestimate == "relative"):
+        stats = dense_stats(dense, task)
     if cfg.bias_correction:
-        bias_correct(dense, compressed, task, plan.layers.keys())
+        bias_correct(dense, compressed, task, plan.layers.keys(), stats)
     if cfg.bn_reestimate == "relative":
-        bn_shift(dense, compressed, task)
+        bn_shift(dense, compressed, task, stats)
     elif cfg.bn_reestimate == "reset":
         bn_reestimate(compressed, task)
     return compressed.eval()

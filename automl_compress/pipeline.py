@@ -34,7 +34,7 @@ from automl_compress.database.costs import kept_per_row
 from automl_compress.database.store import LayerDatabase
 from automl_compress.database.tables import LayerTable
 from automl_compress.errors import ConfigError, CorruptCacheError
-from automl_compress.evaluate import correct, metric
+from automl_compress.evaluate import DenseStats, correct, dense_stats, metric
 from automl_compress.io import atomic_write_json, atomic_write_text
 from automl_compress.plan import CompressionPlan
 from automl_compress.stitch import plan_source, stitch
@@ -67,12 +67,19 @@ class Prepared:
     rtn_tables: list[LayerTable]
     db_dir: Path
     _dense_metric: float | None = field(default=None, repr=False)
+    _dense_stats: DenseStats | None = field(default=None, repr=False)
 
     def dense_metric(self) -> float:
         """The dense model's held-out metric (computed once)."""
         if self._dense_metric is None:
             self._dense_metric = metric(self.task.model, self.task)
         return self._dense_metric
+
+    def dense_stats(self) -> DenseStats:
+        """The dense model's calibration statistics for the corrections (measured once)."""
+        if self._dense_stats is None:
+            self._dense_stats = dense_stats(self.task.model, self.task)
+        return self._dense_stats
 
     def tables_for(self, plan: CompressionPlan) -> list[LayerTable]:
         """The tables a plan's errors are read from (rtn tables for the rtn baseline)."""
@@ -138,7 +145,8 @@ def allocate(prepared: Prepared, method: str, budget_bits: float) -> Compression
 def stitched_model(prepared: Prepared, plan: CompressionPlan) -> nn.Module:
     """The plan applied to a copy of the model, with the configured statistics corrections."""
     model = stitch(prepared.task.model, prepared.db, plan)
-    return correct(prepared.task.model, model, prepared.task, plan, prepared.cfg.eval)
+    return correct(prepared.task.model, model, prepared.task, plan, prepared.cfg.eval,
+                   prepared.dense_stats())
 
 
 def evaluate_plan(prepared: Prepared, plan: CompressionPlan) -> float:

@@ -8,10 +8,11 @@ import torch
 from _compress_task import make_task, tiny_config
 
 from automl_compress.capture import capture_hessians
+from automl_compress.config import EvalConfig
 from automl_compress.database.allocate import allocate_dp, plan_error
 from automl_compress.database.build import build_database
 from automl_compress.errors import InvalidInputError
-from automl_compress.evaluate import bias_correct, bn_reestimate, bn_shift
+from automl_compress.evaluate import bias_correct, bn_reestimate, bn_shift, correct, dense_stats
 from automl_compress.plan import CompressionPlan, LayerPlan
 from automl_compress.stitch import stitch
 
@@ -108,6 +109,26 @@ def test_bias_correction_restores_the_mean_output(setup):
     assert bias_correct(task.model, model, task, ["fc2"]) == ["fc2"]
     y_after = _outputs(model, "fc2", task)  # fc2's inputs are unchanged (only fc2 compressed)
     torch.testing.assert_close(y_after.mean(0), y_dense.mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_conv_bias_correction_from_cached_sums(setup):
+    """The cached input sums (one dense pass per task) give the exact mean output change of a
+    grouped, padded conv, and the cached and uncached corrections agree."""
+    task, db, _ = setup
+    plan = CompressionPlan({"conv2": LayerPlan("dense", (2,) * 8 + (0,) * 8)})
+    stats = dense_stats(task.model, task)
+    model = stitch(task.model, db, plan)
+    assert bias_correct(task.model, model, task, ["conv2"], stats) == ["conv2"]
+    y_dense = _outputs(task.model, "conv2", task)
+    y_after = _outputs(model, "conv2", task)  # conv2's inputs are unchanged
+    channel_mean = lambda y: y.transpose(0, 1).reshape(y.shape[1], -1).mean(1)  # noqa: E731
+    torch.testing.assert_close(channel_mean(y_after), channel_mean(y_dense), rtol=1e-5, atol=1e-5)
+    cfg = EvalConfig()
+    full = random_plan(db, 3)
+    cached = correct(task.model, stitch(task.model, db, full), task, full, cfg, stats)
+    fresh = correct(task.model, stitch(task.model, db, full), task, full, cfg)
+    for (n, a), b in zip(cached.state_dict().items(), fresh.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
 
 
 def test_bn_reestimation_matches_calibration_statistics(setup):
