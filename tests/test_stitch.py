@@ -113,7 +113,8 @@ def test_bias_correction_restores_the_mean_output(setup):
 
 def test_grouped_conv_bias_correction_from_cached_sums(setup):
     """The cached input sums (one dense pass per task) give the exact mean output change of a
-    grouped, padded conv, and the cached and uncached corrections agree."""
+    grouped, padded conv; with them the corrections run the dense model zero times and agree
+    with the corrections that measure the statistics themselves."""
     task, db, _ = setup
     plan = CompressionPlan({"conv2": LayerPlan("dense", (2,) * 8 + (0,) * 8)})
     stats = dense_stats(task.model, task)
@@ -125,8 +126,16 @@ def test_grouped_conv_bias_correction_from_cached_sums(setup):
     torch.testing.assert_close(channel_mean(y_after), channel_mean(y_dense), rtol=1e-5, atol=1e-5)
     cfg = EvalConfig()
     full = random_plan(db, 3)
-    cached = correct(task.model, stitch(task.model, db, full), task, full, cfg, stats)
-    fresh = correct(task.model, stitch(task.model, db, full), task, full, cfg)
+    copies = [stitch(task.model, db, full) for _ in range(2)]  # before the hook: copies keep hooks
+    dense_calls = []
+    h = task.model.register_forward_pre_hook(lambda m, i: dense_calls.append(1))
+    try:
+        cached = correct(task.model, copies[0], task, full, cfg, stats)
+        assert dense_calls == []
+        fresh = correct(task.model, copies[1], task, full, cfg)
+        assert len(dense_calls) == len(task.calib)  # one dense pass when not cached
+    finally:
+        h.remove()
     for (n, a), b in zip(cached.state_dict().items(), fresh.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=n)
 
