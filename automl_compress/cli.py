@@ -38,10 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", required=True, help="run directory")
 
-    p = sub.add_parser("compress", help="allocate with a non-RL method and write the plan")
+    p = sub.add_parser("compress", help="allocate (uniform, dp, rtn) or search (evo, spdy) "
+                                         "without RL and write the plan")
     _add_common(p)
-    p.add_argument("--method", choices=("uniform", "dp", "rtn"), required=True)
+    p.add_argument("--method", choices=("uniform", "dp", "rtn", "evo", "spdy"), required=True)
     p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
+    p.add_argument("--evaluations", type=float, default=None,
+                   help="evo/spdy: validation passes to spend (default alloc.evaluations)")
     p.add_argument("--out", required=True, help="run directory")
 
     p = sub.add_parser("train", help="train the RL controllers and write the best plan")
@@ -123,7 +126,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "compress":
         from automl_compress import pipeline
 
-        return pipeline.run_compress(cfg, args.method, out)
+        return pipeline.run_compress(cfg, args.method, out, evaluations=args.evaluations)
     from automl_compress.agents import run as agent_run
 
     if args.command == "train":

@@ -171,6 +171,51 @@ class CostConfig:
     activation_bits: int = 8
 
 
+OBJECTIVES = ("raw", "normalized", "fisher", "loss")
+
+
+@dataclass(frozen=True)
+class AllocConfig:
+    """What the allocators optimise and how the true-metric searches spend their evaluations.
+
+    Attributes:
+        objective: the calibrated objective every allocator and the env's step reward minimise
+            (automl_compress/objectives.py, docs/objectives.md): 'raw', 'normalized', 'fisher'
+            or 'loss'.
+        fisher_probes: 'fisher': random probes back-propagated per calibration batch.
+        loss_batches: 'loss': calibration batches each layer × option is measured on.
+        evaluations: true-metric (validation split) evaluations of the searches 'evo', 'spdy'
+            and of ``train`` when ``--evaluations`` is given.
+        offspring: 'evo': candidates per generation (λ of the (1+λ) search).
+        stages: 'evo': the validation fractions of multi-stage selection; every offspring is
+            scored on the first, the best half of them on the next, ..., the last is 1.0.
+        spdy_inits: 'spdy': random coefficient vectors tried before the local search.
+    """
+
+    objective: str = "fisher"
+    fisher_probes: int = 4
+    loss_batches: int = 2
+    evaluations: int = 64
+    offspring: int = 8
+    stages: tuple[float, ...] = (0.25, 0.5, 1.0)
+    spdy_inits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"alloc.objective must be one of {list(OBJECTIVES)}, found {self.objective!r}"
+            )
+        for key in ("fisher_probes", "loss_batches", "evaluations", "offspring", "spdy_inits"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"alloc.{key} must be >= 1, found {getattr(self, key)}")
+        st = self.stages
+        if not st or list(st) != sorted(st) or st[-1] != 1.0 or any(not 0 < f <= 1 for f in st):
+            raise ConfigError(
+                f"alloc.stages must be ascending fractions in (0, 1] ending at 1.0, found "
+                f"{list(st)}"
+            )
+
+
 BN_MODES = ("relative", "reset", "off")
 
 
@@ -184,12 +229,20 @@ class EvalConfig:
             (re-estimate them from the calibration data alone) or 'off'; see
             automl_compress/evaluate.py.
         bias_correction: fold ``(W − Ŵ)μ`` into biases.
+        corrections: 'auto': every run compares bias correction on/off × the BN modes on the
+            validation split with its starting plan and keeps the best (ties keep the values
+            above; the evaluations are counted); 'fixed': use the values above.
     """
 
     bn_reestimate: str = "relative"
     bias_correction: bool = True
+    corrections: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.corrections not in ("auto", "fixed"):
+            raise ConfigError(
+                f"eval.corrections must be 'auto' or 'fixed', found {self.corrections!r}"
+            )
         if self.bn_reestimate not in BN_MODES:
             raise ConfigError(
                 f"eval.bn_reestimate must be one of {list(BN_MODES)}, found "
@@ -313,6 +366,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    alloc: AllocConfig = field(default_factory=AllocConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     seed: int = 0

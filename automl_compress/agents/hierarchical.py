@@ -44,11 +44,6 @@ IMAGE_EVERY = 50
 CACHE_SIZE = 4096
 
 
-def plan_key(plan: CompressionPlan) -> tuple:
-    """A hashable identity of a plan's decisions."""
-    return tuple((n, lp.pattern, lp.row_bits) for n, lp in sorted(plan.layers.items()))
-
-
 class MetricOracle:
     """Measures the true metric every ``every``-th new plan (cached), or always when ``force``.
 
@@ -61,11 +56,12 @@ class MetricOracle:
         self.fn, self.every = fn, int(every)
         self.calls = 0
         self.evaluations = 0
+        self.samples = 0
         self.force = False
         self.cache: dict[tuple, float] = {}
 
     def __call__(self, plan: CompressionPlan) -> float | None:
-        key = plan_key(plan)
+        key = plan.key()
         if key in self.cache:
             return self.cache[key]
         self.calls += 1

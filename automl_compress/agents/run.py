@@ -1,9 +1,11 @@
 """``automl-compress train`` and ``automl-compress apply``.
 
-``run_train``: prepare the task and its layer database (built or reused under ``RUN/db``), train
-the controllers (:class:`~automl_compress.agents.hierarchical.Search`), evaluate the final
-candidates, and write ``plan.json`` / ``results.json`` (method ``rl``, the best plan found) /
-``policy/`` / ``tb/``. A checkpoint (``policy/`` zips + manifest + ``policy/checkpoint.json``
+``run_train``: prepare the task and its layer database (built or reused under ``RUN/db``), choose
+the statistics corrections on the calibrated DP plan, train the controllers
+(:class:`~automl_compress.agents.hierarchical.Search`) with episode rewards from the validation
+split, evaluate the final candidates there, and write ``plan.json`` / ``results.json`` (method
+``rl``: the best plan on the validation split, reported on the test split) / ``policy/`` /
+``tb/``. A checkpoint (``policy/`` zips + manifest + ``policy/checkpoint.json``
 with the step count and the best plan) is written every ``agent.checkpoint_every`` steps, at the
 end of every controller turn and on Ctrl-C; ``--resume`` continues from it.
 
@@ -134,6 +136,9 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
         raise ConfigError(f"--total-steps must be >= 1, found {total}")
     prepared = pipeline.prepare(cfg, out, progress=progress)
     _check_budget(prepared, cfg)
+    corrections = pipeline.choose_corrections(
+        prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))
+    cfg = prepared.cfg
     policy_dir, tb_dir = out / "policy", out / "tb"
     state: dict[str, Any] = {}
     models = None
@@ -146,8 +151,8 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
         print(f"no checkpoint in {policy_dir}; starting a new search")
     done = int(state.get("steps", 0))
     prog = Progress(total, done, show=progress)
-    search = Search(prepared.tables, cfg, lambda p: pipeline.evaluate_plan(prepared, p),
-                    prepared.dense_metric(), tb_dir=tb_dir, progress=prog, models=models,
+    search = Search(prepared.tables, cfg, lambda p: pipeline.validate_plan(prepared, p),
+                    prepared.dense_val(), tb_dir=tb_dir, progress=prog, models=models,
                     purge_step=done or None)
     if state.get("tracker"):
         search.tracker.restore(state["tracker"])
@@ -172,15 +177,17 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
     finally:
         prog.close()
         search.close()
-    plan, value = _best_plan(search, cfg, {"env_steps": prog.steps})
-    if not math.isfinite(value):
-        value = pipeline.evaluate_plan(prepared, plan)
+    plan, value_val = _best_plan(search, cfg, {"env_steps": prog.steps})
+    evals = (search.oracle.evaluations if search.oracle else 0) + corrections["evaluations"]
+    selection = {"metric_val": value_val if math.isfinite(value_val) else None,
+                 "evaluations": evals, "metric_calls": evals, "corrections": corrections,
+                 "forward_samples": search.oracle.samples if search.oracle else 0}
     extra = {"env_steps": prog.steps, "episodes": search.tracker.episodes,
-             "metric_evaluations": search.oracle.evaluations if search.oracle else 0,
              "form": cfg.agent.form, "layer_controller": cfg.agent.layer_controller,
              "channel_controller": cfg.agent.channel_controller}
-    res = pipeline.write_run(out, cfg, prepared, plan, "rl", value,
-                             wall0 + time.perf_counter() - t0, extra=extra)
+    res = pipeline.write_run(out, pipeline.resolved_config(prepared), prepared, plan, "rl",
+                             pipeline.evaluate_plan(prepared, plan),
+                             wall0 + time.perf_counter() - t0, extra=extra, selection=selection)
     _print(res, out, f"{prog.steps} env steps")
     return 0
 
@@ -222,6 +229,9 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
     check_manifest(manifest, cfg)
     prepared = pipeline.prepare(cfg, out, progress=progress)
     _check_budget(prepared, cfg)
+    corrections = pipeline.choose_corrections(
+        prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))
+    cfg = dataclasses.replace(cfg, eval=prepared.cfg.eval)
     models = load_models(pdir, controller_names(cfg))
     prog = Progress(max(finetune_steps, 1), 0, show=progress and finetune_steps > 0)
     if finetune_steps == 0:
@@ -230,8 +240,8 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
     else:
         cfg_run = cfg
     try:
-        search = Search(prepared.tables, cfg_run, lambda p: pipeline.evaluate_plan(prepared, p),
-                        prepared.dense_metric(), tb_dir=out / "tb", progress=prog,
+        search = Search(prepared.tables, cfg_run, lambda p: pipeline.validate_plan(prepared, p),
+                        prepared.dense_val(), tb_dir=out / "tb", progress=prog,
                         models=models)
     except ValueError as exc:
         raise PolicyMismatchError(f"the policy's spaces do not fit this model's env: {exc}") \
@@ -247,12 +257,18 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
     finally:
         prog.close()
         search.close()
-    plan, value = _best_plan(search, cfg, {"policy": str(pdir), "finetune_steps": finetune_steps})
+    plan, value_val = _best_plan(search, cfg, {"policy": str(pdir),
+                                               "finetune_steps": finetune_steps})
+    evals = (search.oracle.evaluations if search.oracle else 0) + corrections["evaluations"]
+    selection = {"metric_val": value_val if math.isfinite(value_val) else None,
+                 "evaluations": evals, "metric_calls": evals, "corrections": corrections,
+                 "forward_samples": search.oracle.samples if search.oracle else 0}
     extra = {"policy": str(pdir), "policy_model_family": manifest.get("model_family"),
              "finetune_steps": int(finetune_steps), "zero_shot": finetune_steps == 0,
              "env_steps": prog.steps if finetune_steps else 0,
              "episodes": search.tracker.episodes, "form": cfg.agent.form}
-    res = pipeline.write_run(out, cfg, prepared, plan, "rl", value, time.perf_counter() - t0,
-                             extra=extra)
+    res = pipeline.write_run(out, pipeline.resolved_config(prepared), prepared, plan, "rl",
+                             pipeline.evaluate_plan(prepared, plan), time.perf_counter() - t0,
+                             extra=extra, selection=selection)
     _print(res, out, "zero-shot" if finetune_steps == 0 else f"{finetune_steps} fine-tune steps")
     return 0

@@ -378,14 +378,42 @@ def allocate_uniform(
     )
 
 
+Candidates = list[list[tuple[str, float, float]]]
+
+
+def dp_candidates(tables: Sequence[LayerTable], cost: CostConfig | None = None) -> Candidates:
+    """Per layer, the DP's candidates: every pattern's within-layer knapsack curve points as
+    (pattern, total row bits, error). Computed once and reused by repeated DP solves
+    (:func:`allocate_dp`'s ``candidates``, the SPDY search)."""
+    out = []
+    for t in tables:
+        pts = []
+        for p in t.patterns:
+            cs, es = layer_curve(t, p, cost)
+            pts.extend((p, float(ci), float(ei)) for ci, ei in zip(cs, es, strict=True))
+        out.append(pts)
+    return out
+
+
+def realise(tables: Sequence[LayerTable], picks: Sequence[tuple[str, float]],
+            cost: CostConfig | None = None, meta: dict | None = None) -> CompressionPlan:
+    """The plan that gives each layer its (pattern, bit budget) by :func:`knapsack_layer`."""
+    layers = {}
+    for t, (p, ci) in zip(tables, picks, strict=True):
+        rb = knapsack_layer(t, p, ci, cost)
+        layers[t.info.name] = LayerPlan(p, tuple(int(b) for b in rb))
+    return CompressionPlan(layers, meta=dict(meta or {}))
+
+
 def allocate_dp(
     tables: Sequence[LayerTable],
     budget_avg_bits: float,
     cost: CostConfig | None = None,
     layer_weights: Sequence[float] | np.ndarray | None = None,
     resolution: int = DP_RESOLUTION,
+    candidates: Candidates | None = None,
 ) -> CompressionPlan:
-    """DP over layers on each layer's exact error-vs-bits curve (OBC/SPDY style, ALGORITHMS §1.10).
+    """DP over layers on each layer's exact error-vs-bits curve (OBC/SPDY style).
 
     Each layer's candidates are the Pareto points of its within-layer knapsack curve for every
     pattern; the budget is split into ``resolution`` buckets and each candidate's bits are rounded
@@ -393,11 +421,12 @@ def allocate_dp(
     realised exactly by :func:`knapsack_layer`.
 
     Args:
-        tables: layer tables (forward order).
+        tables: layer tables (forward order), weighted by the objective.
         budget_avg_bits: budget in average bits per compressible weight.
         cost: size accounting.
-        layer_weights: optional per-layer multipliers of the error (a measured loss sensitivity).
+        layer_weights: optional per-layer multipliers of the error (the SPDY coefficients).
         resolution: number of budget buckets.
+        candidates: :func:`dp_candidates` of these tables (computed here when None).
 
     Raises:
         InfeasibleBudgetError: the budget is below :func:`min_feasible_avg_bits`.
@@ -409,18 +438,13 @@ def allocate_dp(
         raise InvalidInputError(
             f"layer_weights must be {len(tables)} finite numbers >= 0, found {w.tolist()}"
         )
+    cands = dp_candidates(tables, cost) if candidates is None else candidates
     total_budget = budget_avg_bits * _total_weights(tables)
     delta = total_budget / resolution if total_budget > 0 else 1.0
     T = resolution
     F = np.zeros(T + 1)
     choices: list[np.ndarray] = []
-    cands: list[list[tuple[str, float, float]]] = []
-    for li, t in enumerate(tables):
-        pts = []
-        for p in t.patterns:
-            cs, es = layer_curve(t, p, cost)
-            pts.extend((p, float(ci), float(ei)) for ci, ei in zip(cs, es, strict=True))
-        cands.append(pts)
+    for li, pts in enumerate(cands):
         G = np.full(T + 1, np.inf)
         arg = np.full(T + 1, -1, dtype=np.int64)
         for k, (_, ci, ei) in enumerate(pts):
@@ -447,11 +471,7 @@ def allocate_dp(
         p, ci, _ = cands[li][k]
         picks[li] = (p, ci)
         t_left -= int(math.ceil(ci / delta - 1e-9)) if ci > 0 else 0
-    layers = {}
-    for t, (p, ci) in zip(tables, picks, strict=True):
-        rb = knapsack_layer(t, p, ci, cost)
-        layers[t.info.name] = LayerPlan(p, tuple(int(b) for b in rb))
-    plan = CompressionPlan(layers, meta={"method": "dp", "budget_bits": float(budget_avg_bits)})
+    plan = realise(tables, picks, cost, {"method": "dp", "budget_bits": float(budget_avg_bits)})
     used = plan_avg_bits(plan, tables, cost)
     if used > budget_avg_bits + 1e-9:  # guard the contract; unreachable by construction
         raise AssertionError(f"dp plan uses {used} avg bits > budget {budget_avg_bits}")
