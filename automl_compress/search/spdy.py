@@ -9,9 +9,11 @@ realised by the exact within-layer knapsack. The search is over ``u = log10 m �
 2. ``inits`` random vectors ``u ~ U[−1, 1]^L``;
 3. local search from the best: resample ``k`` coordinates uniformly in [−1, 1], keep the result
    if it scores higher; ``k`` starts at ``ceil(L / 10)`` and drops by one after every
-   ``ROUND`` candidates without an improvement, down to 1.
+   ``ROUND`` scored candidates without an improvement, down to 1.
 
-Coefficient vectors that give an already-scored plan cost nothing (the evaluator's cache).
+Coefficient vectors that give an already-scored plan cost no evaluation (the evaluator's cache);
+every ``ROUND`` of them in a row widen ``k`` by one, and ``MAX_REPEATS`` in a row end the search
+(the DP has no new plan near the best one).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from automl_compress.search.evaluator import BudgetSpent, Evaluator
 from automl_compress.search.result import SearchResult
 
 ROUND = 8
-MAX_TRIES_PER_EVALUATION = 50
+MAX_REPEATS = 200  # consecutive candidates whose plan was already scored: the search is done
 
 
 def spdy_search(
@@ -66,9 +68,9 @@ def spdy_search(
     best = start_val = evaluator(best_plan, 1.0)
     history = [(evaluator.spent, best)]
 
-    def consider(u: np.ndarray) -> bool:
+    def consider(u: np.ndarray, p: CompressionPlan | None = None) -> bool:
         nonlocal best, best_u, best_plan
-        p = plan_of(u)
+        p = plan_of(u) if p is None else p
         v = evaluator(p, 1.0)
         if v > best:
             best, best_u, best_plan = v, u, p
@@ -76,18 +78,23 @@ def spdy_search(
             return True
         return False
 
-    tries = 0
-    limit = MAX_TRIES_PER_EVALUATION * max(int(evaluator.budget or 1000), 1)
+    k, misses, repeats = max(1, math.ceil(L / 10)), 0, 0
     try:
         for _ in range(inits):
             consider(rng.uniform(-1.0, 1.0, L))
-        k, misses = max(1, math.ceil(L / 10)), 0
-        while tries < limit:
-            tries += 1
+        while repeats < MAX_REPEATS:
             u = best_u.copy()
             idx = rng.choice(L, size=min(k, L), replace=False)
             u[idx] = rng.uniform(-1.0, 1.0, len(idx))
-            if consider(u):
+            p = plan_of(u)
+            if evaluator.known(p) is not None:
+                # the DP gave a plan already scored: perturb more coordinates next time
+                repeats += 1
+                if repeats % ROUND == 0 and k < L:
+                    k += 1
+                continue
+            repeats = 0
+            if consider(u, p):
                 misses = 0
             else:
                 misses += 1
