@@ -49,22 +49,36 @@ def parse_pattern(p: str) -> tuple[str, float | tuple[int, int] | None]:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """What to compress: a built-in zoo key or ``package.module:function`` returning a Task.
+    """What to compress: a built-in zoo key, the user's factory, or a local Hugging Face folder.
 
     Attributes:
         name: zoo key (``digits_cnn``, ``digits_cnn_wide``, ``crepe_tiny``, ``crepe_full``,
-            ``minilm_l6``) or a dotted path to the user's factory.
+            ``minilm_l6``); ``package.module:function`` returning a Task (or, with ``inputs``,
+            returning the model); or ``hf:PATH``, a local transformers encoder folder
+            (``options.text_file``: one input text per line).
         options: keyword arguments passed to the factory.
         cache_dir: where tasks cache trained weights (default: ``~/.cache/automl-compress``).
+        inputs: ``package.module:function`` returning a list of input batches: then ``name``
+            is a model factory and the splits and the fidelity metric are made for it
+            (automl_compress/zoo/generic.py).
+        inputs_options: keyword arguments passed to the inputs factory.
+        distance: the output distance ('kl', 'cosine', 'mse'); empty: the task's own (a model
+            and inputs alone: 'mse').
     """
 
     name: str = "digits_cnn"
     options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
+    inputs: str | None = None
+    inputs_options: dict[str, Any] = field(default_factory=dict)
+    distance: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("task.name must be a zoo key or 'package.module:function', found ''")
+        if self.distance not in ("", "kl", "cosine", "mse"):
+            raise ConfigError(f"task.distance must be 'kl', 'cosine', 'mse' or empty, found "
+                              f"{self.distance!r}")
 
 
 @dataclass(frozen=True)

@@ -184,7 +184,6 @@ def with_validation(task: Task) -> Task:
     """
     if task.validate is not None:
         return task
-    from automl_compress.distances import get_distance, output_tensor
     from automl_compress.errors import TaskError
 
     batches = list(task.calib)
@@ -196,23 +195,37 @@ def with_validation(task: Task) -> Task:
         )
     n_val = max(1, math.ceil(VAL_SHARE * len(batches)))
     calib, val = batches[:-n_val], batches[-n_val:]
-    dist = get_distance(task.distance)
-    with torch.no_grad():
-        was_training = task.model.training
-        task.model.eval()
-        refs = [output_tensor(task.forward(task.model, b), f"task {task.name!r}").detach()
-                for b in val]
-        task.model.train(was_training)
-
-    def score(model: nn.Module, pair: tuple[Any, torch.Tensor]) -> torch.Tensor:
-        batch, ref = pair
-        return dist.fidelity(output_tensor(task.forward(model, batch), task.name), ref)
-
+    validate = fidelity_metric(task.model, task.forward, task.distance, val, task.name)
     warnings.warn(
         f"task {task.name!r} has no validation split: the last {n_val} of its {len(batches)} "
         f"calibration batches are held out for it (fidelity to the dense outputs, distance "
         f"{task.distance!r}); give the Task a validate metric to choose the split yourself",
         stacklevel=2,
     )
-    return dataclasses.replace(task, calib=calib,
-                               validate=ItemMetric(list(zip(val, refs, strict=True)), score))
+    return dataclasses.replace(task, calib=calib, validate=validate)
+
+
+def fidelity_metric(dense: nn.Module, forward: Callable[[nn.Module, Any], Any], distance: str,
+                    batches: Sequence[Any], where: str = "task") -> ItemMetric:
+    """Per-item fidelity of a model's outputs to ``dense``'s on ``batches`` (higher is better):
+    −KL, cosine or −relative squared error (:meth:`~automl_compress.distances.Distance.fidelity`),
+    the dense outputs computed once here.
+
+    Raises:
+        InvalidInputError: the outputs are not one floating tensor per batch.
+    """
+    from automl_compress.distances import get_distance, output_tensor
+
+    dist = get_distance(distance)
+    with torch.no_grad():
+        was_training = dense.training
+        dense.eval()
+        refs = [output_tensor(forward(dense, b), where).detach() for b in batches]
+        dense.train(was_training)
+
+    def score(model: nn.Module, pair: tuple[Any, torch.Tensor]) -> torch.Tensor:
+        batch, ref = pair
+        return dist.fidelity(output_tensor(forward(model, batch), where), ref.to(
+            model_device(model)))
+
+    return ItemMetric(list(zip(batches, refs, strict=True)), score)
