@@ -79,7 +79,8 @@ def test_compress_runs_on_a_model_and_inputs(user_module, tmp_path):
 def test_hf_folder_loads_offline_and_scores_by_embedding_cosine(tmp_path):
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
-    words = "the a model layer weight compress small quick test of bits".split()
+    words = ["the", "a", "model", "layer", "weight", "compress", "small", "quick", "test", "of",
+             "bits"]
     vocab = tmp_path / "vocab.txt"
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
     folder = tmp_path / "tiny-bert"
