@@ -401,12 +401,23 @@ def layer_candidates(table: LayerTable, cost: CostConfig | None = None,
 
 def realise(tables: Sequence[LayerTable], picks: Sequence[tuple[str, float]],
             cost: CostConfig | None = None, meta: dict | None = None,
-            max_cells: int = MAX_DP_CELLS) -> CompressionPlan:
-    """The plan that gives each layer its (pattern, bit budget) by :func:`knapsack_layer`."""
+            max_cells: int = MAX_DP_CELLS, memo: dict | None = None) -> CompressionPlan:
+    """The plan that gives each layer its (pattern, bit budget) by :func:`knapsack_layer`.
+
+    ``memo`` (a dict kept by the caller for one set of tables) stores each layer's knapsack
+    solutions, so repeated solves (searches) do each (layer, pattern, budget) once.
+    """
     layers = {}
-    for t, (p, ci) in zip(tables, picks, strict=True):
-        rb = knapsack_layer(t, p, ci, cost, max_cells)
-        layers[t.info.name] = LayerPlan(p, tuple(int(b) for b in rb))
+    for i, (t, (p, ci)) in enumerate(zip(tables, picks, strict=True)):
+        key = (i, p, float(ci))
+        if memo is not None and key in memo:
+            lp = memo[key]
+        else:
+            rb = knapsack_layer(t, p, ci, cost, max_cells)
+            lp = LayerPlan(p, tuple(int(b) for b in rb))
+            if memo is not None:
+                memo[key] = lp
+        layers[t.info.name] = lp
     return CompressionPlan(layers, meta=dict(meta or {}))
 
 
@@ -418,6 +429,7 @@ def allocate_dp(
     resolution: int = DP_RESOLUTION,
     candidates: Candidates | None = None,
     max_cells: int = MAX_DP_CELLS,
+    memo: dict | None = None,
 ) -> CompressionPlan:
     """DP over layers on each layer's exact error-vs-bits curve (OBC/SPDY style).
 
@@ -434,6 +446,7 @@ def allocate_dp(
         resolution: number of budget buckets.
         candidates: :func:`dp_candidates` of these tables (computed here when None).
         max_cells: the in-layer knapsack's exact-DP limit (:func:`knapsack_layer`).
+        memo: knapsack solutions of earlier solves over the same tables (see :func:`realise`).
 
     Raises:
         InfeasibleBudgetError: the budget is below :func:`min_feasible_avg_bits`.
@@ -476,7 +489,7 @@ def allocate_dp(
         picks[li] = (p, ci)
         t_left -= int(math.ceil(ci / delta - 1e-9)) if ci > 0 else 0
     plan = realise(tables, picks, cost, {"method": "dp", "budget_bits": float(budget_avg_bits)},
-                   max_cells)
+                   max_cells, memo)
     used = plan_avg_bits(plan, tables, cost)
     if used > budget_avg_bits + 1e-9:  # guard the contract; unreachable by construction
         raise AssertionError(f"dp plan uses {used} avg bits > budget {budget_avg_bits}")

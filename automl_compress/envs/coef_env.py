@@ -128,6 +128,7 @@ class CoefficientEnv(gym.Env):
                 np.array([len(g) / t.info.rows, *features.group_curve(t.errors[g, 0, :], t.bits)])
                 for g in gs])
         self._cands: dict[tuple, tuple[LayerTable, list]] = {}
+        self._knapsacks: dict[tuple, dict] = {}
         self._plans: dict[tuple, CompressionPlan] = {}
         self._dp_error: dict[float, float] = {}
         self._reset_state(self.budgets[0])
@@ -229,9 +230,12 @@ class CoefficientEnv(gym.Env):
         key = (budget, tuple(int(x) for x in u), tuple(tuple(int(x) for x in g) for g in v))
         if key not in self._plans:
             pairs = [self._layer_candidates(i, np.asarray(g)) for i, g in enumerate(v)]
+            # knapsack solutions depend on the group multipliers only, not on u or the budget
+            memo = self._knapsacks.setdefault(key[2], {})
             plan = allocate_dp([p[0] for p in pairs], budget, self.cfg.cost,
                                layer_weights=10.0 ** self.values[np.asarray(u)],
-                               candidates=[p[1] for p in pairs], max_cells=ENV_DP_CELLS)
+                               candidates=[p[1] for p in pairs], max_cells=ENV_DP_CELLS,
+                               memo=memo)
             self._plans[key] = CompressionPlan(plan.layers, meta={"method": "rl",
                                                                   "budget_bits": budget})
         return self._plans[key]

@@ -146,12 +146,14 @@ def evo_search(
     total = budget_bits * float(r.numel.sum())
     rng = np.random.default_rng(seed)
     memo: dict[tuple, CompressionPlan] = {}
+    layer_memo: dict = {}
 
     def plan_of(g: Genome) -> CompressionPlan:
         key = (g.patterns, tuple(int(b) for b in g.budgets))
         if key not in memo:
             memo[key] = realise(tables, list(zip(g.patterns, g.budgets, strict=True)), cost,
-                                {"method": "evo", "budget_bits": float(budget_bits)})
+                                {"method": "evo", "budget_bits": float(budget_bits)},
+                                memo=layer_memo)
         return memo[key]
 
     parent = genome_of(start, tables, cost, total)

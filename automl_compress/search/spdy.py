@@ -57,9 +57,11 @@ def spdy_search(
     cands = dp_candidates(tables, cost) if candidates is None else candidates
     L = len(tables)
     rng = np.random.default_rng(seed)
+    memo: dict = {}
 
     def plan_of(u: np.ndarray) -> CompressionPlan:
-        p = allocate_dp(tables, budget_bits, cost, layer_weights=10.0 ** u, candidates=cands)
+        p = allocate_dp(tables, budget_bits, cost, layer_weights=10.0 ** u, candidates=cands,
+                        memo=memo)
         return CompressionPlan(p.layers, meta={"method": "spdy",
                                                "budget_bits": float(budget_bits)})
 
