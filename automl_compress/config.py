@@ -198,15 +198,15 @@ class AllocConfig:
             or 'loss'.
         fisher_probes: 'fisher': random probes back-propagated per calibration batch.
         loss_batches: 'loss': calibration batches each layer × option is measured on.
-        evaluations: true-metric (validation split) evaluations of the searches 'evo', 'spdy'
-            and of ``train`` when ``--evaluations`` is given.
+        evaluations: the validation passes (full-pass equivalents) the searches 'evo', 'spdy'
+            and ``train`` may spend unless ``--evaluations`` says otherwise.
         offspring: 'evo': candidates per generation (λ of the (1+λ) search).
         stages: 'evo': the validation fractions of multi-stage selection; every offspring is
             scored on the first, the best half of them on the next, ..., the last is 1.0.
         spdy_inits: 'spdy': random coefficient vectors tried before the local search.
     """
 
-    objective: str = "fisher"
+    objective: str = "normalized"
     fisher_probes: int = 4
     loss_batches: int = 2
     evaluations: int = 64
@@ -375,7 +375,8 @@ class AgentConfig:
         neutral_prior: action='coefficient': the initial policies' logit bonus for the neutral
             coefficient (0), so that training starts around the calibrated DP plan instead of
             uniformly random coefficients.
-        total_steps: environment steps of training, all controllers together.
+        total_steps: environment steps of training at most, all controllers together (training
+            also ends when its evaluations are spent).
         n_steps: rollout length per PPO update.
         batch_size: PPO minibatch size.
         n_epochs: PPO epochs per update.
@@ -387,7 +388,7 @@ class AgentConfig:
     """
 
     form: str = "hierarchical"
-    action: str = "budget"
+    action: str = "coefficient"
     layer_controller: str = "learned"
     channel_controller: str = "learned"
     total_steps: int = 16384
