@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from automl_compress.config import Config, dump_config, load_config
 from automl_compress.errors import AutoMLCompressError
@@ -79,17 +81,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < YAML file < --set overrides < --device/--seed flags."""
-    overrides = list(args.overrides)
+    """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range."""
+    cfg = load_config(args.config, list(args.overrides))
+    top: dict[str, Any] = {}
     if getattr(args, "device", None):
-        overrides.append(f"device={args.device}")
+        top["device"] = args.device
     if getattr(args, "seed", None) is not None:
-        overrides.append(f"seed={args.seed}")
+        top["seed"] = int(args.seed)
+    env: dict[str, Any] = {}
     if getattr(args, "budget_bits", None) is not None:
-        overrides.append(f"env.budget_bits={args.budget_bits}")
+        env["budget_bits"] = float(args.budget_bits)
     if getattr(args, "budget_range", None) is not None:
-        overrides.append(f"env.budget_range=[{args.budget_range[0]}, {args.budget_range[1]}]")
-    return load_config(args.config, overrides)
+        env["budget_range"] = (float(args.budget_range[0]), float(args.budget_range[1]))
+    if env:
+        top["env"] = dataclasses.replace(cfg.env, **env)
+    return dataclasses.replace(cfg, **top) if top else cfg
 
 
 def _info() -> int:
