@@ -28,16 +28,19 @@ def _hull_segments(unit_losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.
     from sklearn.isotonic import isotonic_regression
 
     rows, n = unit_losses.shape
-    fitted = np.empty_like(unit_losses)
-    for r in range(rows):
-        fitted[r] = isotonic_regression(unit_losses[r], increasing=True)
+    # One isotonic regression for all rows: row r is lifted by 2r (after scaling the losses into
+    # [0, 1]), so no run of the pool-adjacent-violators pass can cross a row boundary.
+    top = max(float(unit_losses.max()), 1e-300)
+    lift = 2.0 * np.arange(rows)[:, None]
+    fitted = isotonic_regression((unit_losses / top + lift).reshape(-1), increasing=True)
+    fitted = fitted.reshape(rows, n)
     new_seg = np.ones((rows, n), dtype=bool)
     new_seg[:, 1:] = fitted[:, 1:] != fitted[:, :-1]
     starts = np.flatnonzero(new_seg.reshape(-1))
     ends = np.append(starts[1:], rows * n)
     seg_row = starts // n
     seg_len = ends - starts
-    seg_slope = fitted.reshape(-1)[starts]
+    seg_slope = (fitted - lift).reshape(-1)[starts] * top
     return seg_row, seg_len, seg_slope
 
 

@@ -6,8 +6,8 @@ greedy step removes the free coordinate ``p = argmin w_p² / [H⁻¹]_pp`` of ea
 (:class:`~automl_compress.solvers.lazy_inverse.LazyInverse`: lazy downdates, active set).
 
 * Unstructured: one pass records each row's elimination order and step losses (not weight traces);
-  the weights at any level are the exact least-squares optimum on the kept support, rebuilt from
-  the order (:func:`~automl_compress.solvers.lstsq.replay_order`). Per-row counts come from the
+  the weights at any level are the exact least-squares optimum on the kept support (snapshots of
+  the pass for uniform counts, :func:`~automl_compress.solvers.lstsq.masked_solve` otherwise). Per-row counts come from the
   rows' exact loss curves (:mod:`~automl_compress.solvers.allocation`) or are uniform.
 * N:M: the same loop; a group that holds its quota of zeros is closed.
 * Blocks of c input channels: group OBS on the c×c diagonal blocks of H⁻¹ (rank-c downdates).
@@ -21,8 +21,8 @@ Example (one row, keep one of two weights)::
     >>> W = torch.tensor([[1.0, 0.2]], dtype=torch.float64)
     >>> H = torch.tensor([[2.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
     >>> res = exact_obs_prune(W, H, sparsity=0.5, damp=0.0)
-    >>> res.weight.tolist()  # 0.2 is removed and 1.0 absorbs it: 1.0 + 0.2·H₀₁/H₀₀
-    [[1.1, 0.0]]
+    >>> [round(v, 6) for v in res.weight[0].tolist()]  # 1.0 absorbs 0.2·H₀₁/H₀₀
+    [1.1, 0.0]
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from automl_compress.solvers.hessian import (
     row_errors,
 )
 from automl_compress.solvers.lazy_inverse import LazyInverse
-from automl_compress.solvers.lstsq import replay_order
+from automl_compress.solvers.lstsq import masked_solve
 from automl_compress.solvers.numerics import auto_row_batch, solve_dtype
 from automl_compress.solvers.result import SolveResult
 
@@ -204,7 +204,7 @@ def exact_obs_prune(
     row_batch: int | None = None,
     dtype: torch.dtype | None = None,
     lazy_rank: int = DEFAULT_LAZY_RANK,
-    active_set: bool = True,
+    active_set: bool | None = None,
 ) -> SolveResult | list[SolveResult]:
     """Prune a layer with ExactOBS (greedy OBS per row, exact inverse downdates).
 
@@ -222,7 +222,8 @@ def exact_obs_prune(
     :param row_batch: rows per batch (default: ``numerics.auto_row_batch``).
     :param dtype: working precision (default: ``numerics.solve_dtype``).
     :param lazy_rank: pending rank-1 downdates before one batched GEMM flush (1 = eager).
-    :param active_set: drop the removed coordinates at flushes (same result, less work).
+    :param active_set: drop the removed coordinates at flushes (same result; default: on, except
+        N:M on the CPU, where the shorter pass does not repay the copies).
     :returns: One :class:`SolveResult` (or a list, one per requested level) with ``weight`` in W's
         dtype and device, ``row_error`` (exact, undamped H), ``mask`` (True = kept) and ``info``:
         ``order`` (rows, cols) int64 original columns in elimination order (completed by the
@@ -269,7 +270,9 @@ def exact_obs_prune(
         steps = (cols // m) * (m - n)
         orders, losses, outs = [], [], []
         for s in range(0, rows, R):
-            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank, active_set)
+            # N:M stops at (M−N)/M of the columns: compaction does not pay for itself on the CPU
+            compact = active_set if active_set is not None else dev.type == "cuda"
+            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank, compact)
             o, l_, _ = greedy_prune(inv, steps, n_m)
             orders.append(o)
             losses.append(l_)
@@ -294,7 +297,7 @@ def exact_obs_prune(
         if block is None:
             # uniform counts: snapshot the pass at each count; global: the whole curve, replayed
             steps = int(counts.max()) if uniform else cols
-            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank, active_set)
+            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank, active_set is not False)
             at = sorted({int(k) for k in counts[:, 0]}) if uniform else []
             o, l_, snap = greedy_prune(inv, steps, snapshots=at)
             removed = torch.zeros_like(Wk[s : s + R], dtype=torch.bool).scatter_(1, o, True)
@@ -323,16 +326,16 @@ def exact_obs_prune(
     if not uniform:
         counts = allocate_counts(unit_losses, [int(round(s * rows * n_units)) for s in levels])
     counts_t = torch.from_numpy(counts).reshape(len(levels), rows) * c
-    if block is None and uniform:
-        W_levels = [torch.cat([sn[int(k[0])] for sn in snaps]) for k in counts_t]
-    else:
-        W_levels = replay_order(Wk, Hinv, order_el, counts_t, row_batch=R)
     pos = torch.empty_like(order_el).scatter_(
         1, order_el, torch.arange(cols, device=dev).expand(rows, cols).contiguous()
     )
     results = []
     for li, s in enumerate(levels):
         keep_p = pos >= counts_t[li].to(dev)[:, None]
+        if block is None and uniform:
+            W_p = torch.cat([sn[int(counts_t[li, 0])] for sn in snaps])
+        else:  # the exact least-squares optimum on each row's final support
+            W_p = masked_solve(Wk, prep.H.to(wd), keep_p, row_batch=R, Hinv=Hinv)
         info = dict(info_base, sparsity=s, allocation=allocation, row_zeros=counts_t[li].clone())
-        results.append(finish(W_levels[li].masked_fill(~keep_p, 0.0), keep_p, info))
+        results.append(finish(W_p.masked_fill(~keep_p, 0.0), keep_p, info))
     return results[0] if single else results

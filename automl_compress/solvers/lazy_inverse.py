@@ -35,6 +35,7 @@ class LazyInverse:
             compaction replaces it).
         diag: (R, n) current diagonal of every row's inverse; −1 on fixed and closed slots.
         idx: (R, n) original column of every active slot.
+        fixed: (R, n) bool, slots fixed since the last compaction.
         closed: (R, n) bool, slots a caller closed (kept at −1 across compactions), or None.
         out: (R, cols) final values of the slots dropped so far, in original column order.
     """
@@ -75,6 +76,7 @@ class LazyInverse:
         self.U = torch.zeros((R, rank, n), dtype=dt, device=dev)  # pending factors u_s
         self.k = 0
         self.since = 0  # eliminations since the last compaction
+        self.frac = 8
         self._arn = torch.arange(R, device=dev) * n
 
     @property
@@ -146,7 +148,7 @@ class LazyInverse:
             return
         U = self.U[:, : self.k]
         left = self.n - self.since
-        if self.compact and left > 0 and self.since >= max(self.rank, self.n // 8):
+        if self.compact and left > 0 and self.since >= max(self.rank, self.n // self.frac):
             self._compact(U, left)
         else:
             self.base.baddbmm_(U.transpose(1, 2), U, alpha=-1.0)

@@ -60,7 +60,7 @@ def greedy_quantize(
         x = inv.w
         code = x.clamp(lo, hi).round_()
         err2 = torch.sub(x, code).square_()
-        # argmin over free j of err²/[H⁻¹]_jj; fixed slots carry diag = −1, so they score < 0
+        # argmin over free j of err²/[H⁻¹]_jj; fixed slots carry diag < 0, so they score < 0
         p = torch.div(inv.diag, err2).argmax(1)
         if outlier_rule:
             worst, p_out = err2.max(1)
@@ -134,8 +134,8 @@ def obq_quantize(
             xs = xs.masked_fill(pad, 0.0).to(dt)
             inv = LazyInverse(xs, Hs.to(dt), lazy_rank, active_set, idx=idx, cols=cols)
         greedy_quantize(inv, lo[b], hi[b], inv.n, outlier_rule)
-        codes[b] = inv.result()
-    W_hat = (s * codes.round()).to(W.dtype)
+        codes[b] = torch.clamp(inv.result().round(), lo[b], hi[b])
+    W_hat = (s * codes).to(W.dtype)
     if keep is not None:
         W_hat = W_hat.masked_fill(~keep, 0.0)
     return SolveResult(
