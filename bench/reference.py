@@ -188,12 +188,9 @@ def run_shape(ref: Reference, rows: int, cols: int, sub: int, args) -> list[str]
     cells.append(f"{tr / to:.2f}× ({tr:.3f}/{to:.3f} s), err "
                  f"{rel_error(W, o.weight, H) / rel_error(W, r, H):.4f}")
     _, f, _, tf = pair(lambda: None, lambda: fast_quantize(W, H, b), 1)
-    if sub == rows:
-        obq_full = e_obq
-    else:
-        obq_full = rel_error(W, obq_quantize(W, H, b, damp=0.0).weight, H)
+    full = e_obq if sub == rows else rel_error(W, obq_quantize(W, H, b, damp=0.0).weight, H)
     cells.append(f"{tf / tr:.2f}× GPTQ-ref time, {tf / to:.2f}× ours; "
-                 f"err {rel_error(W, f.weight, H) / obq_full:.3f}× OBQ")
+                 f"err {rel_error(W, f.weight, H) / full:.3f}× OBQ")
     return cells
 
 

@@ -7,7 +7,8 @@ greedy step removes the free coordinate ``p = argmin w_p² / [H⁻¹]_pp`` of ea
 
 * Unstructured: one pass records each row's elimination order and step losses (not weight traces);
   the weights at any level are the exact least-squares optimum on the kept support (snapshots of
-  the pass for uniform counts, :func:`~automl_compress.solvers.lstsq.masked_solve` otherwise). Per-row counts come from the
+  the pass for uniform counts, else
+  ``lstsq.masked_solve``). Per-row counts come from the
   rows' exact loss curves (:mod:`~automl_compress.solvers.allocation`) or are uniform.
 * N:M: the same loop; a group that holds its quota of zeros is closed.
 * Blocks of c input channels: group OBS on the c×c diagonal blocks of H⁻¹ (rank-c downdates).
