@@ -1,4 +1,4 @@
-"""Hessian preparation shared by every solver (ALGORITHMS.md §0.3).
+"""Hessian preparation shared by every solver (docs/solvers.md §5).
 
 ``H = 2 XᵀX / n`` from calibration inputs (see :mod:`automl_compress.capture`). Before a solve, dead
 inputs (zero diagonal: the input never fired) are given a unit-scale diagonal and their weight
@@ -83,7 +83,7 @@ def inverse_hessian(prepared: PreparedHessian) -> torch.Tensor:
 
 
 def upper_cholesky_of_inverse(prepared: PreparedHessian) -> torch.Tensor:
-    """Upper factor U with ``H⁻¹ = UᵀU`` (GPTQ's reformulation, ALGORITHMS.md §2.1), float64."""
+    """Upper factor U with ``H⁻¹ = UᵀU`` (GPTQ's reformulation, docs/solvers.md §6), float64."""
     Hinv = inverse_hessian(prepared)
     return cholesky_checked(Hinv, "H⁻¹").mH.contiguous()
 

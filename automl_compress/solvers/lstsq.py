@@ -1,4 +1,4 @@
-"""Exact least-squares weights on a fixed support (ALGORITHMS.md §0.2, §1.4, §2.4).
+"""Exact least-squares weights on a fixed support (docs/solvers.md §2, §4, §6).
 
 For one row ``w`` and a support S (kept coordinates, the rest P pruned to zero) the optimum of
 ``0.5 · (w − v) H (w − v)ᵀ`` with ``v_P = 0`` is ``v_S = H_SS⁻¹ (H w)_S``. Two ways to get it:
@@ -129,7 +129,7 @@ def replay_order(
 ) -> torch.Tensor:
     """Weights after removing the first ``counts[l, r]`` coordinates of ``order[r]`` from row r.
 
-    Every snapshot is the exact least-squares optimum on the remaining support (ALGORITHMS.md §1.4,
+    Every snapshot is the exact least-squares optimum on the remaining support (docs/solvers.md §4,
     order reconstruction), computed from one Cholesky factor per row, not from weight traces.
 
     Args:

@@ -9,8 +9,11 @@ import torch
 #: speed; bench/solvers.py measured 16–32 MiB best on the project's machine.
 CPU_BATCH_BYTES = 24 * 2**20
 #: Fewest rows per CPU batch: every greedy step costs ~20 small tensor operations per batch, so
-#: tiny batches are bound by the per-operation overhead, whatever their memory.
+#: tiny batches are bound by the per-operation overhead, whatever their memory ...
 CPU_MIN_ROWS = 16
+#: ... unless that would hold more than this many bytes (wide layers: 8192 columns are 256 MiB
+#: per row in float32).
+CPU_MAX_BATCH_BYTES = 1 << 30
 
 
 def solve_dtype(W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
@@ -27,8 +30,8 @@ def auto_row_batch(
 ) -> int:
     """How many rows one batch holds when each row needs ``copies`` (cols, cols) matrices.
 
-    On CUDA half of the free device memory is used; on the CPU :data:`CPU_BATCH_BYTES`, but never
-    fewer than :data:`CPU_MIN_ROWS` rows (or all of them).
+    On CUDA half of the free device memory is used; on the CPU :data:`CPU_BATCH_BYTES`, but not
+    fewer than :data:`CPU_MIN_ROWS` rows while they fit :data:`CPU_MAX_BATCH_BYTES`.
     """
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_row = max(1, copies * cols * cols * itemsize)
@@ -36,5 +39,5 @@ def auto_row_batch(
         free, _ = torch.cuda.mem_get_info(device)
         fit = free // 2 // per_row
     else:
-        fit = max(CPU_BATCH_BYTES // per_row, CPU_MIN_ROWS)
+        fit = max(CPU_BATCH_BYTES // per_row, min(CPU_MIN_ROWS, CPU_MAX_BATCH_BYTES // per_row))
     return int(max(1, min(rows, fit)))
