@@ -1,4 +1,4 @@
-"""Fast mode: per-row best of fixed-order GPTQ candidates, then 1-opt grid moves (docs/solvers.md §7).
+"""Fast mode: per-row best of fixed-order GPTQ candidates, then 1-opt moves (docs/solvers.md §7).
 
 Rows are independent problems sharing H, so taking, row by row, the best of several candidate
 solutions is exact. 1-opt then moves single weights by one grid step while that lowers the row's
