@@ -118,7 +118,8 @@ def obq_quantize(
     lo, hi = -g.zero.to(dt)[:, None], g.maxq - g.zero.to(dt)[:, None]
     keep = None if mask is None else mask.to(device=W.device, dtype=torch.bool)
     Hinv = inverse_hessian(prep).to(dt) if keep is None else None
-    R = row_batch or auto_row_batch(rows, cols, dt, W.device)
+    width = cols if keep is None else int(keep.sum(1).max()) if rows else 0  # per-row matrix size
+    R = row_batch or auto_row_batch(rows, max(width, 1), dt, W.device)
     codes = torch.empty_like(X)
     for r1 in range(0, rows, R):
         b = slice(r1, min(r1 + R, rows))
