@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from automl_compress.errors import ConfigError
+from automl_compress.solvers.registry import PruneSolver, QuantSolver
 
 PATTERNS = ("dense", "2:4", "50%", "75%")
 
@@ -137,15 +138,19 @@ class MenuConfig:
 
 @dataclass(frozen=True)
 class SolverConfig:
-    """How layers are solved.
+    """How layers are solved (the registry: automl_compress/solvers/registry.py).
 
     Attributes:
-        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (GPTQ candidates + refinement).
-        prune: 'exact_obs' or 'sparsegpt'.
+        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (GPTQ candidates +
+            refinement); every option uses it, sparse ones on their kept weights.
+        prune: 'exact_obs' (exact greedy) or 'sparsegpt' (fixed order; with quant 'gptq' one
+            joint prune + quantize pass).
         symmetric: symmetric per-row grid (else asymmetric).
         grid_search: 'mse' shrink search or 'minmax'.
         damp: relative damping (fraction of mean diag H).
         row_batch: rows per batch (None: sized to the device).
+        exact_max_s: with quant 'obq', layer pieces whose estimated one-core OBQ time exceeds
+            this many seconds use the fast mode instead (None: always OBQ).
     """
 
     quant: str = "obq"
@@ -154,20 +159,27 @@ class SolverConfig:
     grid_search: str = "mse"
     damp: float = 0.01
     row_batch: int | None = None
+    exact_max_s: float | None = None
 
     def __post_init__(self) -> None:
-        if self.quant not in ("obq", "gptq", "fast"):
-            raise ConfigError(f"solver.quant must be 'obq', 'gptq' or 'fast', found {self.quant!r}")
-        if self.prune not in ("exact_obs", "sparsegpt"):
-            raise ConfigError(
-                f"solver.prune must be 'exact_obs' or 'sparsegpt', found {self.prune!r}"
-            )
+        for key, names in (("quant", QuantSolver), ("prune", PruneSolver)):
+            if getattr(self, key) not in set(names):
+                allowed = ", ".join(repr(str(n)) for n in names)
+                raise ConfigError(
+                    f"solver.{key} must be one of {allowed}, found {getattr(self, key)!r}"
+                )
         if self.grid_search not in ("mse", "minmax"):
             raise ConfigError(
                 f"solver.grid_search must be 'mse' or 'minmax', found {self.grid_search!r}"
             )
         if not 0.0 <= self.damp < 10.0:
             raise ConfigError(f"solver.damp must be in [0, 10), found {self.damp}")
+        if self.row_batch is not None and self.row_batch < 1:
+            raise ConfigError(f"solver.row_batch must be null or >= 1, found {self.row_batch}")
+        if self.exact_max_s is not None and self.exact_max_s <= 0:
+            raise ConfigError(
+                f"solver.exact_max_s must be null or > 0 seconds, found {self.exact_max_s}"
+            )
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,10 @@
-"""Time and layer error of every solver on the anchors' synthetic protocol (anchors.md §1).
+"""Time and layer error of every solver on a synthetic protocol (docs/solvers.md §9).
 
 W ~ N(0, 1/d_col); calibration inputs X = Z·A with A = diag(s)Qᵀ, s_i² = 1/(i+1), Q a random
 orthogonal matrix, n = max(4·d_col, 2048); H = 2XᵀX/n in float64. The error is
 ‖WXᵀ − ŴXᵀ‖²_F / ‖WXᵀ‖²_F (shown ×10³), evaluated exactly through H. Times are the median of
 ``--repeats`` runs after one warm-up (CUDA-synchronised). The last columns compare with the
-reference figures measured on one H100 (anchors.md §2a/§2b): ``t_ref/t`` (full-layer time, scaled
+reference figures measured on one H100 (docs/solvers.md §9): ``t_ref/t`` (full-layer time, scaled
 from ``--max-rows``) is only meaningful when this script runs on the same GPU kind; ``err/ref``
 compares errors (the reference errors of the large shapes come from one 32-row batch, and a
 ``--max-rows`` subsample differs from the full layer by a few per cent either way).
@@ -33,7 +33,7 @@ from automl_compress.solvers.refine import fast_quantize
 
 SHAPES = ("256x2304", "512x4608", "1024x256", "2048x512", "1000x2048", "768x768", "3072x768")
 
-# anchors.md §2a/§2b, H100, OBC/GPTQ references: (time s, error ×10³); None = not measured.
+# H100, OBC/GPTQ references (docs/solvers.md §9): (time s, error ×10³); None = not measured.
 ANCHOR = {
     "obq": {"256x2304": (27.6, 2.88), "512x4608": (336, 2.72), "1024x256": (6.75, 4.08),
             "2048x512": (17.1, 3.45), "1000x2048": (87.4, 2.92), "768x768": (12.0, 3.36),

@@ -1,14 +1,15 @@
 """Build the layer database: solve every selected layer at every option of the menu once.
 
-For each layer (forward order) and each option (pattern × bits > 0) the configured solver runs on
-every (row group, column block) of the layer's Hessian: grouped convs solve each group's rows with
-its own H, and a block-diagonal H (very wide layers) solves its column blocks independently, the
-row errors adding up (ALGORITHMS.md §0.1). Dense quantization uses ``solver.quant`` (OBQ, GPTQ or
-the fast refined mode); a sparse pattern uses the joint OBC solver with one exact per-row count of
-kept weights, so every row's cost is exact. The 0-bit column is the row's full output energy
-``0.5 · w H wᵀ`` (under the centred H when ``capture.centered``). Round-to-nearest is stored too,
-for the ``rtn`` baseline. With ``solver.prune = sparsegpt`` the N:M options use SparseGPT's joint
-prune + quantize pass (fast); unstructured options always use OBC with an exact per-row count.
+For each layer (forward order) and each option (pattern × bits > 0) the solver registry
+(:mod:`automl_compress.solvers.registry`) runs on every (row group, column block) of the layer's
+Hessian: grouped convs solve each group's rows with its own H, and a block-diagonal H (very wide
+layers) solves its column blocks independently, the row errors adding up (docs/solvers.md §1).
+A dense option runs ``solver.quant``; a sparse option runs ``solver.prune`` once per pattern with
+one exact count of kept weights per row (so every row's cost is exact), then ``solver.quant`` on
+the kept weights at every bit-width; (SparseGPT, GPTQ) is one joint pass instead. With
+``solver.exact_max_s`` set, OBQ gives way to the fast mode on pieces whose estimated OBQ time is
+larger. The 0-bit column is the row's full output energy ``0.5 · w H wᵀ`` (under the centred H
+when ``capture.centered``). Round-to-nearest is stored too, for the ``rtn`` baseline.
 
 The stored error of every option is recomputed from the stored (rebuilt) weights under the undamped
 captured H, so the error of any stitched mixture equals the sum of its table entries to round-off.
@@ -19,7 +20,6 @@ the first unfinished layer. A layer file that fails its checksum is re-solved wi
 
 from __future__ import annotations
 
-import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -31,19 +31,26 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from automl_compress.capture import capture_hessians
 from automl_compress.config import CaptureConfig, Config, MenuConfig, SolverConfig, parse_pattern
 from automl_compress.database.costs import kept_per_row, pattern_fits
 from automl_compress.database.store import LayerDatabase, LayerSolutions, OptionSolution
 from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.solvers import registry
+from automl_compress.solvers.baselines import rtn_quantize
 from automl_compress.solvers.hessian import row_errors
 from automl_compress.solvers.quantizer import GridSpec
+from automl_compress.solvers.registry import (
+    JOINT,
+    PruneSolver,
+    QuantSolver,
+    SolveOptions,
+    estimated_seconds,
+)
 from automl_compress.solvers.result import SolveResult
 from automl_compress.zoo.base import Task, model_fingerprint
 
-SOLVER_VERSION = "1"
-
-SolveFn = Callable[..., SolveResult]
-
+SOLVER_VERSION = "2"  # 2: sparse options honour solver.quant; float32 greedy solves
 
 # ---------------------------------------------------------------------------------------------
 # Fingerprints
@@ -74,64 +81,36 @@ def fingerprints(task: Task, cfg: Config) -> dict[str, Any]:
 # Solving one option
 
 
-def _call(fn: Callable[..., SolveResult], *args: Any, **kwargs: Any) -> SolveResult:
-    """Call a solver with the keyword options it accepts (solvers may grow options)."""
-    params = inspect.signature(fn).parameters
-    if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        kwargs = {k: v for k, v in kwargs.items() if k in params}
-    return fn(*args, **kwargs)
-
-
 def grid_spec(cfg: SolverConfig) -> GridSpec:
     """The per-row grid the solvers fit."""
     return GridSpec(symmetric=cfg.symmetric, search=cfg.grid_search)
 
 
-def solve_option(
-    W: torch.Tensor, H: torch.Tensor, pattern: str, bits: int, cfg: SolverConfig, area: int = 1
-) -> SolveResult:
-    """Solve one (pattern, bits > 0) option of one row group / column block.
-
-    Args:
-        W: (rows, cols) weights.
-        H: (cols, cols) undamped Hessian.
-        pattern: 'dense', 'N:M' or 'P%'.
-        bits: 2..8.
-        cfg: which solver and its options.
-        area: kernel area of a conv (N:M groups run along input channels), 1 for linear.
-    """
-    kw = {"grid": grid_spec(cfg), "damp": cfg.damp, "row_batch": cfg.row_batch}
+def solve_options(pattern: str, bits: int, cfg: SolverConfig, area: int = 1) -> SolveOptions:
+    """The registry's options for one (pattern, bits) of a layer (``area``: conv kernel area)."""
     kind, arg = parse_pattern(pattern)
-    if kind == "dense":
-        if cfg.quant == "obq":
-            from automl_compress.solvers.obq import obq_quantize as fn
-        elif cfg.quant == "gptq":
-            from automl_compress.solvers.gptq import gptq_quantize as fn
-        else:
-            from automl_compress.solvers.refine import fast_quantize as fn
-        return _call(fn, W, H, bits=bits, **kw)
-    if kind == "nm" and cfg.prune == "sparsegpt":
-        # fixed-order joint prune + quantize; N:M keeps exactly N of M in every row
-        from automl_compress.solvers.sparsegpt import sparsegpt_prune
-
-        return _call(sparsegpt_prune, W, H, n_m=arg, bits=bits, kernel_area=area, **kw)
-    # unstructured patterns always use the joint OBC solver with one exact count per row (so the
-    # row's cost is exact); SparseGPT picks its mask per column block across rows
-    from automl_compress.solvers.obc import obc_compress
-
-    if kind == "nm":
-        return _call(
-            obc_compress, W, H, bits, n_m=arg, allocation="uniform", kernel_area=area, **kw
-        )
-    return _call(
-        obc_compress, W, H, bits, sparsity=arg, allocation="uniform", kernel_area=area, **kw
+    return SolveOptions(
+        bits=bits,
+        n_m=arg if kind == "nm" else None,  # type: ignore[arg-type]
+        sparsity=arg if kind == "unstructured" else None,  # type: ignore[arg-type]
+        grid=grid_spec(cfg),
+        damp=cfg.damp,
+        row_batch=cfg.row_batch,
+        kernel_area=area,
+        allocation="uniform",  # one exact count per row, so every row's stored cost is exact
     )
+
+
+def quant_solver(cfg: SolverConfig, rows: int, cols: int) -> QuantSolver:
+    """``solver.quant``, or the fast mode where exact OBQ is estimated over ``exact_max_s``."""
+    quant = QuantSolver(cfg.quant)
+    limit = cfg.exact_max_s
+    too_slow = limit is not None and estimated_seconds(quant, rows, cols) > limit
+    return QuantSolver.FAST if quant is QuantSolver.OBQ and too_slow else quant
 
 
 def rtn_option(W: torch.Tensor, H: torch.Tensor, bits: int, cfg: SolverConfig) -> SolveResult:
     """Round-to-nearest on the same grid family (the ``rtn`` baseline)."""
-    from automl_compress.solvers.baselines import rtn_quantize
-
     return rtn_quantize(W, bits, H=H, grid=grid_spec(cfg))
 
 
@@ -225,9 +204,11 @@ def solve_layer(
     menu: MenuConfig,
     cfg: SolverConfig,
     device: str | torch.device = "cpu",
-    solve: SolveFn | None = None,
 ) -> LayerSolutions:
     """Every option of the menu for one layer.
+
+    Each (row group, column block) piece is pruned once per sparse pattern (one pass serves every
+    bit-width of the pattern), then quantized at every bit-width.
 
     Args:
         info: layer metadata.
@@ -236,16 +217,16 @@ def solve_layer(
         menu: bits × patterns.
         cfg: solver settings.
         device: where the solvers run.
-        solve: the per-option solver (default :func:`solve_option`).
     """
-    solve = solve or solve_option
     rows, cols = W.shape
     bits = tuple(sorted(int(b) for b in menu.bits))
+    quant_bits = tuple(b for b in bits if b > 0)
     patterns = layer_patterns(info, tuple(menu.patterns))
     pieces = list(hessian_blocks(lh, rows, cols))
     col_blocks = sorted({(c.start, c.stop) for _, c, _ in pieces})
     blk_index = {cb: k for k, cb in enumerate(col_blocks)}
     nb = len(col_blocks)
+    area = kernel_area(info) if nb == 1 else 1
     W64 = W.detach().to(torch.float64).cpu()
 
     def empty() -> dict[str, torch.Tensor]:
@@ -256,27 +237,42 @@ def solve_layer(
             "mask": torch.ones(rows, cols, dtype=torch.bool),
         }
 
-    def run(pattern: str, b: int, rtn: bool) -> OptionSolution:
-        acc = empty()
-        area = kernel_area(info) if nb == 1 else 1
-        for rs, cs, Hb in pieces:
-            Wb = W[rs, cs].detach().to(device=device, dtype=torch.float32)
-            Hd = Hb.to(device=device, dtype=torch.float64)
-            res = rtn_option(Wb, Hd, b, cfg) if rtn else solve(Wb, Hd, pattern, b, cfg, area)
-            q, s, z = _codes(res, b)
-            mask = res.mask.detach().cpu() if res.mask is not None else None
-            k = blk_index[(cs.start, cs.stop)]
-            if mask is not None:
-                q = torch.where(mask, q, z.round().to(torch.uint8)[:, None].expand_as(q))
-                acc["mask"][rs, cs] = mask
-            acc["codes"][rs, cs] = q
-            acc["scale"][rs, k] = s
-            acc["zero"][rs, k] = z
+    acc = {(p, b): empty() for p in patterns for b in quant_bits}
+    acc_rtn = {b: empty() for b in quant_bits}
+
+    def store(into: dict[str, torch.Tensor], res: SolveResult, b: int, rs: slice, cs: slice):
+        q, s, z = _codes(res, b)
+        k = blk_index[(cs.start, cs.stop)]
+        if res.mask is not None:
+            mask = res.mask.detach().cpu()
+            q = torch.where(mask, q, z.round().to(torch.uint8)[:, None].expand_as(q))
+            into["mask"][rs, cs] = mask
+        into["codes"][rs, cs] = q
+        into["scale"][rs, k] = s
+        into["zero"][rs, k] = z
+
+    prune_with = PruneSolver(cfg.prune)
+    for rs, cs, Hb in pieces:
+        Wb = W[rs, cs].detach().to(device=device, dtype=torch.float32)
+        Hd = Hb.to(device=device, dtype=torch.float64)
+        quant = quant_solver(cfg, *Wb.shape)
+        for b in quant_bits:
+            store(acc_rtn[b], rtn_option(Wb, Hd, b, cfg), b, rs, cs)
+        for p in patterns:
+            opts = solve_options(p, quant_bits[0], cfg, area) if quant_bits else None
+            shared = None
+            if opts is not None and not opts.dense and (prune_with, quant) not in JOINT:
+                shared = registry.prune(Wb, Hd, opts, prune_with)
+            for b in quant_bits:
+                res = registry.solve(Wb, Hd, solve_options(p, b, cfg, area), quant, prune_with,
+                                     shared)
+                store(acc[(p, b)], res, b, rs, cs)
+
+    def finished(a: dict[str, torch.Tensor], pattern: str) -> OptionSolution:
         dense = parse_pattern(pattern)[0] == "dense"
         if not dense:
-            _check_pattern(acc["mask"], pattern, nb, info.name)
-        mask = None if dense else acc["mask"]
-        return OptionSolution(acc["codes"], acc["scale"], acc["zero"], mask)
+            _check_pattern(a["mask"], pattern, nb, info.name)
+        return OptionSolution(a["codes"], a["scale"], a["zero"], None if dense else a["mask"])
 
     blocks_t = torch.tensor(col_blocks, dtype=torch.int64).reshape(-1, 2)
 
@@ -300,10 +296,10 @@ def solve_layer(
             errors[:, :, bi] = zero_err.numpy()[:, None]
             rtn_errors[:, bi] = zero_err.numpy()
             continue
-        rtn[b] = run("dense", b, rtn=True)
+        rtn[b] = finished(acc_rtn[b], "dense")
         rtn_errors[:, bi] = errors_of(rtn[b]).numpy()
         for pi, p in enumerate(patterns):
-            options[(p, b)] = run(p, b, rtn=False)
+            options[(p, b)] = finished(acc[(p, b)], p)
             errors[:, pi, bi] = errors_of(options[(p, b)]).numpy()
     table = LayerTable(info, bits, patterns, errors)
     return LayerSolutions(table, rtn_errors, options, rtn, blocks_t)
@@ -314,13 +310,10 @@ def solve_layer(
 
 
 def _capture(task: Task, cap: CaptureConfig, include: tuple[str, ...], device: str) -> dict:
-    from automl_compress.capture import capture_hessians
-
     batches = list(task.calib)
     if cap.max_batches is not None:
         batches = batches[: cap.max_batches]
-    return _call(
-        capture_hessians,
+    return capture_hessians(
         task.model,
         batches,
         max_batches=cap.max_batches,
@@ -341,7 +334,6 @@ def build_database(
     device: str = "cpu",
     progress: bool = True,
     on_layer_done: Callable[[str], None] | None = None,
-    solve: SolveFn | None = None,
 ) -> LayerDatabase:
     """Build (or finish, or just open) the database of ``task`` under ``root``.
 
@@ -352,7 +344,6 @@ def build_database(
         device: where capture and solvers run ('cpu' or 'cuda').
         progress: show a tqdm bar (layers done, time left).
         on_layer_done: called with each layer name after its file is written.
-        solve: the per-option solver (default: the configured solvers).
 
     Returns:
         The complete database.
@@ -393,7 +384,7 @@ def build_database(
         for info in todo:
             t0 = time.perf_counter()
             W = modules[info.name].weight.detach().flatten(1)
-            sol = solve_layer(info, W, hessians[info.name], cfg.menu, cfg.solver, device, solve)
+            sol = solve_layer(info, W, hessians[info.name], cfg.menu, cfg.solver, device)
             db.write_layer(sol)
             hessians.pop(info.name, None)
             bar.set_postfix_str(f"{info.name} {time.perf_counter() - t0:.1f}s")

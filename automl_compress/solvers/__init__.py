@@ -1,7 +1,7 @@
 """Layer solvers: pure functions ``(W, H, spec) -> SolveResult``.
 
 ``W`` is (rows, cols) with one output channel per row; ``H = 2·XᵀX/n`` is (cols, cols). Every row
-shares H and a layer's error is exactly the sum of its rows' errors (ALGORITHMS.md §0.1).
+shares H and a layer's error is exactly the sum of its rows' errors (docs/solvers.md §1).
 """
 
 from automl_compress.solvers.baselines import magnitude_prune, rtn_quantize

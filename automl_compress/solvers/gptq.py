@@ -1,10 +1,18 @@
-"""GPTQ: fixed-order quantization, lazy blocks, Cholesky reformulation (ALGORITHMS.md §2.1).
+"""GPTQ: fixed-order quantization, lazy blocks, Cholesky reformulation.
 
+Frantar, Ashkboos, Hoefler, Alistarh, "GPTQ", ICLR 2023 (arXiv 2210.17323); docs/solvers.md §6.
 Every row quantizes its columns in one shared order, so the chain of downdated inverses is encoded
-once in the upper Cholesky factor U of H⁻¹ (``H⁻¹ = UᵀU``): fixing column i of row w to q costs
-``(w_i − q)² / (2 U_ii²)`` and the optimal correction of the later columns is
-``w[i:] −= ((w_i − q) / U_ii) · U[i, i:]``. Inside a block of B columns the correction is applied
-column by column; the rest of the matrix gets one GEMM per block.
+once in the upper Cholesky factor U of H⁻¹ and the pass is the shared column sweep
+(:func:`~automl_compress.solvers.sweep.column_sweep`) with each column's nearest grid point as
+its target.
+
+Example (2×2, 2 bits)::
+
+    >>> import torch
+    >>> W = torch.tensor([[0.30, -0.70], [0.90, 0.10]], dtype=torch.float64)
+    >>> H = torch.tensor([[2.0, 0.6], [0.6, 1.0]], dtype=torch.float64)
+    >>> gptq_quantize(W, H, bits=2, damp=0.0).codes().tolist()
+    [[3, 0], [3, 2]]
 """
 
 from __future__ import annotations
@@ -19,15 +27,10 @@ from automl_compress.solvers.hessian import (
     row_errors,
     upper_cholesky_of_inverse,
 )
+from automl_compress.solvers.numerics import solve_dtype
 from automl_compress.solvers.quantizer import GridSpec, QuantGrid, fit_grid
 from automl_compress.solvers.result import SolveResult
-
-
-def solve_dtype(W: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
-    """The internal working precision: float64 on CPU, float32 on CUDA, unless given."""
-    if dtype is not None:
-        return dtype
-    return torch.float32 if W.is_cuda else torch.float64
+from automl_compress.solvers.sweep import Target, column_sweep
 
 
 def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
@@ -38,45 +41,15 @@ def column_order(H: torch.Tensor, act_order: bool) -> torch.Tensor:
     return torch.argsort(torch.diagonal(H), descending=True, stable=True)
 
 
-def gptq_pass(
-    W: torch.Tensor,
-    U: torch.Tensor,
-    grid: QuantGrid,
-    keep: torch.Tensor | None,
-    block_size: int,
-) -> torch.Tensor:
-    """One fixed-order pass over already-permuted columns.
-
-    Args:
-        W: (rows, cols) working copy in the solve dtype (modified in place).
-        U: (cols, cols) upper Cholesky factor of the permuted, damped H⁻¹.
-        grid: per-row grid (scale/zero in the solve dtype).
-        keep: (rows, cols) bool, False where the weight must become 0; None = dense.
-        block_size: lazy block width B.
-
-    Returns:
-        (rows, cols) quantized weights in the permuted column order.
-    """
-    rows, cols = W.shape
-    Q = torch.zeros_like(W)
+def quantize_target(grid: QuantGrid, keep: torch.Tensor | None) -> Target:
+    """The sweep target of GPTQ: each column's nearest grid point (0 where ``keep`` is False)."""
     scale, zero, maxq = grid.scale, grid.zero, grid.maxq
-    for i1 in range(0, cols, block_size):
-        i2 = min(i1 + block_size, cols)
-        W1 = W[:, i1:i2]
-        E1 = torch.empty_like(W1)
-        U1 = U[i1:i2, i1:i2]
-        for j in range(i2 - i1):
-            w = W1[:, j]
-            q = scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
-            if keep is not None:
-                q = torch.where(keep[:, i1 + j], q, torch.zeros_like(q))
-            Q[:, i1 + j] = q
-            e = (w - q) / U1[j, j]
-            W1[:, j:] -= e[:, None] * U1[j, j:][None, :]
-            E1[:, j] = e
-        if i2 < cols:
-            W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return Q
+
+    def target(i: int, W1: torch.Tensor, j: int) -> torch.Tensor:
+        q = scale * (torch.clamp(torch.round(W1[:, j] / scale) + zero, 0, maxq) - zero)
+        return q if keep is None else q.masked_fill(~keep[:, i], 0.0)
+
+    return target
 
 
 def gptq_quantize(
@@ -105,14 +78,15 @@ def gptq_quantize(
         act_order: quantize columns by decreasing diag(H).
         mask: (rows, cols) bool, False where the weight is pruned (target 0; 0 is on the grid).
         order: an explicit column order (overrides ``act_order``).
-        dtype: working precision (default float64 on CPU, float32 on CUDA).
-        row_batch: accepted for a uniform solver signature; GPTQ processes all rows at once.
+        dtype: working precision (default: :func:`~automl_compress.solvers.numerics.solve_dtype`).
+        row_batch: rows per sweep (default: all rows at once; rows are independent, so the
+            result does not depend on it).
 
     Returns:
         SolveResult with ``row_error`` under the undamped H.
     """
-    del row_batch
     check_weight(W)
+    rows = W.shape[0]
     check_hessian(H, W.shape[1])
     check_bits(bits)
     if block_size < 1:
@@ -140,7 +114,15 @@ def gptq_quantize(
         type(prep)(H=prep.H[perm][:, perm], dead=prep.dead[perm], damp=prep.damp)
     ).to(dt)
     grid_dt = QuantGrid(g.scale.to(dt), g.zero.to(dt), bits)
-    Q = gptq_pass(Wk[:, perm].contiguous(), U, grid_dt, keep, block_size)[:, inv]
+    Wp = Wk[:, perm].contiguous()
+    Q = torch.empty_like(Wp)
+    R = row_batch or max(rows, 1)
+    for r1 in range(0, rows, R):
+        b = slice(r1, min(r1 + R, rows))
+        g_b = QuantGrid(grid_dt.scale[b], grid_dt.zero[b], bits)
+        Q[b] = column_sweep(Wp[b], U, quantize_target(g_b, None if keep is None else keep[b]),
+                            block_size)
+    Q = Q[:, inv]
     W_hat = Q.to(W.dtype)
     return SolveResult(
         W_hat,

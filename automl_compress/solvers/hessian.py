@@ -1,4 +1,4 @@
-"""Hessian preparation shared by every solver (ALGORITHMS.md §0.3).
+"""Hessian preparation shared by every solver (docs/solvers.md §5).
 
 ``H = 2 XᵀX / n`` from calibration inputs (see :mod:`automl_compress.capture`). Before a solve, dead
 inputs (zero diagonal: the input never fired) are given a unit-scale diagonal and their weight
@@ -83,7 +83,7 @@ def inverse_hessian(prepared: PreparedHessian) -> torch.Tensor:
 
 
 def upper_cholesky_of_inverse(prepared: PreparedHessian) -> torch.Tensor:
-    """Upper factor U with ``H⁻¹ = UᵀU`` (GPTQ's reformulation, ALGORITHMS.md §2.1), float64."""
+    """Upper factor U with ``H⁻¹ = UᵀU`` (GPTQ's reformulation, docs/solvers.md §6), float64."""
     Hinv = inverse_hessian(prepared)
     return cholesky_checked(Hinv, "H⁻¹").mH.contiguous()
 
@@ -93,3 +93,30 @@ def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
     D = (W.to(torch.float64) - W_hat.to(torch.float64))
     Hd = H.to(device=D.device, dtype=torch.float64)
     return 0.5 * ((D @ Hd) * D).sum(dim=1)
+
+
+def support_inverse(H: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every row's inverse of H restricted to its kept coordinates, padded to one size.
+
+    :param H: (cols, cols) prepared (damped, positive-definite) Hessian.
+    :param keep: (R, cols) bool, True where a row's weight is kept.
+    :returns: ``(idx, Hinv)``: idx (R, k) the kept columns of each row in column order, padded
+        with ``cols`` (a padding slot) up to k = the most any row keeps; Hinv (R, k, k) float64
+        ``(H_SS)⁻¹`` with the identity on padding slots.
+    """
+    R, cols = keep.shape
+    k = int(keep.sum(1).max()) if R else 0
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
+    valid = keep.gather(1, order)
+    idx = torch.where(valid, order, torch.full_like(order, cols))
+    Hd = H.to(torch.float64)
+    A = Hd[order[:, :, None], order[:, None, :]]
+    vm = valid.to(torch.float64)
+    A = A * (vm[:, :, None] * vm[:, None, :]) + torch.diag_embed(1.0 - vm)
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info != 0).any()):
+        raise HessianNotPSDError(
+            "H restricted to a row's kept weights is not positive definite even after damping; "
+            "expected a PSD Hessian 2·XᵀX/n: check the calibration inputs, or raise the damping"
+        )
+    return idx, torch.cholesky_inverse(L)

@@ -1,4 +1,4 @@
-"""Exact least-squares weights on a fixed support (ALGORITHMS.md §0.2, §1.4, §2.4).
+"""Exact least-squares weights on a fixed support (docs/solvers.md §2, §4, §6).
 
 For one row ``w`` and a support S (kept coordinates, the rest P pruned to zero) the optimum of
 ``0.5 · (w − v) H (w − v)ᵀ`` with ``v_P = 0`` is ``v_S = H_SS⁻¹ (H w)_S``. Two ways to get it:
@@ -19,33 +19,9 @@ import torch
 from automl_compress.errors import HessianNotPSDError, ShapeMismatchError
 from automl_compress.solvers.checks import check_hessian, check_weight
 from automl_compress.solvers.hessian import DEFAULT_DAMP, prepare_hessian, row_errors
+from automl_compress.solvers.numerics import auto_row_batch, solve_dtype
 from automl_compress.solvers.result import SolveResult
-
-#: Bytes of working memory a CPU row batch may use (per-row (cols, cols) matrices).
-CPU_BATCH_BYTES = 256 * 2**20
-
-
-def solve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
-    """The working precision: ``dtype`` if given, else float64 on CPU and float32 on CUDA."""
-    if dtype is not None:
-        return dtype
-    return torch.float32 if device.type == "cuda" else torch.float64
-
-
-def auto_row_batch(
-    rows: int, cols: int, dtype: torch.dtype, device: torch.device, copies: int = 2
-) -> int:
-    """How many rows fit in one batch when each row needs ``copies`` (cols, cols) matrices.
-
-    On CUDA half of the free device memory is used, on CPU :data:`CPU_BATCH_BYTES`.
-    """
-    per_row = max(1, copies * cols * cols * torch.empty((), dtype=dtype).element_size())
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        budget = free // 2
-    else:
-        budget = CPU_BATCH_BYTES
-    return int(max(1, min(rows, budget // per_row)))
+from automl_compress.solvers.sweep import column_sweep
 
 
 def _cholesky_batched(A: torch.Tensor, what: str, upper: bool = False) -> torch.Tensor:
@@ -153,7 +129,7 @@ def replay_order(
 ) -> torch.Tensor:
     """Weights after removing the first ``counts[l, r]`` coordinates of ``order[r]`` from row r.
 
-    Every snapshot is the exact least-squares optimum on the remaining support (ALGORITHMS.md §1.4,
+    Every snapshot is the exact least-squares optimum on the remaining support (docs/solvers.md §4,
     order reconstruction), computed from one Cholesky factor per row, not from weight traces.
 
     Args:
@@ -176,32 +152,40 @@ def replay_order(
     for start in range(0, rows, R):
         stop = min(rows, start + R)
         pi = order[start:stop].to(W.device)
-        k = counts[:, start:stop]
-        kmax = int(k.max())
-        w = torch.gather(W[start:stop], 1, pi)  # permuted weights, step i removes column i
-        Hp = Hinv[pi[:, :, None], pi[:, None, :]]
-        U = _cholesky_batched(Hp, "H⁻¹ in elimination order", upper=True)
-        del Hp
-        Ud = torch.diagonal(U, dim1=1, dim2=2)
-        snaps = torch.zeros((levels, stop - start, cols), dtype=W.dtype, device=W.device)
-        # (level, row) pairs to snapshot after each number of steps, decided on the host.
-        hits = [[] for _ in range(kmax + 1)]
-        for lv, r in zip(*torch.nonzero(k <= kmax, as_tuple=True), strict=True):
-            hits[int(k[lv, r])].append((int(lv), int(r)))
-        cols_idx = torch.arange(cols, device=W.device)
-        for i in range(kmax + 1):
-            if hits[i]:
-                lv_idx = torch.tensor([h[0] for h in hits[i]], device=W.device)
-                r_idx = torch.tensor([h[1] for h in hits[i]], device=W.device)
-                snap = torch.where(cols_idx[None, :] < i, 0.0, w[r_idx])
-                snaps[lv_idx, r_idx] = snap
-            if i == kmax:
-                break
-            coef = w[:, i : i + 1] / Ud[:, i : i + 1]
-            w[:, i:] -= coef * U[:, i, i:]
+        w = torch.gather(W[start:stop], 1, pi)  # permuted weights: step i removes column i
+        U = _cholesky_batched(Hinv[pi[:, :, None], pi[:, None, :]], "H⁻¹ in elimination order",
+                              upper=True)
+        snaps = _replay_batch(w, U, counts[:, start:stop])
         # undo the permutation
         out[:, start:stop].scatter_(2, pi.unsqueeze(0).expand(levels, -1, -1), snaps)
     return out
+
+
+def _replay_batch(w: torch.Tensor, U: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Snapshots (levels, R, d) of the permuted rows ``w`` after ``k[l, r]`` removals each."""
+    levels, (R, d) = k.shape[0], w.shape
+    snaps = torch.zeros((levels, R, d), dtype=w.dtype, device=w.device)
+    # (level, row) pairs to snapshot after each number of steps, decided on the host
+    hits: list[list[tuple[int, int]]] = [[] for _ in range(d + 1)]
+    for lv, r in zip(*torch.nonzero(k >= 0, as_tuple=True), strict=True):
+        hits[int(k[lv, r])].append((int(lv), int(r)))
+    cols_idx = torch.arange(d, device=w.device)
+    kmax = int(k.max())
+
+    def snapshot(i: int) -> None:
+        lv_idx = torch.tensor([h[0] for h in hits[i]], device=w.device)
+        r_idx = torch.tensor([h[1] for h in hits[i]], device=w.device)
+        snaps[lv_idx, r_idx] = torch.where(cols_idx[None, :] < i, 0.0, w[r_idx])
+
+    def target(i: int, W1: torch.Tensor, j: int) -> torch.Tensor:
+        if hits[i]:
+            snapshot(i)
+        return torch.zeros_like(W1[:, j]) if i < kmax else W1[:, j].clone()
+
+    column_sweep(w, U, target, 1)  # block width 1: every snapshot sees the current row
+    if hits[d]:
+        snapshot(d)
+    return snaps
 
 
 def resolve_on_mask(
@@ -243,7 +227,7 @@ def resolve_on_mask(
             f"mask must be a bool tensor of W's shape {tuple(W.shape)}, found {found}; "
             "pass result.mask of a pruning solver (True = kept)"
         )
-    wd = solve_dtype(W.device, dtype)
+    wd = solve_dtype(W, dtype)
     prep = prepare_hessian(H.to(W.device), damp)
     Wk = W.to(wd).masked_fill(prep.dead[None, :], 0.0)
     W_hat = masked_solve(Wk, prep.H.to(wd), mask.to(W.device), row_batch).to(W.dtype)

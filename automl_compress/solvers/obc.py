@@ -1,4 +1,4 @@
-"""Joint OBC: prune with ExactOBS, then quantize the survivors with OBQ (ALGORITHMS.md §1.9).
+"""Joint OBC: prune with ExactOBS, then quantize the survivors with OBQ (docs/solvers.md §3).
 
 The mask comes from the exact greedy pruning pass; OBQ then fixes the pruned coordinates at 0 (0 is
 on the grid, so they cost nothing beyond the pruning) and quantizes the kept weights greedily with
@@ -11,10 +11,10 @@ import torch
 
 from automl_compress.solvers.exact_obs import exact_obs_prune
 from automl_compress.solvers.gptq import gptq_quantize
-from automl_compress.solvers.hessian import DEFAULT_DAMP, row_errors
+from automl_compress.solvers.hessian import DEFAULT_DAMP
 from automl_compress.solvers.obq import obq_quantize
 from automl_compress.solvers.quantizer import GridSpec
-from automl_compress.solvers.result import SolveResult
+from automl_compress.solvers.result import SolveResult, on_mask
 
 
 def obc_compress(
@@ -55,7 +55,8 @@ def obc_compress(
         raise ValueError(f"quant must be 'obq' or 'gptq', found {quant!r}")
     if n_m is None and sparsity is None:
         if quant == "gptq":
-            return gptq_quantize(W, H, bits, grid=grid, damp=damp, dtype=dtype)
+            return gptq_quantize(W, H, bits, grid=grid, damp=damp, row_batch=row_batch,
+                                 dtype=dtype)
         return obq_quantize(W, H, bits, grid=grid, damp=damp, row_batch=row_batch, dtype=dtype)
     pruned = exact_obs_prune(
         W,
@@ -71,16 +72,8 @@ def obc_compress(
     )
     if quant == "gptq":
         res = gptq_quantize(pruned.weight, H, bits, mask=pruned.mask, grid=grid, damp=damp,
-                            dtype=dtype)
+                            row_batch=row_batch, dtype=dtype)
     else:
         res = obq_quantize(pruned.weight, H, bits, mask=pruned.mask, grid=grid, damp=damp,
                            row_batch=row_batch, dtype=dtype)
-    return SolveResult(
-        res.weight,
-        row_errors(W, res.weight, H),
-        mask=pruned.mask,
-        scale=res.scale,
-        zero=res.zero,
-        bits=res.bits,
-        info={"method": "obc", "prune_error": pruned.row_error, "quant": quant},
-    )
+    return on_mask(W, H, pruned, res, "obc")

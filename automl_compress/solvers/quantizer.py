@@ -1,4 +1,4 @@
-"""Per-row uniform affine quantization grids (ALGORITHMS.md §0.6).
+"""Per-row uniform affine quantization grids (docs/solvers.md §3).
 
 ``q(x) = s · (clamp(round(x / s) + z, 0, 2^b − 1) − z)``. Zero is always on the grid. The range
 is min/max, or shrunk by a factor p ∈ {1, 1 − 1/grid, …} chosen per row to minimise

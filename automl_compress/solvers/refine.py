@@ -1,4 +1,4 @@
-"""Fast mode: per-row best of fixed-order GPTQ candidates, then 1-opt grid moves (§2.2).
+"""Fast mode: per-row best of fixed-order GPTQ candidates, then 1-opt moves (docs/solvers.md §7).
 
 Rows are independent problems sharing H, so taking, row by row, the best of several candidate
 solutions is exact. 1-opt then moves single weights by one grid step while that lowers the row's
@@ -124,7 +124,7 @@ def fast_quantize(
         one_opt_polish: run the 1-opt pass on the chosen rows.
         grid, damp, mask, dtype: as for :func:`gptq_quantize`; all candidates share the grid.
         seed: seed of the random orders.
-        row_batch: passed to the 'obq' candidate.
+        row_batch: rows per batch of every candidate (rows are independent).
 
     Returns:
         SolveResult with ``row_error`` under the undamped H; ``info["chosen"]`` is the index of
@@ -135,12 +135,10 @@ def fast_quantize(
     check_bits(bits)
     if not candidates:
         raise ValueError("candidates must name at least one candidate, found none")
-    kw = {"grid": grid, "damp": damp, "mask": mask, "dtype": dtype}
+    kw = {"grid": grid, "damp": damp, "mask": mask, "dtype": dtype, "row_batch": row_batch}
     if bits == 0:
         return gptq_quantize(W, H, 0, **kw)
     cands = _candidates(W, H, bits, candidates, seed, **kw)
-    if "obq" in candidates:
-        kw["row_batch"] = row_batch
     errs = torch.stack([c.row_error for c in cands])  # (C, rows)
     chosen = errs.argmin(dim=0)
     stack = torch.stack([c.weight for c in cands])

@@ -7,6 +7,8 @@ from typing import Any
 
 import torch
 
+from automl_compress.solvers.hessian import row_errors
+
 
 @dataclass(frozen=True)
 class SolveResult:
@@ -53,3 +55,19 @@ class SolveResult:
         s = self.scale.to(torch.float64)[:, None]
         z = self.zero.to(torch.float64)[:, None]
         return (torch.round(w / s) + z).to(torch.int16)
+
+
+def on_mask(
+    W: torch.Tensor, H: torch.Tensor, pruned: SolveResult, quantized: SolveResult, method: str
+) -> SolveResult:
+    """A prune-then-quantize result: ``quantized``'s weights and grid on ``pruned``'s mask, with
+    ``row_error`` against the dense W under the undamped H."""
+    return SolveResult(
+        quantized.weight,
+        row_errors(W, quantized.weight, H),
+        mask=pruned.mask,
+        scale=quantized.scale,
+        zero=quantized.zero,
+        bits=quantized.bits,
+        info={"method": method, "prune_error": pruned.row_error},
+    )

@@ -1,18 +1,17 @@
-"""SparseGPT: fast pruning with a fixed column order (ALGORITHMS.md §2.4).
+"""SparseGPT: fast pruning with a fixed column order.
 
-Columns are eliminated left to right for all rows at once. Pruning (or rounding) column j of a row
-is compensated only with the columns to its right, so every row uses the same chain of inverses: the
-rows of the upper Cholesky factor U of H⁻¹ (``H⁻¹ = UᵀU``). The error of column j,
-``e_j = (w_j − t_j) / U_jj`` (t_j = 0 when pruned, the grid value when kept and quantizing), is
-propagated as ``w[j:] −= e_j · U[j, j:]`` inside a block of ``block_size`` columns, and to the rest
-of the matrix by one GEMM per block.
+Frantar, Alistarh, "SparseGPT", ICML 2023 (arXiv 2301.00774); docs/solvers.md §6. Columns are
+eliminated left to right for all rows at once, so every row uses the same chain of inverses (the
+upper Cholesky factor U of H⁻¹) and the pass is the shared column sweep
+(:func:`~automl_compress.solvers.sweep.column_sweep`): a pruned column's target is 0, a kept one's
+its grid value when quantizing (joint prune + quantize) or itself.
 
 Masks are chosen adaptively, once per block, from the *current* (already compensated) weights by
 the OBS score ``w_j² / U_jj²``: for unstructured sparsity the block's share of zeros is taken
-jointly over all rows (so per-row and per-column counts vary); for N:M the M − N lowest scores of
-every group of M are pruned when the group is reached. The layer gets exactly
-``round(sparsity · rows · cols)`` zeros. With ``bits`` the kept weights are quantized in the same
-pass (joint prune + quantize).
+jointly over all rows (so per-row and per-column counts vary; ``allocation="uniform"`` takes the
+same count in every row); for N:M the M − N lowest scores of every group of M are pruned when the
+group is reached. The layer gets exactly ``round(sparsity · rows · cols)`` zeros. With ``bits``
+the kept weights are quantized in the same pass (joint prune + quantize).
 """
 
 from __future__ import annotations
@@ -34,11 +33,63 @@ from automl_compress.solvers.hessian import (
     row_errors,
     upper_cholesky_of_inverse,
 )
-from automl_compress.solvers.lstsq import solve_dtype
-from automl_compress.solvers.quantizer import GridSpec, fit_grid
+from automl_compress.solvers.numerics import solve_dtype
+from automl_compress.solvers.quantizer import GridSpec, QuantGrid, fit_grid
 from automl_compress.solvers.result import SolveResult
+from automl_compress.solvers.sweep import column_sweep
 
 DEFAULT_BLOCK_SIZE = 128
+
+
+class _MaskedTarget:
+    """SparseGPT's sweep target: choose the block's (or group's) mask, then prune or round.
+
+    At the first column of every block of ``Bs`` columns (unstructured) or of every group of M
+    (N:M), the weights to prune are chosen by the OBS score ``w_j² / U_jj²`` of the *current*
+    weights; a pruned column's target is 0, a kept one's its grid value (or itself).
+    """
+
+    def __init__(
+        self,
+        U: torch.Tensor,
+        pruned: torch.Tensor,
+        grid: QuantGrid | None,
+        sparsity: float,
+        n_m: tuple[int, int] | None,
+        Bs: int,
+        allocation: str,
+    ) -> None:
+        self.d = torch.diagonal(U)
+        self.pruned, self.grid = pruned, grid
+        self.sparsity, self.n_m, self.Bs, self.allocation = sparsity, n_m, Bs, allocation
+
+    def _choose_block(self, i1: int, W1: torch.Tensor) -> None:
+        rows, width = W1.shape
+        score = W1 * W1 / (self.d[i1 : i1 + width] ** 2)[None, :]
+        if self.allocation == "uniform":  # the same count in every row
+            k = round(self.sparsity * (i1 + width)) - round(self.sparsity * i1)
+            if k > 0:
+                drop = score.topk(k, dim=1, largest=False).indices
+                self.pruned[:, i1 : i1 + width].scatter_(1, drop, True)
+            return
+        k = round(self.sparsity * rows * (i1 + width)) - round(self.sparsity * rows * i1)
+        if k > 0:  # jointly over the rows: per-row and per-column counts vary
+            drop = score.reshape(-1).topk(k, largest=False).indices
+            block = torch.zeros(rows * width, dtype=torch.bool, device=W1.device)
+            block[drop] = True
+            self.pruned[:, i1 : i1 + width] |= block.view(rows, width)
+
+    def __call__(self, i: int, W1: torch.Tensor, j: int) -> torch.Tensor:
+        if self.n_m is None and j == 0:
+            self._choose_block(i, W1)
+        elif self.n_m is not None and j % self.n_m[1] == 0:
+            n, m = self.n_m
+            score = W1[:, j : j + m] ** 2 / (self.d[i : i + m] ** 2)[None, :]
+            drop = score.topk(m - n, dim=1, largest=False).indices
+            self.pruned[:, i : i + m].scatter_(1, drop, True)
+        w = W1[:, j]
+        q = w if self.grid is None else self.grid.quantize(w[:, None]).squeeze(1)
+        return q.masked_fill(self.pruned[:, i], 0.0)
 
 
 def sparsegpt_prune(
@@ -52,6 +103,8 @@ def sparsegpt_prune(
     block_size: int = DEFAULT_BLOCK_SIZE,
     damp: float = DEFAULT_DAMP,
     kernel_area: int = 1,
+    allocation: str = "global",
+    row_batch: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> SolveResult:
     """Prune (and optionally quantize) a layer with SparseGPT.
@@ -69,7 +122,11 @@ def sparsegpt_prune(
         damp: relative damping of H for the solve (errors use the undamped H).
         kernel_area: kh·kw for conv layers whose columns are ordered (C_in, kh, kw); only used
             with ``n_m`` (groups along input channels at a fixed tap).
-        dtype: working precision (default float64 on CPU, float32 on CUDA).
+        allocation: unstructured only: ``"global"`` picks each block's zeros jointly over all
+            rows (the paper); ``"uniform"`` gives every row the same count of zeros.
+        row_batch: rows per sweep (default all); not with global allocation, which chooses
+            masks across rows.
+        dtype: working precision (default: :func:`~automl_compress.solvers.numerics.solve_dtype`).
 
     Returns:
         SolveResult with weight (W's dtype/device), exact ``row_error`` under the undamped H,
@@ -87,6 +144,15 @@ def sparsegpt_prune(
         raise InvalidInputError(f"block_size must be an int >= 1, found {block_size!r}")
     if bits is not None:
         check_bits(bits, allow_zero=False)
+    if allocation not in ("global", "uniform"):
+        raise InvalidInputError(
+            f"allocation must be 'global' or 'uniform', found {allocation!r}"
+        )
+    if row_batch is not None and n_m is None and allocation == "global":
+        raise InvalidInputError(
+            f"row_batch={row_batch} with global allocation would choose each batch's zeros "
+            "separately; pass allocation='uniform' (same count per row) or row_batch=None"
+        )
     if n_m is not None:
         n, m = check_n_m(n_m, cols)
         perm = channel_major_perm(cols, kernel_area)
@@ -102,44 +168,19 @@ def sparsegpt_prune(
         Bs = block_size
 
     dev = W.device
-    wd = solve_dtype(dev, dtype)
+    wd = solve_dtype(W, dtype)
     perm_d = perm.to(dev)
     prep = prepare_hessian(H.to(dev)[perm_d][:, perm_d], damp)
     U = upper_cholesky_of_inverse(prep).to(wd)
     Wk = W[:, perm_d].to(wd).masked_fill(prep.dead[None, :], 0.0)
     qgrid = fit_grid(Wk, bits, grid) if bits is not None else None
     pruned = torch.zeros((rows, cols), dtype=torch.bool, device=dev)
-
-    for i1 in range(0, cols, Bs):
-        i2 = min(cols, i1 + Bs)
-        W1 = Wk[:, i1:i2].clone()
-        U1 = U[i1:i2, i1:i2]
-        d1 = torch.diagonal(U1)
-        Err1 = torch.zeros_like(W1)
-        P1 = torch.zeros_like(W1, dtype=torch.bool)
-        if n_m is None:
-            k_block = round(sparsity * rows * i2) - round(sparsity * rows * i1)
-            if k_block > 0:
-                score = (W1 * W1 / (d1 * d1)[None, :]).reshape(-1)
-                drop = score.topk(k_block, largest=False).indices
-                P1.view(-1)[drop] = True
-        for i in range(i2 - i1):
-            if n_m is not None and i % m == 0:
-                score = W1[:, i : i + m] ** 2 / (d1[i : i + m] ** 2)[None, :]
-                drop = score.topk(m - n, dim=1, largest=False).indices
-                P1[:, i : i + m].scatter_(1, drop, True)
-            w = W1[:, i]
-            q = w if qgrid is None else qgrid.quantize(w[:, None]).squeeze(1)
-            q = q.masked_fill(P1[:, i], 0.0)
-            err = (w - q) / d1[i]
-            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
-            W1[:, i] = q
-            Err1[:, i] = err
-        Wk[:, i1:i2] = W1
-        pruned[:, i1:i2] = P1
-        if i2 < cols:
-            Wk[:, i2:] -= Err1 @ U[i1:i2, i2:]
-
+    R = row_batch or max(rows, 1)
+    for r1 in range(0, rows, R):
+        b = slice(r1, min(r1 + R, rows))
+        g_b = None if qgrid is None else QuantGrid(qgrid.scale[b], qgrid.zero[b], bits)
+        target = _MaskedTarget(U, pruned[b], g_b, sparsity, n_m, Bs, allocation)
+        Wk[b] = column_sweep(Wk[b].clone(), U, target, Bs)
     W_hat = torch.empty_like(Wk)
     W_hat[:, perm_d] = Wk.masked_fill(pruned, 0.0)
     keep = torch.empty_like(pruned)

@@ -1,34 +1,19 @@
-"""Synthetic correlated layers (the anchors' protocol at small sizes)."""
+"""Fixtures of the solver tests; the synthetic layers live in tests/_layers.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import sys
+from pathlib import Path
 
 import pytest
-import torch
 
+_TESTS = str(Path(__file__).resolve().parents[1])
+if _TESTS not in sys.path:
+    sys.path.insert(0, _TESTS)
 
-@dataclass(frozen=True)
-class Layer:
-    W: torch.Tensor
-    X: torch.Tensor
-    H: torch.Tensor
+from _layers import Layer, make_layer, mixed_layer  # noqa: E402
 
-    def direct_row_error(self, W_hat: torch.Tensor) -> torch.Tensor:
-        """‖(w − ŵ)Xᵀ‖² / n per row, straight from the calibration inputs."""
-        D = (self.W - W_hat).to(torch.float64)
-        return ((D @ self.X.T) ** 2).sum(1) / self.X.shape[0]
-
-
-def make_layer(rows: int, cols: int, seed: int = 0, n: int | None = None) -> Layer:
-    """W ~ N(0, 1/cols); X = Z·A with A = diag(s)Qᵀ, s_i² = 1/(i+1); H = 2XᵀX/n."""
-    g = torch.Generator().manual_seed(seed)
-    n = n or max(4 * cols, 512)
-    Q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
-    s = 1.0 / torch.sqrt(torch.arange(1, cols + 1, dtype=torch.float64))
-    X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ (torch.diag(s) @ Q.T)
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float64) / cols**0.5
-    return Layer(W=W, X=X, H=2 * X.T @ X / n)
+__all__ = ["Layer", "make_layer", "mixed_layer"]
 
 
 @pytest.fixture(name="make_layer")

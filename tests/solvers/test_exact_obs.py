@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import torch
+from _layers import mixed_layer
 
 from automl_compress.errors import (
     InvalidInputError,
@@ -15,13 +16,7 @@ from automl_compress.solvers.lstsq import resolve_on_mask
 
 
 def _layer(rows=16, cols=32, n=384, seed=0, mix=0.7):
-    """Weights and correlated inputs X = Z·A (A = I + mix·G/√cols), H = 2XᵀX/n."""
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    A = torch.eye(cols, dtype=torch.float64)
-    A = A + mix * torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
-    X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ A
-    return W, X, 2 * X.T @ X / n
+    return mixed_layer(rows, cols, n, seed, mix)
 
 
 def _output_mse(W, W_hat, X):

@@ -1,6 +1,5 @@
 """OBQ, GPTQ, joint OBC and the fast mode: exactness, invariants and bad inputs."""
 
-import itertools
 
 import pytest
 import torch
@@ -19,7 +18,8 @@ from automl_compress.solvers import (
     obq_quantize,
     rtn_quantize,
 )
-from automl_compress.solvers.obq import LazyInverse, _obq_batch, obs_fix
+from automl_compress.solvers.lazy_inverse import LazyInverse
+from automl_compress.solvers.obq import greedy_quantize
 from automl_compress.solvers.refine import fast_quantize, one_opt
 
 
@@ -63,59 +63,71 @@ def test_second_order_solvers_beat_round_to_nearest(bits, make_layer):
     assert fast <= gptq + 1e-12
 
 
-def test_obq_step_is_the_exact_optimum_of_fixing_one_weight(make_layer):
-    """The first greedy step equals brute force over every (weight, grid value) with LS refit."""
+def _naive_greedy_obq(w, H, scale, zero, maxq, free, outlier_rule=True):
+    """OBQ by definition: re-invert H on the free set every step, fix the best weight, refit."""
+    w = w.clone()
+    free = list(free)
+    order = []
+    while free:
+        Hinv = torch.linalg.inv(H[free][:, free])
+        x = w[free]
+        q = scale * (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero)
+        err2 = (x - q) ** 2
+        out = (err2 > scale**2 / 4) & outlier_rule
+        k = int(torch.argmax(torch.where(out, err2, -1.0))) if bool(out.any()) else int(
+            torch.argmin(err2 / torch.diagonal(Hinv))
+        )
+        # fix free[k] at q[k]; the other free weights move by the OBS correction (an LS refit)
+        w[free] = x - (x[k] - q[k]) / Hinv[k, k] * Hinv[:, k]
+        w[free[k]] = q[k]
+        order.append(free.pop(k))
+    return w, order
+
+
+def test_obq_first_step_is_the_brute_force_best_single_fix(make_layer):
+    """The solver's own first choice is the (weight, grid value) whose LS refit costs least."""
     L = make_layer(1, 6, seed=3)
     res = obq_quantize(L.W, L.H, 3, damp=0.0, outlier_rule=False)
-    scale, zero = res.scale.double(), res.zero.double()
-    w = L.W[0].clone()
-    H = L.H
-    best = (float("inf"), None)
+    s, z = res.scale.double(), res.zero.double()
+    w, H = L.W[0], L.H
+    losses = []
     for j in range(6):
-        q = scale * (torch.clamp(torch.round(w[j] / scale) + zero, 0, 7) - zero)
+        q = s * (torch.clamp(torch.round(w[j] / s) + z, 0, 7) - z)
         free = [k for k in range(6) if k != j]
-        # least-squares refit of the free weights with w_j fixed to q
-        rhs = H[free][:, free] @ w[free] + H[free, j] * (w[j] - q)
-        v = torch.linalg.solve(H[free][:, free], rhs)
         cand = w.clone()
-        cand[free] = v
+        cand[free] = torch.linalg.solve(H[free][:, free], H[free] @ w - H[free, j] * q)
         cand[j] = q
         d = cand - w
-        loss = float(0.5 * d @ H @ d)
-        if loss < best[0]:
-            best = (loss, (j, cand))
-    inv = LazyInverse(torch.linalg.inv(H)[None].clone(), rank=1)
-    wb = w[None].clone()
-    # one step of the batched solver
-    qv = scale * (torch.clamp(torch.round(wb / scale) + zero, 0, 7) - zero)
-    score = (wb - qv) ** 2 / inv.diag
-    p = score.argmin(dim=1)
-    free_mask = torch.ones_like(wb, dtype=torch.bool)
-    loss = obs_fix(wb, inv, free_mask, p, qv[0, p], torch.tensor([True]))
-    assert int(p) == best[1][0]
-    assert float(loss) == pytest.approx(best[0], rel=1e-9)
-    assert torch.allclose(wb[0], best[1][1], atol=1e-10)
+        losses.append((float(0.5 * d @ H @ d), cand))
+    best = min(range(6), key=lambda j: losses[j][0])
+    inv = LazyInverse(L.W / s, torch.linalg.inv(H), rank=4, compact=False)
+    greedy_quantize(inv, -z[:, None], 7 - z[:, None], 1, outlier_rule=False)
+    assert torch.nonzero(inv.fixed[0]).flatten().tolist() == [best]
+    torch.testing.assert_close(inv.w[0] * s, losses[best][1], rtol=0, atol=1e-10)
 
 
-def test_obq_step_losses_sum_to_the_damped_error(make_layer):
-    L = make_layer(8, 16, seed=4)
-    res = obq_quantize(L.W, L.H, 4, damp=0.0)
-    assert torch.allclose(res.info["step_loss_sum"], res.row_error, rtol=1e-8)
+@pytest.mark.parametrize("outlier_rule", [False, True])
+def test_obq_is_the_greedy_of_its_definition(outlier_rule, make_layer):
+    """Lazy downdates, the active set and row batches reproduce the naive re-inverting greedy."""
+    L = make_layer(6, 20, seed=4)
+    res = obq_quantize(L.W, L.H, 3, damp=0.0, outlier_rule=outlier_rule, lazy_rank=3,
+                       row_batch=4)
+    for r in range(6):
+        w, _ = _naive_greedy_obq(L.W[r], L.H, res.scale[r], res.zero[r], 7, range(20),
+                                 outlier_rule)
+        torch.testing.assert_close(res.weight[r], w, rtol=0, atol=1e-9)
 
 
-def test_obq_is_independent_of_the_row_batch_and_the_lazy_rank(make_layer):
+def test_obq_is_independent_of_the_row_batch_the_lazy_rank_and_the_active_set(make_layer):
     L = make_layer(10, 40, seed=5)
-    a = obq_quantize(L.W, L.H, 3, row_batch=10, lazy_rank=1)
-    b = obq_quantize(L.W, L.H, 3, row_batch=3, lazy_rank=1)
-    assert torch.equal(a.weight, b.weight)
-    for rank in (2, 7, 32, 64):
-        lazy = obq_quantize(L.W, L.H, 3, row_batch=4, lazy_rank=rank)
-        assert torch.equal(lazy.weight, a.weight), rank
-        assert torch.allclose(lazy.info["step_loss_sum"], a.info["step_loss_sum"], rtol=1e-9)
+    a = obq_quantize(L.W, L.H, 3, row_batch=10, lazy_rank=1, active_set=False)
+    for rank, batch, act in ((2, 3, True), (7, 4, False), (32, 10, True), (64, 1, True)):
+        lazy = obq_quantize(L.W, L.H, 3, row_batch=batch, lazy_rank=rank, active_set=act)
+        assert torch.equal(lazy.codes(), a.codes()), (rank, batch, act)
     masked = exact_obs_prune(L.W, L.H, n_m=(2, 4))
     eager = obq_quantize(masked.weight, L.H, 3, mask=masked.mask, lazy_rank=1)
-    lazy = obq_quantize(masked.weight, L.H, 3, mask=masked.mask, lazy_rank=16)
-    assert torch.equal(eager.weight, lazy.weight)
+    lazy = obq_quantize(masked.weight, L.H, 3, mask=masked.mask, lazy_rank=16, row_batch=3)
+    assert torch.equal(eager.codes(), lazy.codes())
 
 
 def test_obq_with_mask_keeps_zeros_and_beats_rtn_on_the_mask(make_layer):
@@ -130,29 +142,49 @@ def test_obq_with_mask_keeps_zeros_and_beats_rtn_on_the_mask(make_layer):
     assert err_obq < err_rtn
 
 
-def test_obq_with_mask_matches_brute_force_on_a_tiny_row(make_layer):
-    """With a 2-of-4 mask and 2 bits, no assignment of the kept weights to the grid is better
-    than OBQ by more than the greedy gap; and OBQ is optimal among the LS-refitted orders."""
-    L = make_layer(1, 4, seed=7)
-    mask = torch.tensor([[True, False, True, False]])
-    res = obq_quantize(L.W, L.H, 2, mask=mask, damp=0.0)
-    s, z = float(res.scale), float(res.zero)
-    best = float("inf")
-    for c0, c2 in itertools.product(range(4), repeat=2):
-        cand = torch.zeros(1, 4, dtype=torch.float64)
-        cand[0, 0] = s * (c0 - z)
-        cand[0, 2] = s * (c2 - z)
-        best = min(best, float(L.direct_row_error(cand)))
-    assert res.error >= best - 1e-12
-    assert res.error <= 4 * best + 1e-12
+def test_obq_with_mask_is_the_greedy_on_each_rows_support(make_layer):
+    """Rows with different supports (one keeps a single weight) are each the naive greedy on
+    their own kept weights, started from the least-squares optimum on that support."""
+    L = make_layer(3, 8, seed=7)
+    keep = torch.tensor([[True] * 8, [True, False] * 4, [False] * 7 + [True]])
+    res = obq_quantize(L.W, L.H, 2, mask=keep, damp=0.0)
+    assert torch.all(res.weight[~keep] == 0)
+    for r in range(3):
+        S = torch.nonzero(keep[r]).flatten().tolist()
+        v = torch.zeros(8, dtype=torch.float64)
+        v[S] = torch.linalg.solve(L.H[S][:, S], (L.H @ L.W[r])[S])  # LS optimum on S
+        w, _ = _naive_greedy_obq(v, L.H, res.scale[r], res.zero[r], 3, S)
+        torch.testing.assert_close(res.weight[r], w, rtol=0, atol=1e-9)
 
 
-def test_gptq_losses_and_mask(make_layer):
+def _naive_fixed_order(W, H, targets):
+    """Fix columns left to right; after each, refit the later columns by least squares."""
+    W = W.clone()
+    cols = W.shape[1]
+    for i in range(cols):
+        t = targets(i, W[:, i])
+        later = list(range(i + 1, cols))
+        if later:
+            delta = (W[:, i] - t)[:, None] * (H[later, i] @ torch.linalg.inv(H[later][:, later]))
+            W[:, later] += delta
+        W[:, i] = t
+    return W
+
+
+def test_gptq_is_the_fixed_order_optimum_and_honours_the_mask(make_layer):
     L = make_layer(12, 24, seed=8)
     mask = magnitude_prune(L.W, n_m=(2, 4)).mask
-    res = gptq_quantize(L.W, L.H, 4, mask=mask)
+    res = gptq_quantize(L.W, L.H, 4, mask=mask, damp=0.0, block_size=5)
     assert torch.all(res.weight[~mask] == 0)
     assert torch.equal(res.mask, mask)
+    s, z = res.scale[:, None].squeeze(1), res.zero
+
+    def target(i, w):
+        q = s * (torch.clamp(torch.round(w / s) + z, 0, 15) - z)
+        return torch.where(mask[:, i], q, torch.zeros_like(q))
+
+    naive = _naive_fixed_order(torch.where(mask, L.W, torch.zeros_like(L.W)), L.H, target)
+    torch.testing.assert_close(res.weight, naive, rtol=0, atol=1e-9)
 
 
 def test_gptq_block_size_does_not_change_the_result(make_layer):
@@ -233,20 +265,6 @@ def test_bad_inputs_raise_named_errors(fn, make_layer):
     indefinite = indefinite.abs().fill_diagonal_(1.0)
     with pytest.raises(HessianNotPSDError, match="positive definite"):
         fn(L.W, indefinite, 4, damp=0.0)
-
-
-def test_batch_helper_handles_rows_with_nothing_left(make_layer):
-    """Rows whose free set empties early are left untouched by later steps."""
-    L = make_layer(2, 6, seed=15)
-    keep = torch.tensor([[True] * 6, [True, False, False, False, False, False]])
-    Hinv = torch.linalg.inv(L.H)[None].expand(2, 6, 6).clone()
-    w = torch.where(keep, L.W, torch.zeros_like(L.W)).clone()
-    s = torch.full((2,), 0.05, dtype=torch.float64)
-    z = torch.full((2,), 8.0, dtype=torch.float64)
-    _obq_batch(w, Hinv, s, z, 15, keep, True)
-    assert torch.all(w[1, 1:] == 0)
-    codes = w / s[:, None] + z[:, None]
-    assert torch.allclose(codes, codes.round(), atol=1e-9)
 
 
 @pytest.mark.cuda

@@ -1,0 +1,190 @@
+"""The greedy OBS elimination that OBQ and ExactOBS share, with lazy inverse downdates.
+
+See docs/solvers.md §2. A batch of R rows each holds its own inverse ``H⁻¹`` over the coordinates
+it has not fixed yet. Fixing coordinate p of a row to a target t is one OBS step (§1):
+
+* loss ``(w_p − t)² / (2 [H⁻¹]_pp)``;
+* correction ``w −= ((w_p − t) / [H⁻¹]_pp) · H⁻¹[p, :]`` (w_p lands exactly on t);
+* downdate ``H⁻¹ −= u uᵀ`` with ``u = H⁻¹[p, :] / √[H⁻¹]_pp``.
+
+The greedy choice of the next coordinate needs only the diagonal of the current inverse (kept up
+to date in O(n) per step) and the pivot row, which is the stored row minus the pending factors'
+contribution (O(n·k) for k pending). So the downdates are queued and applied every ``rank`` steps
+by one batched GEMM (a rank-``rank`` update), and at those flushes the fixed coordinates are
+dropped from the stored matrices once enough have accumulated (the *active set*): later steps
+touch about (n − t)² entries instead of n². Every row fixes exactly one coordinate per step, so
+the active sets of a batch stay the same size. The greedy result does not depend on ``rank`` or on
+the compaction, up to rounding.
+
+Fixed coordinates carry ``diag = −1`` so that every score of the form ``diag / err²`` is negative
+there and an ``argmax`` never picks them; a caller may also set ``−1`` to close coordinates it must
+never pick (N:M groups that hold their quota of zeros). Such closed coordinates are remembered in
+``closed`` and keep their mark across compactions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class LazyInverse:
+    """R stacked inverses over the free coordinates, with queued (lazy) downdates.
+
+    Attributes:
+        w: (R, n) working weights of the active slots (callers read it afresh every step: a
+            compaction replaces it).
+        diag: (R, n) current diagonal of every row's inverse; −1 on fixed and closed slots.
+        idx: (R, n) original column of every active slot.
+        fixed: (R, n) bool, slots fixed since the last compaction.
+        closed: (R, n) bool, slots a caller closed (kept at −1 across compactions), or None.
+        out: (R, cols) final values of the slots dropped so far, in original column order.
+    """
+
+    def __init__(
+        self,
+        w: torch.Tensor,
+        Hinv: torch.Tensor,
+        rank: int,
+        compact: bool,
+        idx: torch.Tensor | None = None,
+        cols: int | None = None,
+    ) -> None:
+        """Start from weights ``w`` (R, n) and the inverse ``Hinv`` ((n, n) shared or (R, n, n)).
+
+        :param w: working weights, any float dtype; copied.
+        :param Hinv: inverse of the damped H over the n starting coordinates, w's dtype.
+        :param rank: pending downdates before one GEMM applies them (1 = eager).
+        :param compact: drop fixed coordinates at flushes (the active set).
+        :param idx: (R, n) original column of each starting slot (default 0..n−1); an index equal
+            to ``cols`` marks a padding slot whose value is discarded.
+        :param cols: width of ``out`` (default n).
+        """
+        if rank < 1:
+            raise ValueError(f"lazy rank must be >= 1, found {rank}")
+        R, n = w.shape
+        dev, dt = w.device, w.dtype
+        self.base = Hinv.expand(R, n, n).contiguous()
+        self.diag = torch.diagonal(self.base, dim1=1, dim2=2).clone()
+        self.w = w.clone()
+        self.idx = torch.arange(n, device=dev).expand(R, n).contiguous() if idx is None else idx
+        self.cols = n if cols is None else cols
+        self.out = torch.zeros((R, self.cols + 1), dtype=dt, device=dev)  # +1: padding sink
+        self.fixed = torch.zeros((R, n), dtype=torch.bool, device=dev)
+        self.closed: torch.Tensor | None = None
+        self.rank = rank
+        self.compact = compact
+        self.U = torch.zeros((R, rank, n), dtype=dt, device=dev)  # pending factors u_s
+        self.k = 0
+        self.since = 0  # eliminations since the last compaction
+        self.frac = 8
+        self._arn = torch.arange(R, device=dev) * n
+
+    @property
+    def n(self) -> int:
+        """Active slots per row."""
+        return self.w.shape[1]
+
+    def rows(self, P: torch.Tensor) -> torch.Tensor:
+        """(R, c, n) current rows ``H⁻¹[P[r, i], :]`` of every row's inverse (P: (R, c))."""
+        R, n = self.w.shape
+        c = P.shape[1]
+        flat = (self._arn[:, None] + P).reshape(-1)
+        rows = self.base.view(R * n, n).index_select(0, flat).view(R, c, n)
+        if self.k:
+            U = self.U[:, : self.k]
+            coef = U.gather(2, P[:, None, :].expand(R, self.k, c))  # (R, k, c)
+            rows = torch.baddbmm(rows, coef.transpose(1, 2), U, alpha=-1.0)
+        return rows
+
+    def eliminate(self, p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fix slot ``p[r]`` of every row r at ``target[r]`` (one OBS step each).
+
+        :param p: (R,) int64 active slot per row, not yet fixed.
+        :param target: (R, 1) value the slot must take.
+        :returns: ``(r, piv)``, both (R, 1): the residual ``w_p − t`` and ``[H⁻¹]_pp``; the
+            step's loss is ``r² / (2·piv)``.
+        """
+        pc = p[:, None]
+        row = self.rows(pc).squeeze(1)  # (R, n)
+        piv = row.gather(1, pc)
+        r = self.w.gather(1, pc).sub_(target)
+        self.w.addcmul_(r / piv, row, value=-1.0)
+        self.w.scatter_(1, pc, target)
+        u = torch.mul(row, piv.rsqrt(), out=self.U[:, self.k])
+        self.diag.addcmul_(u, u, value=-1.0)
+        self.diag.scatter_(1, pc, -1.0)
+        self.fixed.scatter_(1, pc, True)
+        self._queued(1)
+        return r, piv
+
+    def downdate_block(self, F: torch.Tensor, P: torch.Tensor) -> None:
+        """Queue the rank-c downdate ``H⁻¹ −= FᵀF`` (F: (R, c, n)) that fixes slots P (R, c).
+
+        The caller has already moved ``w``; ``diag`` is updated here. Needs ``rank >= c``.
+        """
+        c = F.shape[1]
+        if self.k + c > self.rank:
+            self.flush()
+        self.U[:, self.k : self.k + c] = F
+        self.diag.sub_((F * F).sum(1))
+        self.diag.scatter_(1, P, -1.0)
+        self.fixed.scatter_(1, P, True)
+        self._queued(c)
+
+    def close(self, mask: torch.Tensor) -> None:
+        """Never let an argmax pick the slots in ``mask`` (R, n) again (they stay free)."""
+        self.closed = mask if self.closed is None else self.closed | mask
+        self.diag.masked_fill_(mask, -1.0)
+
+    def _queued(self, c: int) -> None:
+        self.k += c
+        self.since += c
+        if self.k == self.rank:
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply the pending downdates; drop the fixed slots if enough have accumulated."""
+        if self.k == 0:
+            return
+        U = self.U[:, : self.k]
+        left = self.n - self.since
+        if self.compact and left > 0 and self.since >= max(self.rank, self.n // self.frac):
+            self._compact(U, left)
+        else:
+            self.base.baddbmm_(U.transpose(1, 2), U, alpha=-1.0)
+            U.zero_()
+        self.k = 0
+
+    def _compact(self, U: torch.Tensor, left: int) -> None:
+        R, n = self.w.shape
+        order = torch.argsort(self.fixed.to(torch.int8), dim=1, stable=True)  # free slots first
+        gone, keep = order[:, left:], order[:, :left]
+        self.out.scatter_(1, self.idx.gather(1, gone), self.w.gather(1, gone))
+        flat = (self._arn[:, None] + keep).reshape(-1)
+        rows = self.base.view(R * n, n).index_select(0, flat).view(R, left, n)
+        base = rows.gather(2, keep[:, None, :].expand(R, left, left))
+        Uk = U.gather(2, keep[:, None, :].expand(R, self.k, left))
+        self.base = base.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1.0)
+        self.w = self.w.gather(1, keep)
+        self.idx = self.idx.gather(1, keep)
+        self.diag = torch.diagonal(self.base, dim1=1, dim2=2).clone()
+        if self.closed is not None:
+            self.closed = self.closed.gather(1, keep)
+            self.diag.masked_fill_(self.closed, -1.0)
+        self.fixed = torch.zeros((R, left), dtype=torch.bool, device=self.w.device)
+        self.U = torch.zeros((R, self.rank, left), dtype=self.w.dtype, device=self.w.device)
+        self._arn = torch.arange(R, device=self.w.device) * left
+        self.since = 0
+
+    def original(self, p: torch.Tensor) -> torch.Tensor:
+        """(R,) original columns of the active slots ``p`` (R,)."""
+        return self.idx.gather(1, p[:, None]).squeeze(1)
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (R, cols), a per-column tensor, read at the current active slots."""
+        return t.gather(1, self.idx.clamp(max=t.shape[1] - 1))
+
+    def result(self) -> torch.Tensor:
+        """(R, cols) final weights of every slot in original column order."""
+        out = self.out.scatter(1, self.idx, self.w)
+        return out[:, : self.cols]

@@ -1,0 +1,43 @@
+"""Working precision and row-batch sizing, shared by every solver (docs/solvers.md §5)."""
+
+from __future__ import annotations
+
+import torch
+
+#: Bytes of (cols, cols) matrices one CPU row batch may hold. The greedy solvers touch their
+#: stacked inverses once per flush, so a batch that stays in the last-level cache runs at cache
+#: speed; bench/solvers.py measured 16–32 MiB best on the project's machine.
+CPU_BATCH_BYTES = 24 * 2**20
+#: Fewest rows per CPU batch: every greedy step costs ~20 small tensor operations per batch, so
+#: tiny batches are bound by the per-operation overhead, whatever their memory ...
+CPU_MIN_ROWS = 16
+#: ... unless that would hold more than this many bytes (wide layers: 8192 columns are 256 MiB
+#: per row in float32).
+CPU_MAX_BATCH_BYTES = 1 << 30
+
+
+def solve_dtype(W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The working precision of a solve: ``dtype`` if given, else float64 for float64 weights and
+    float32 otherwise (the Hessian is always prepared and inverted in float64, and errors are
+    always evaluated in float64)."""
+    if dtype is not None:
+        return dtype
+    return torch.float64 if W.dtype == torch.float64 else torch.float32
+
+
+def auto_row_batch(
+    rows: int, cols: int, dtype: torch.dtype, device: torch.device, copies: int = 1
+) -> int:
+    """How many rows one batch holds when each row needs ``copies`` (cols, cols) matrices.
+
+    On CUDA half of the free device memory is used; on the CPU :data:`CPU_BATCH_BYTES`, but not
+    fewer than :data:`CPU_MIN_ROWS` rows while they fit :data:`CPU_MAX_BATCH_BYTES`.
+    """
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    per_row = max(1, copies * cols * cols * itemsize)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        fit = free // 2 // per_row
+    else:
+        fit = max(CPU_BATCH_BYTES // per_row, min(CPU_MIN_ROWS, CPU_MAX_BATCH_BYTES // per_row))
+    return int(max(1, min(rows, fit)))

@@ -1,0 +1,106 @@
+"""Every (solver.quant, solver.prune) pair builds a layer through the registry and is honoured."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from types import SimpleNamespace
+
+import pytest
+import torch
+from _layers import make_layer
+
+from automl_compress.config import MenuConfig, SolverConfig
+from automl_compress.database import build
+from automl_compress.database.tables import LayerInfo
+from automl_compress.solvers import registry
+from automl_compress.solvers.registry import PruneSolver, QuantSolver, SolveOptions
+
+PAIRS = list(itertools.product(QuantSolver, PruneSolver))
+MENU = MenuConfig(bits=(0, 3, 4), patterns=("dense", "2:4", "50%"))
+
+
+@pytest.fixture(scope="module")
+def layer():
+    L = make_layer(8, 16, seed=21)
+    return L, LayerInfo(name="fc", kind="linear", rows=8, cols=16), SimpleNamespace(H=L.H)
+
+
+@pytest.mark.parametrize(("quant", "prune"), PAIRS, ids=[f"{q}+{p}" for q, p in PAIRS])
+def test_every_option_runs_the_configured_pair(quant, prune, layer, monkeypatch):
+    """The layer's options come from exactly the configured solvers, and each stored entry is
+    the registry's solution of that option (so the pair is honoured, not a fixed fallback)."""
+    L, info, lh = layer
+    cfg = SolverConfig(quant=str(quant), prune=str(prune))
+    calls = []
+    for table, key in [(registry.QUANT, k) for k in QuantSolver] + [
+        (registry.PRUNE, k) for k in PruneSolver
+    ]:
+        fn = table[key]
+        monkeypatch.setitem(table, key, lambda *a, _f=fn, _k=key: calls.append(_k) or _f(*a))
+    for pair, fn in list(registry.JOINT.items()):
+        monkeypatch.setitem(
+            registry.JOINT, pair, lambda *a, _f=fn, _p=pair: calls.append(_p) or _f(*a)
+        )
+    sol = build.solve_layer(info, L.W.float(), lh, MENU, cfg)
+    joint = (prune, quant) in registry.JOINT
+    used = set(calls)
+    expected = {quant} | ({(prune, quant)} if joint else {prune})
+    assert used == expected, (used, expected)
+    for (pattern, bits), opt in sol.options.items():
+        opts = build.solve_options(pattern, bits, cfg)
+        ref = registry.solve(L.W.float(), L.H, opts, quant, prune)
+        W_hat = opt.weight(sol.blocks).to(torch.float64)
+        torch.testing.assert_close(W_hat, ref.weight.double(), rtol=0, atol=1e-6)
+        if pattern != "dense":
+            assert torch.equal(opt.mask, ref.mask)
+            kept = opt.mask.sum(1)
+            assert torch.all(kept == kept[0])  # one exact count per row
+
+
+def test_sparse_options_honour_the_quantizer():
+    """Regression: sparse options used to run OBQ whatever solver.quant said."""
+    L = make_layer(8, 16, seed=22)
+    W = L.W.float()
+    opts = SolveOptions(bits=3, sparsity=0.5)
+    pruned = registry.prune(W, L.H, opts, PruneSolver.EXACT_OBS)
+    for quant in QuantSolver:
+        res = registry.solve(W, L.H, opts, quant, PruneSolver.EXACT_OBS, pruned)
+        direct = registry.QUANT[quant](pruned.weight, L.H, opts, pruned.mask)
+        assert torch.equal(res.weight, direct.weight), quant
+    obq = registry.solve(W, L.H, opts, QuantSolver.OBQ, PruneSolver.EXACT_OBS, pruned)
+    gptq = registry.solve(W, L.H, opts, QuantSolver.GPTQ, PruneSolver.EXACT_OBS, pruned)
+    assert not torch.equal(obq.weight, gptq.weight)
+
+
+def test_row_batch_reaches_every_solver_or_is_refused(monkeypatch):
+    """``row_batch`` is passed to the solvers that batch rows; SparseGPT's joint-over-rows masks
+    refuse it with a named error instead of dropping it."""
+    L = make_layer(8, 16, seed=23)
+    W = L.W.float()
+    seen = {}
+    import automl_compress.solvers.registry as reg
+
+    for name in ("obq_quantize", "gptq_quantize", "fast_quantize", "exact_obs_prune"):
+        fn = getattr(reg, name)
+
+        def spy(*a, _f=fn, _n=name, **k):
+            seen[_n] = k["row_batch"]
+            return _f(*a, **k)
+
+        monkeypatch.setattr(reg, name, spy)
+    opts = SolveOptions(bits=3, sparsity=0.5, row_batch=3)
+    for quant in QuantSolver:
+        reg.solve(W, L.H, dataclasses.replace(opts, sparsity=None), quant, PruneSolver.EXACT_OBS)
+    reg.prune(W, L.H, opts, PruneSolver.EXACT_OBS)
+    assert seen == {n: 3 for n in seen} and len(seen) == 4
+    global_opts = dataclasses.replace(opts, allocation="global")
+    with pytest.raises(reg.InvalidInputError, match="row_batch"):
+        reg.prune(W, L.H, global_opts, PruneSolver.SPARSEGPT)
+
+
+def test_fast_mode_takes_over_above_the_configured_time():
+    cfg = SolverConfig(quant="obq", exact_max_s=1.0)
+    assert build.quant_solver(cfg, 64, 64) is QuantSolver.OBQ
+    assert build.quant_solver(cfg, 4096, 4096) is QuantSolver.FAST
+    assert build.quant_solver(SolverConfig(quant="obq"), 4096, 4096) is QuantSolver.OBQ
