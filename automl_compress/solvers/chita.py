@@ -97,11 +97,17 @@ def _project(z: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor | None, n_m
         return torch.zeros((R, d // m, m), dtype=torch.bool, device=z.device).scatter_(
             2, top, True
         ).reshape(R, d)
-    order = torch.argsort(mag, dim=1, descending=True, stable=True)
-    rank = torch.empty_like(order).scatter_(
-        1, order, torch.arange(d, device=z.device).expand(R, d).contiguous()
-    )
-    return rank < k[:, None]
+    # threshold at each row's k-th largest value; exact unless values tie at the threshold
+    kk = k.clamp(1, d)[:, None]
+    thr = mag.sort(dim=1, descending=True).values.gather(1, kk - 1)
+    keep = (mag >= thr) & allowed & (k[:, None] > 0)
+    if bool((keep.sum(1) != torch.minimum(k, allowed.sum(1))).any()):
+        order = torch.argsort(mag, dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(
+            1, order, torch.arange(d, device=z.device).expand(R, d).contiguous()
+        )
+        keep = rank < k[:, None]
+    return keep
 
 
 def _objective(V: torch.Tensor, AV: torch.Tensor, AW: torch.Tensor, wAw: torch.Tensor):
@@ -238,15 +244,28 @@ def _scatter(S: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
 
 
 def _block(A: torch.Tensor, I: torch.Tensor, Iv: torch.Tensor, J: torch.Tensor, Jv: torch.Tensor):
-    """``A[I[r]][:, J[r]]`` for every row r (R, |I|, |J|), zero where a slot is padding."""
-    flat = (I[:, :, None] * A.shape[1] + J[:, None, :]).reshape(-1)
-    out = A.reshape(-1).index_select(0, flat).reshape(I.shape[0], I.shape[1], J.shape[1])
-    return out * (Iv[:, :, None] & Jv[:, None, :])
+    """``A[I[r]][:, J[r]]`` for every row r (R, |I|, |J|), zero where a slot is padding.
+
+    ``A`` is the padded matrix of :func:`_pad` ((d+1, d+1), zero last row and column), so padded
+    slots just point at index d.
+    """
+    d1 = A.shape[1]
+    I = torch.where(Iv, I, d1 - 1)
+    J = torch.where(Jv, J, d1 - 1)
+    flat = (I[:, :, None] * d1 + J[:, None, :]).reshape(-1)
+    return A.reshape(-1).index_select(0, flat).reshape(I.shape[0], I.shape[1], J.shape[1])
 
 
-def _factor(A: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factors of A_SS for every row (R, K, K), identity on padded slots."""
-    ASS = _block(A, S, Sv, S, Sv) + torch.diag_embed((~Sv).to(A.dtype))
+def _pad(A: torch.Tensor) -> torch.Tensor:
+    """A with a zero row and column appended, for the gathers of :func:`_block`."""
+    return torch.nn.functional.pad(A, (0, 1, 0, 1))
+
+
+def _factor(Ap: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor) -> torch.Tensor:
+    """Lower Cholesky factors of A_SS for every row (R, K, K), identity on padded slots
+    (``Ap``: A padded by :func:`_pad`)."""
+    ASS = _block(Ap, S, Sv, S, Sv)
+    ASS.diagonal(dim1=1, dim2=2).add_((~Sv).to(ASS.dtype))
     return _cholesky_batched(ASS, "A = H + 2λI restricted to a row's support")
 
 
@@ -256,16 +275,16 @@ def _gather3(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx.reshape(R, p * q)).reshape(R, p, q)
 
 
-def _swap_setup(A, AW, wAw, rows, S, Sv, P, Pv, n_m, n_cand) -> _Swaps:
+def _swap_setup(A, Ap, AW, wAw, rows, S, Sv, P, Pv, n_m, n_cand) -> _Swaps:
     """The swap state from scratch for supports S; v is the exact backsolve of every row."""
     R, d = AW.shape
     K, Pn = S.shape[1], P.shape[1]
-    L = _factor(A, S, Sv)
+    L = _factor(Ap, S, Sv)
     Sig = torch.cholesky_inverse(L)
     b = torch.gather(AW, 1, S) * Sv
     v = torch.cholesky_solve(b[:, :, None], L).squeeze(-1) * Sv
     g = torch.gather(_scatter(S, v, d) @ A - AW, 1, P) * Pv
-    ASP = _block(A, S, Sv, P, Pv)  # (R, K, Pn)
+    ASP = _block(Ap, S, Sv, P, Pv)  # (R, K, Pn)
     Z = torch.linalg.solve_triangular(L, ASP, upper=False)
     s = torch.where(Pv, torch.diagonal(A)[P] - (Z * Z).sum(1), 1.0)
     f = 0.5 * (wAw - (v * b).sum(1))
@@ -281,11 +300,11 @@ def _swap_setup(A, AW, wAw, rows, S, Sv, P, Pv, n_m, n_cand) -> _Swaps:
     ss = torch.arange(K, device=dev).expand(R, c, K).contiguous()
     ps = torch.zeros((R, c), dtype=torch.int64, device=dev)
     st = _Swaps(rows, S, Sv, P, Pv, Sig, v, s, g, f, ps, ss, ss.to(A.dtype), ps[:, 0] == 0)
-    _refresh_pool(st, A)
+    _refresh_pool(st, Ap)
     return st
 
 
-def _refresh_pool(st: _Swaps, A: torch.Tensor) -> None:
+def _refresh_pool(st: _Swaps, Ap: torch.Tensor) -> None:
     """Unstructured: the pool := the c P slots of largest gain g_j²/(2 s_j), with their rows of B.
 
     Δ(i, j) >= −g_j²/(2 s_j) (S − i + j is a subset of S + j), so only high-gain j can give a
@@ -294,7 +313,7 @@ def _refresh_pool(st: _Swaps, A: torch.Tensor) -> None:
     gain = torch.where(st.Pv, st.g * st.g / (2 * st.s), -1.0)
     st.ps = gain.topk(st.ps.shape[1], dim=1).indices
     J = torch.gather(st.P, 1, st.ps)
-    st.E = torch.bmm(_block(A, J, torch.gather(st.Pv, 1, st.ps), st.S, st.Sv), st.Sig)
+    st.E = torch.bmm(_block(Ap, J, torch.gather(st.Pv, 1, st.ps), st.S, st.Sv), st.Sig)
     st.fresh = torch.ones_like(st.fresh)
 
 
@@ -372,7 +391,7 @@ def _apply_swaps(st: _Swaps, A: torch.Tensor, a, b, x, act) -> None:
     st.Sig.baddbmm_(X, Xs)
 
 
-def _swap_batch(A, AW, wAw, keep, n_m, max_swaps, refresh, rtol, n_cand):
+def _swap_batch(A, Ap, AW, wAw, keep, n_m, max_swaps, refresh, rtol, n_cand):
     """Swaps on every row of a batch until none lowers a row's objective; returns the final
     supports, the number of swaps of every row and the exact optimum (R, d) on the supports of
     the rows that made none (zero for the others).
@@ -392,16 +411,16 @@ def _swap_batch(A, AW, wAw, keep, n_m, max_swaps, refresh, rtol, n_cand):
     S, Sv = _padded_support(keep, True, K)
     P, Pv = _padded_support(keep, False, Pn)
     out = keep.clone()
-    st = _swap_setup(A, AW, wAw, torch.arange(R, device=dev), S, Sv, P, Pv, n_m, n_cand)
+    st = _swap_setup(A, Ap, AW, wAw, torch.arange(R, device=dev), S, Sv, P, Pv, n_m, n_cand)
     V0 = _scatter(S, st.v, d)
     stopped = torch.zeros(R, dtype=torch.bool, device=dev)
     stale = False
     for rnd in range(max_swaps):
         if rnd and rnd % refresh == 0:
             r_ = st.rows
-            st = _swap_setup(A, AW[r_], wAw[r_], r_, st.S, st.Sv, st.P, st.Pv, n_m, n_cand)
+            st = _swap_setup(A, Ap, AW[r_], wAw[r_], r_, st.S, st.Sv, st.P, st.Pv, n_m, n_cand)
         elif stale:
-            _refresh_pool(st, A)
+            _refresh_pool(st, Ap)
         best, a, b, x = _best_swaps(st)
         act = (best < -rtol * st.f.abs().clamp_min(torch.finfo(best.dtype).tiny)) & ~stopped
         stopped |= ~act & st.fresh
@@ -423,14 +442,14 @@ def _swap_batch(A, AW, wAw, keep, n_m, max_swaps, refresh, rtol, n_cand):
     return out, swaps, V0 * (swaps == 0)[:, None]
 
 
-def _backsolve(A: torch.Tensor, AW: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _backsolve(Ap: torch.Tensor, AW: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """The exact optimum ``v_S = A_SS⁻¹ (A w)_S`` on every row's support (R, d)."""
     R, d = keep.shape
     K = int(keep.sum(1).max())
     if K == 0:
         return torch.zeros_like(AW)
     S, Sv = _padded_support(keep, True, K)
-    L = _factor(A, S, Sv)
+    L = _factor(Ap, S, Sv)
     v = torch.cholesky_solve((torch.gather(AW, 1, S) * Sv)[:, :, None], L).squeeze(-1)
     return _scatter(S, v * Sv, d)
 
@@ -601,6 +620,7 @@ def chita_prune(
     perm_d = perm.to(dev)
     prep = prepare_hessian(H.to(dev)[perm_d][:, perm_d], damp)
     A = prep.H.to(wd)  # H + 2λI (dead inputs neutralised)
+    Ap = _pad(A)
     Wk = W[:, perm_d].to(wd).masked_fill(prep.dead[None, :], 0.0)
     keep0 = warm.mask.to(dev)[:, perm_d]
     V0 = warm.weight.to(dev)[:, perm_d].to(wd).masked_fill(~keep0, 0.0)
@@ -624,13 +644,13 @@ def chita_prune(
         if iht_iters:
             Vb, kb, it = _iht(A, AW, wAw, Vb, kb, allowed, kbn, n_m, iht_iters, rtol)
             iters = max(iters, it)
-        kb, sw, Vs = _swap_batch(A, AW, wAw, kb, n_m, max_swaps, refresh, rtol, candidates)
+        kb, sw, Vs = _swap_batch(A, Ap, AW, wAw, kb, n_m, max_swaps, refresh, rtol, candidates)
         # 3. exact backsolve on the final support (done already for rows that made no swap)
         moved = sw > 0
         if Vs is None:
-            Vs = _backsolve(A, AW, kb)
+            Vs = _backsolve(Ap, AW, kb)
         elif bool(moved.any()):
-            Vs[moved] = _backsolve(A, AW[moved], kb[moved])
+            Vs[moved] = _backsolve(Ap, AW[moved], kb[moved])
         masks.append(kb)
         swaps.append(sw)
         outs.append(Vs)

@@ -129,6 +129,7 @@ def test_incremental_swap_state_equals_a_fresh_setup(make_layer):
     Σ, v, s, g, f and the stored entries of B equal a fresh factorisation."""
     L = make_layer(6, 16, seed=1)
     A = prepare_hessian(L.H, 0.01).H
+    Ap = chita_mod._pad(A)
     W = L.W
     AW = W @ A
     wAw = (W * AW).sum(1)
@@ -141,7 +142,7 @@ def test_incremental_swap_state_equals_a_fresh_setup(make_layer):
         K, Pn = int(keep.sum(1).max()), 16 - int(keep.sum(1).min())
         S, Sv = _padded_support(keep, True, K)
         P, Pv = _padded_support(keep, False, Pn)
-        st = chita_mod._swap_setup(A, AW, wAw, torch.arange(6), S, Sv, P, Pv, n_m, 100)
+        st = chita_mod._swap_setup(A, Ap, AW, wAw, torch.arange(6), S, Sv, P, Pv, n_m, 100)
         for step in range(4):
             best, a, b, x = chita_mod._best_swaps(st)
             act = torch.isfinite(best) & (torch.arange(6) != step)  # one row sits out
@@ -157,11 +158,12 @@ def test_incremental_swap_state_equals_a_fresh_setup(make_layer):
                     assert float(best[r]) == pytest.approx(true, rel=1e-8, abs=1e-12)
             chita_mod._apply_swaps(st, A, a, b, x, act)
             st.f.add_(torch.where(act, best, 0.0))
-            ref = chita_mod._swap_setup(A, AW, wAw, st.rows, st.S, st.Sv, st.P, st.Pv, n_m, 100)
+            ref = chita_mod._swap_setup(A, Ap, AW, wAw, st.rows, st.S, st.Sv, st.P, st.Pv, n_m,
+                                         100)
             for name in ("Sig", "v", "s", "g", "f"):
                 torch.testing.assert_close(getattr(st, name), getattr(ref, name), rtol=1e-7,
                                            atol=1e-9)
-            B = torch.bmm(chita_mod._block(A, st.P, st.Pv, st.S, st.Sv), ref.Sig)
+            B = torch.bmm(chita_mod._block(Ap, st.P, st.Pv, st.S, st.Sv), ref.Sig)
             E = B.gather(1, st.ps[:, :, None].expand(-1, -1, K)).gather(2, st.ss)
             ok = st.Pv.gather(1, st.ps)[:, :, None] & chita_mod._gather3(st.Sv, st.ss)
             torch.testing.assert_close(st.E * ok, E * ok, rtol=1e-7, atol=1e-9)
