@@ -11,6 +11,8 @@ database captures them) the layer-wise relative error Σ_r ½(w−ŵ)H(w−ŵ)�
   kept values at 16 bits (no grid metadata); and the paper's accounting (16-bit values, mask not
   counted: density b/16). Masks: ExactOBS (one pass, all densities) where rows·cols³ <= 3e10,
   SparseGPT above, then CHITA refinement at sparsity >= 75 % (never worse than its warm start);
+  layers wider than 4096 columns get per-row magnitude masks refined by CHITA at sparsity >= 75 %
+  and no pruning figure below 75 % (CHITA needs no cols³ factorisation; SparseGPT does);
 
 with each layer's excess kurtosis of the weights. The crossover is the budget (in quantization
 bits b; pruning gets the same b + 32/cols bits per weight) below which pruning has the lower error
@@ -33,6 +35,7 @@ way.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import time
@@ -48,6 +51,7 @@ from automl_compress.database.costs import row_bits
 from automl_compress.solvers import (
     exact_obs_prune,
     gptq_quantize,
+    magnitude_prune,
     obq_quantize,
     rtn_quantize,
     sparsegpt_prune,
@@ -62,6 +66,7 @@ OBQ_MAX_WORK = 1e10  # rows · cols³ up to which OBQ (exact greedy) is used ins
 EXACT_OBS_MAX_WORK = 3e10  # the same for ExactOBS masks (else SparseGPT)
 GPTQ_VALUES_MAX_COLS = 2048  # kept 8-bit values quantized by GPTQ up to here, RTN above
 CHITA_MIN_SPARSITY = 0.75
+WIDE_COLS = 4096  # above: masks from magnitude + CHITA at sparsity >= 75 % only (no cols³ solve)
 CONFIGS = {"digits_cnn": "configs/digits.yaml", "crepe_tiny": "configs/crepe_tiny.yaml",
            "minilm_l6": "configs/minilm.yaml"}
 
@@ -188,11 +193,19 @@ def study_layer(p: LayerProblem) -> dict:
     ks = sorted({k for d in wanted.values() for k in d.values() if 0 < k < cols})
     sparsities = [1.0 - k / cols for k in ks]
     pmethod = "exact_obs" if work <= EXACT_OBS_MAX_WORK else "sparsegpt"
+    if cols > WIDE_COLS:
+        pmethod = "magnitude"
     masks = {}
     if pmethod == "exact_obs" and sparsities:
         masks = dict(zip(ks, exact_obs_prune(W, H, sparsity=sparsities), strict=True))
     for k, s in zip(ks, sparsities, strict=True):
-        pr = masks[k] if k in masks else sparsegpt_prune(W, H, sparsity=s)
+        if pmethod == "magnitude" and s < CHITA_MIN_SPARSITY:
+            masks[k] = (None, "not computed (wide layer, low sparsity)")
+            continue
+        if pmethod == "magnitude":
+            pr = magnitude_prune(W, s, per_row=True, H=H)
+        else:
+            pr = masks[k] if k in masks else sparsegpt_prune(W, H, sparsity=s)
         name = pmethod
         if s >= CHITA_MIN_SPARSITY:
             pr = chita_prune(W, H, warm_start=pr)
@@ -209,6 +222,9 @@ def study_layer(p: LayerProblem) -> dict:
                 prune[acc][b] = {"kept": k, "error": None, "solver": "dense fits"}
                 continue
             pr, name = masks[k]
+            if pr is None:
+                prune[acc][b] = {"kept": k, "density": k / cols, "error": None, "solver": name}
+                continue
             if acc == "8bit":
                 pr = _quantize_values(p, pr, 8)
             prune[acc][b] = {"kept": k, "density": k / cols, "error": _rel(pr, energy),
@@ -324,11 +340,12 @@ def cmd_layers(args) -> None:
     torch.set_num_threads(args.threads)
     for task in args.tasks.split(","):
         f = args.out / "prune_vs_quant" / f"{task}.json"
-        done = json.loads(f.read_text()) if f.exists() else {}
         for p in layer_problems(task, args.out):
+            done = json.loads(f.read_text()) if f.exists() else {}  # re-read: runs may overlap
             if p.name in done or (args.layers and p.name not in args.layers.split(",")):
                 continue
             rec = study_layer(p)
+            done = json.loads(f.read_text()) if f.exists() else {}
             done[p.name] = rec
             f.parent.mkdir(parents=True, exist_ok=True)
             f.write_text(json.dumps(done, indent=1))
@@ -416,10 +433,11 @@ def cmd_plans(args) -> None:
     torch.set_num_threads(args.threads)
     recs = {(r["task"], r["layer"]): r for r in _load(args.out, args.tasks.split(","))}
     result = {}
+    tag = "" if not args.set else "_" + hashlib.sha1(repr(args.set).encode()).hexdigest()[:8]
     for task in args.tasks.split(","):
-        cfg = load_config(CONFIGS[task])
-        prepared = prepare(cfg, args.out / "pvq_runs" / task, db_dir=args.out / "pvq_db" / task,
-                           progress=False)
+        cfg = load_config(CONFIGS[task], args.set)
+        prepared = prepare(cfg, args.out / "pvq_runs" / (task + tag),
+                           db_dir=args.out / "pvq_db" / (task + tag), progress=False)
         cross = {n: crossover(r) for (t, n), r in recs.items() if t == task}
         plans = {}
         for b in (float(x) for x in args.budgets.split(",")):
@@ -429,7 +447,8 @@ def cmd_plans(args) -> None:
                 print(f"{task} dp@{b:g}: {type(exc).__name__}: {exc}")
         rows = plans_vs_crossover(plans, prepared.tables, cross, cfg.cost)
         result[task] = rows
-        print(f"\n{task} (menu bits {list(cfg.menu.bits)}, patterns {list(cfg.menu.patterns)})")
+        print(f"\n{task} (menu bits {list(cfg.menu.bits)}, patterns {list(cfg.menu.patterns)}, "
+              f"solver {cfg.solver.quant}/{cfg.solver.prune})")
         for label in plans:
             sub = [r for r in rows if r["plan"] == label]
             pr = [r for r in sub if r["prunes"]]
@@ -441,7 +460,7 @@ def cmd_plans(args) -> None:
                               for r in pr)
                   + f"; crossover above the layer's bits on {len(wins)}; agree on "
                   f"{len(agree)}/{len(sub)}")
-    f = args.out / "prune_vs_quant" / "plans.json"
+    f = args.out / "prune_vs_quant" / f"plans{tag}.json"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(result, indent=1, default=str))
 
@@ -460,6 +479,9 @@ def main() -> None:
             s.add_argument("--plot", default="", help="write the PNG here")
         if name == "plans":
             s.add_argument("--budgets", default="2,2.5,3,4")
+            s.add_argument("--set", action="append", default=[],
+                           help="config override key=value (repeatable), e.g. "
+                           "'menu.patterns=[dense,2:4,75%%,87.5%%]'")
     args = ap.parse_args()
     {"layers": cmd_layers, "report": cmd_report, "plans": cmd_plans}[args.cmd](args)
 

@@ -206,7 +206,7 @@ def main_chita(args) -> None:
             except ValueError as exc:  # e.g. 2:4 on a layer with one input channel
                 print(f"{label} {level}: skipped ({type(exc).__name__}: {exc})", flush=True)
                 continue
-            row = {"layer": label, "rows": W.shape[0], **row}
+            row = {"layer": label, "rows": W.shape[0], "repeats": args.repeats, **row}
             if options:
                 row["options"] = options
             with args.out.open("a") as f:
@@ -219,12 +219,14 @@ def print_table(path: Path) -> None:
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     short = {"magnitude": "mag", "sparsegpt": "SG", "exact_obs": "EO", "chita<-sparsegpt": "C←SG",
              "chita<-exact_obs": "C←EO"}
-    print("| layer (rows) | level | options | " + " | ".join(
+    print("| layer (rows) | level | repeats, options | " + " | ".join(
         f"{short[m]} err" for m in CHITA_METHODS) + " | " + " | ".join(
         f"{short[m]} s" for m in CHITA_METHODS[1:]) + " | C←EO/EO | C←SG/EO | t(C←SG)/t(EO) |")
     print("|" + "---|" * (3 + len(CHITA_METHODS) * 2 - 1 + 3))
     for r in rows:
-        opt = json.dumps(r.get("options", {})) if r.get("options") else ""
+        opt = str(r.get("repeats", 3))
+        if r.get("options"):
+            opt += " " + json.dumps(r["options"])
         print(f"| {r['layer']} ({r['rows']}) | {r['level']} | {opt} | "
               + " | ".join(f"{r[m + '_err']:.4g}" for m in CHITA_METHODS) + " | "
               + " | ".join(f"{r[m + '_s']:.3g}" for m in CHITA_METHODS[1:])
