@@ -240,22 +240,31 @@ def study_layer(p: LayerProblem) -> dict:
 # crossover
 
 
+def pruning_errors(rec: Mapping, accounting: str = "8bit") -> dict[int, float]:
+    """Pruning error at every budget b: the best computed mask that fits b (a budget can always
+    hold a sparser mask, so the curve is made non-increasing); inf where none was computed."""
+    out, best = {}, math.inf
+    for b in QUANT_BITS:
+        e = rec["prune"][accounting][str(b)]["error"]
+        best = min(best, math.inf if e is None else e)
+        out[b] = best
+    return out
+
+
 def crossover(rec: Mapping, accounting: str = "8bit") -> float:
-    """Budget (bits per weight) below which pruning has the lower error.
+    """Budget b (quantization bits) below which pruning has the lower error.
 
     Both cost the same bits at every b (b + 32/cols per weight; the paper's accounting: b). The
-    log-ratio of the errors is
-    interpolated linearly in b between the budgets; the highest sign change counts. Returns
-    -inf when quantization wins everywhere in 2..8 and +inf when pruning does.
+    log-ratio of the errors (pruning: :func:`pruning_errors`) is interpolated linearly in b between
+    the budgets; the highest sign change counts. Returns -inf when quantization wins everywhere in
+    2..8 and +inf when pruning does.
     """
+    pe = pruning_errors(rec, accounting)
     bs, diff = [], []
     for b in QUANT_BITS:
         q = rec["quant"][str(b)]["error"]
-        pr = rec["prune"][accounting][str(b)]["error"]
-        if pr is None:  # the budget keeps every weight: pruning is no option
-            pr = math.inf
         bs.append(float(b))
-        diff.append(math.log(max(pr, 1e-300)) - math.log(max(q, 1e-300)))
+        diff.append(math.log(max(pe[b], 1e-300)) - math.log(max(q, 1e-300)))
     if all(d > 0 for d in diff):
         return -math.inf
     if all(d <= 0 for d in diff):
@@ -357,9 +366,14 @@ def cmd_report(args) -> None:
     from scipy.stats import spearmanr
 
     recs = _load(args.out, args.tasks.split(","))
-    print("| task | layer | rows x cols | kurtosis | quant | prune | "
+    dead = {}
+    for t in args.tasks.split(","):
+        for p in layer_problems(t, args.out):
+            dg = torch.diagonal(p.H)
+            dead[(t, p.name)] = float((dg <= 1e-12 * dg.max()).double().mean())
+    print("| task | layer | rows x cols | n | dead inputs | kurtosis | quant | prune | "
           + " | ".join(f"q{b} / p{b}" for b in (2, 3, 4, 6)) + " | crossover | paper's |")
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 14)
     xs, ks, xp = [], [], []
     for r in recs:
         cx, cp = crossover(r), crossover(r, "paper")
@@ -367,11 +381,15 @@ def cmd_report(args) -> None:
         xp.append(cp)
         ks.append(r["kurtosis"])
         cells = []
+        pes = pruning_errors(r)
         for b in (2, 3, 4, 6):
             q = r["quant"][str(b)]["error"]
-            pe = r["prune"]["8bit"][str(b)]["error"]
-            cells.append(f"{q:.3g} / {'-' if pe is None else f'{pe:.3g}'}")
-        print(f"| {r['task']} | {r['layer']} | {r['rows']}x{r['cols']} | {r['kurtosis']:.2f} | "
+            pe = pes[b]
+            cells.append(f"{q:.3g} / {'-' if math.isinf(pe) else f'{pe:.3g}'}")
+        r["dead"] = dead.get((r["task"], r["layer"]), 0.0)
+        short = r["layer"].replace("bert.encoder.", "")
+        print(f"| {r['task']} | {short} | {r['rows']}x{r['cols']} | {r['n_samples']} "
+              f"| {100 * r['dead']:.0f} % | {r['kurtosis']:.2f} | "
               f"{r['quant_method']} | {r['prune_method']} | " + " | ".join(cells)
               + f" | {_fmt_cross(cx)} | {_fmt_cross(cp)} |")
     finite = lambda v: [min(max(x, 1.5), 8.5) for x in v]  # noqa: E731 (censored: < 2, > 8)
@@ -383,9 +401,18 @@ def cmd_report(args) -> None:
           f"{np.median(finite(xp)):.2f} (paper's accounting)")
     print(f"Spearman(kurtosis, crossover): ours rho={rho:.3f} p={pv:.3g}; "
           f"paper's accounting rho={rho_p:.3f} p={pv_p:.3g}")
+    full = [(k, x) for r, k, x in zip(recs, ks, finite(xs), strict=True)
+            if r["n_samples"] >= r["cols"] and r["dead"] < 0.05]
+    if len(full) > 2 and len({x for _, x in full}) > 1:
+        rf, pf = spearmanr([k for k, _ in full], [x for _, x in full])
+        print(f"  full-rank layers only (n >= cols, < 5 % dead inputs): {len(full)} layers, "
+              f"{sum(1 for _, x in full if x > 2)} with a crossover, rho={rf:.3f} p={pf:.3g}")
+    elif full:
+        print(f"  full-rank layers only (n >= cols, < 5 % dead inputs): {len(full)} layers, "
+              f"{sum(1 for _, x in full if x > 2)} with a crossover in 2..8 bits")
     for t in args.tasks.split(","):
         sub = [(k, x) for r, k, x in zip(recs, ks, finite(xs), strict=True) if r["task"] == t]
-        if len(sub) > 2:
+        if len(sub) > 2 and len({x for _, x in sub}) > 1:
             rt, pt = spearmanr([k for k, _ in sub], [x for _, x in sub])
             print(f"  {t}: {len(sub)} layers, rho={rt:.3f} p={pt:.3g}")
     if args.plot:
@@ -403,10 +430,11 @@ def _plot(recs, xs, ks, path: str) -> None:
     for r in recs:
         c = colors.get(r["task"], "k")
         q = [r["quant"][str(b)]["error"] for b in QUANT_BITS]
-        p = [r["prune"]["8bit"][str(b)]["error"] for b in QUANT_BITS]
+        pe = pruning_errors(r)
+        p = [pe[b] for b in QUANT_BITS]
         ax1.plot(QUANT_BITS, q, "-", color=c, alpha=0.35, lw=1)
-        ax1.plot(QUANT_BITS, [np.nan if v is None else v for v in p], "--", color=c, alpha=0.35,
-                 lw=1)
+        ax1.plot(QUANT_BITS, [np.nan if math.isinf(v) or v <= 0 else v for v in p], "--",
+                 color=c, alpha=0.35, lw=1)
     ax1.set_yscale("log")
     ax1.set_xlabel("bits per weight (metadata included)")
     ax1.set_ylabel("relative layer error")
@@ -451,15 +479,18 @@ def cmd_plans(args) -> None:
               f"solver {cfg.solver.quant}/{cfg.solver.prune})")
         for label in plans:
             sub = [r for r in rows if r["plan"] == label]
+            known = [r for r in sub if r["crossover"] is not None]
             pr = [r for r in sub if r["prunes"]]
-            wins = [r for r in sub if r["pruning_wins"]]
-            agree = [r for r in sub if r["agree"]]
-            print(f"  {label}: {len(pr)}/{len(sub)} layers pruned (0-bit rows or 2:4): "
-                  + ", ".join(f"{r['layer']}[{r['pattern']}, {100 * r['zero_rows']:.0f}% 0-bit,"
-                              f" {r['bits']:.2f} b, x={_fmt_cross(r['crossover'] or -math.inf)}]"
-                              for r in pr)
-                  + f"; crossover above the layer's bits on {len(wins)}; agree on "
-                  f"{len(agree)}/{len(sub)}")
+            wins = [r for r in known if r["pruning_wins"]]
+            agree = [r for r in known if r["agree"]]
+            cx = lambda r: "n/a" if r["crossover"] is None else _fmt_cross(r["crossover"])  # noqa: E731
+            print(f"  {label}: prunes (0-bit rows or a sparse pattern) in {len(pr)}/{len(sub)} "
+                  f"layers; crossover known for {len(known)}, above the layer's bits for "
+                  f"{len(wins)} ({', '.join(r['layer'] for r in wins) or '-'}); plan and "
+                  f"crossover agree on {len(agree)}/{len(known)}")
+            for r in pr:
+                print(f"    {r['layer']}: {r['pattern']}, {100 * r['zero_rows']:.0f} % 0-bit rows, "
+                      f"{r['bits']:.2f} bits/weight, crossover {cx(r)}")
     f = args.out / "prune_vs_quant" / f"plans{tag}.json"
     f.parent.mkdir(parents=True, exist_ok=True)
     f.write_text(json.dumps(result, indent=1, default=str))
