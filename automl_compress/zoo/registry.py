@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from automl_compress.attention import unfuse_task
 from automl_compress.config import TaskConfig
 from automl_compress.errors import TaskError
 from automl_compress.zoo.base import Task
@@ -121,4 +122,4 @@ def load_task(config: TaskConfig) -> Task:
             f"task factory {name!r} returned a {type(task).__name__}, expected an "
             "automl_compress.zoo.base.Task (model, calib, evaluate, metric_name)"
         )
-    return task
+    return unfuse_task(task)  # nn.MultiheadAttention -> Linear projections, on a copy
