@@ -62,8 +62,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
 
-    p = sub.add_parser("export", help="write compressed.safetensors (packed integers + plan)")
+    p = sub.add_parser("export", help="write the compressed model (packed integers or floats)")
     p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--format", dest="fmt", choices=("packed", "state_dict"), default="packed",
+        help="packed: RUN/compressed.safetensors, packed integers + plan (docs/export.md); "
+             "state_dict: RUN/state_dict.pt, a float state dict of your own model's classes "
+             "(model.load_state_dict(torch.load(path, weights_only=True)))",
+    )
+    p.add_argument("--out", default=None, help="output file (default: in the run directory)")
 
     sub.add_parser("info", help="environment report for bug reports")
     return parser
@@ -110,7 +117,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         if args.command == "evaluate":
             return pipeline.run_evaluate(Path(args.run), device=args.device)
-        return pipeline.run_export(Path(args.run))
+        out = Path(args.out) if args.out else None
+        return pipeline.run_export(Path(args.run), fmt=args.fmt, out=out)
     cfg = resolve_config(args)
     if args.print_config:
         print(dump_config(cfg), end="")
