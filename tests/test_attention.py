@@ -78,6 +78,7 @@ MHA_VARIANTS = {
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("variant", list(MHA_VARIANTS))
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")  # on purpose
 def test_unfused_mha_equals_fused_reference(batch_first, variant):
     torch.manual_seed(0)
     kw = MHA_VARIANTS[variant]
@@ -132,6 +133,8 @@ def _encoder(batch_first: bool, norm_first: bool = False) -> nn.Module:
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
 def test_transformer_encoder_with_and_without_fast_path(batch_first):
     model = _encoder(batch_first)
     un = unfuse_attention(model)
