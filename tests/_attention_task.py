@@ -77,3 +77,14 @@ def make_task(seed: int = 0, steps: int = 200) -> Task:
     return Task(name="tests:attention", family="tiny_transformer",
                 model=copy.deepcopy(_trained(seed, steps)), calib=calib, evaluate=evaluate,
                 metric_name="top1")
+
+
+def make_model() -> EncoderClassifier:
+    """The trained model alone (``task.name`` with ``task.inputs``)."""
+    return copy.deepcopy(_trained(0, 200))
+
+
+def make_inputs(batches: int = 6) -> list[torch.Tensor]:
+    """Input batches alone (``task.inputs``)."""
+    x, _ = _data()
+    return [x[i * 64 : (i + 1) * 64] for i in range(batches)]

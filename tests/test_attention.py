@@ -284,3 +284,21 @@ def test_stitched_export_and_state_dict_round_trip(compressed, tmp_path):
         torch.testing.assert_close(fresh(x), y, rtol=1e-5, atol=1e-5)
     W, E = fresh.encoder.layers[1].self_attn.in_proj_weight, WIDTH
     assert torch.equal(W[E : 2 * E], model.encoder.layers[1].self_attn.k_proj.weight)
+
+
+def test_model_and_inputs_alone_get_unfused_attention():
+    """The task made from a model and inputs (no Task factory) compresses the projections too,
+    and its fidelity metric still compares with the user's own dense model."""
+    from automl_compress.config import TaskConfig
+    from automl_compress.zoo.registry import load_task
+
+    task = load_task(TaskConfig(name="_attention_task:make_model",
+                                inputs="_attention_task:make_inputs", distance="kl"))
+    attn = task.model.encoder.layers[0].self_attn
+    assert isinstance(attn, UnfusedMultiheadAttention)
+    layers, unsupported = select_layers(task.model)
+    assert "encoder.layers.0.self_attn.v_proj" in layers and unsupported == []
+    assert task.evaluate(task.model) == pytest.approx(0.0, abs=1e-6)  # fused vs unfused: round-off
+    with torch.no_grad():
+        attn.out_proj.weight.mul_(0.0)
+    assert task.evaluate(task.model) < -1e-4
