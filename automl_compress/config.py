@@ -243,6 +243,9 @@ class AllocConfig:
 
 
 BN_MODES = ("relative", "reset", "off")
+# the words YAML reads as booleans, as values of eval.bn_reestimate: on = the default mode
+BN_SWITCHES = {"on": "relative", "true": "relative", "yes": "relative",
+               "off": "off", "false": "off", "no": "off"}
 
 
 @dataclass(frozen=True)
@@ -253,7 +256,8 @@ class EvalConfig:
         bn_reestimate: BatchNorm statistics after compression: 'relative' (move the pretrained
             statistics by the shift compression causes on the calibration data), 'reset'
             (re-estimate them from the calibration data alone) or 'off'; see
-            automl_compress/evaluate.py.
+            automl_compress/evaluate.py. The switch words on/true/yes mean 'relative' and
+            off/false/no mean 'off', quoted or not.
         bias_correction: fold ``(W − Ŵ)μ`` into biases.
         corrections: 'auto': every run compares bias correction on/off × the BN modes on the
             validation split with its starting plan and keeps the best (ties keep the values
@@ -269,11 +273,14 @@ class EvalConfig:
             raise ConfigError(
                 f"eval.corrections must be 'auto' or 'fixed', found {self.corrections!r}"
             )
-        if self.bn_reestimate not in BN_MODES:
+        mode = str(self.bn_reestimate).strip().lower()
+        mode = BN_SWITCHES.get(mode, mode)
+        if mode not in BN_MODES:
             raise ConfigError(
-                f"eval.bn_reestimate must be one of {list(BN_MODES)}, found "
+                f"eval.bn_reestimate must be one of {list(BN_MODES)} (or on/off), found "
                 f"{self.bn_reestimate!r}"
             )
+        object.__setattr__(self, "bn_reestimate", mode)
 
 
 @dataclass(frozen=True)
@@ -471,7 +478,19 @@ class Config:
 # Loading
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans; a string field gets the switch word back
+_YAML_TRUE = ("true", "on", "yes")
+_YAML_FALSE = ("false", "off", "no")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert one YAML value to the field type ``tp`` (``where`` names the key).
+
+    YAML reads ``on/off/yes/no/true/false`` as booleans, so a string field that receives a
+    boolean gets ``'on'`` or ``'off'`` back, and the field's own validation maps those words onto
+    its choices (e.g. ``eval.bn_reestimate: off``); a boolean field accepts the same words
+    written as strings.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -490,8 +509,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in _YAML_TRUE + _YAML_FALSE:
+            return value.strip().lower() in _YAML_TRUE
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, found {value!r}")
+            raise ConfigError(
+                f"{where} must be true or false (or on/off, yes/no), found {value!r}"
+            )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -503,10 +526,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str:
         if isinstance(value, bool):
-            raise ConfigError(
-                f"{where} must be a string, found the YAML boolean {value!r}; quote the word "
-                "(YAML reads off/on/yes/no as booleans), e.g. 'off'"
-            )
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where} must be a string, found {value!r}")
         return str(value)
