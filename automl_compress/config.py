@@ -143,8 +143,8 @@ class SolverConfig:
     Attributes:
         quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (GPTQ candidates +
             refinement); every option uses it, sparse ones on their kept weights.
-        prune: 'exact_obs' (exact greedy) or 'sparsegpt' (fixed order; with quant 'gptq' one
-            joint prune + quantize pass).
+        prune: 'exact_obs' (exact greedy), 'sparsegpt' (fixed order; with quant 'gptq' one
+            joint prune + quantize pass) or 'chita' (ExactOBS's mask refined by swaps).
         symmetric: symmetric per-row grid (else asymmetric).
         grid_search: 'mse' shrink search or 'minmax'.
         damp: relative damping (fraction of mean diag H).

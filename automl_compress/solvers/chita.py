@@ -60,13 +60,8 @@ from automl_compress.solvers.checks import (
 from automl_compress.solvers.exact_obs import channel_major_perm, exact_obs_prune
 from automl_compress.solvers.gptq import gptq_quantize
 from automl_compress.solvers.hessian import DEFAULT_DAMP, prepare_hessian, row_errors
-from automl_compress.solvers.lstsq import (
-    _cholesky_batched,
-    _padded_support,
-    auto_row_batch,
-    resolve_on_mask,
-    solve_dtype,
-)
+from automl_compress.solvers.lstsq import _cholesky_batched, _padded_support, resolve_on_mask
+from automl_compress.solvers.numerics import auto_row_batch
 from automl_compress.solvers.obq import obq_quantize
 from automl_compress.solvers.quantizer import GridSpec
 from automl_compress.solvers.result import SolveResult
@@ -616,7 +611,8 @@ def chita_prune(
 
     warm, warm_name = _warm(W, H, sparsity, n_m, warm_start, allocation, kernel_area, damp, dtype)
     dev = W.device
-    wd = solve_dtype(dev, dtype)
+    # the swap state is updated by rank-2 steps that drift in float32 on CPU over cols swaps
+    wd = dtype if dtype is not None else (torch.float32 if W.is_cuda else torch.float64)
     perm_d = perm.to(dev)
     prep = prepare_hessian(H.to(dev)[perm_d][:, perm_d], damp)
     A = prep.H.to(wd)  # H + 2λI (dead inputs neutralised)
