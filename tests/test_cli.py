@@ -58,7 +58,8 @@ def test_switch_word_override_from_the_command_line(capsys, tmp_path):
                  "--print-config"])
     assert code == 0
     resolved = yaml.safe_load(capsys.readouterr().out)
-    assert resolved["eval"] == {"bn_reestimate": "off", "bias_correction": False}
+    assert resolved["eval"]["bn_reestimate"] == "off"
+    assert resolved["eval"]["bias_correction"] is False
 
 
 def test_report_and_export_help_name_the_formats(capsys):
