@@ -1,4 +1,4 @@
-"""Collect the layer Hessians ``H = 2·XᵀX/n`` of a model's compressible layers (DESIGN.md §2).
+"""Collect the layer Hessians ``H = 2·XᵀX/n`` of a model's compressible layers (docs/solvers.md §1).
 
 Forward hooks on every selected ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` see the layer inputs
 of each calibration batch. ``X`` stacks the n input vectors of a layer as rows:
@@ -14,7 +14,7 @@ of each calibration batch. ``X`` stacks the n input vectors of a layer as rows:
 Moments are accumulated in float64 as running means merged batch by batch (Chan et al.'s pairwise
 update of mean and centred scatter), so memory is bounded by the Hessians and one chunk of unfolded
 inputs, whatever the number of batches. From them: ``H = 2·XᵀX/n`` by default, or the centred
-``H_c = 2·(X−μ)ᵀ(X−μ)/n`` (ALGORITHMS.md §0.4) when ``centered=True``; the input mean μ is always
+``H_c = 2·(X−μ)ᵀ(X−μ)/n`` (docs/solvers.md §1) when ``centered=True``; the input mean μ is always
 stored, for bias folding (:func:`bias_correction`).
 
 Layers wider than ``max_dense_cols`` columns get a block-diagonal H over consecutive column blocks
@@ -214,7 +214,7 @@ def set_layer_weight_2d(module: nn.Module, W2d: torch.Tensor) -> None:
 
 
 def bias_correction(W: torch.Tensor, W_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """The bias update ``(W − Ŵ)·μ`` per row that folds a centred-H solve (ALGORITHMS.md §0.4).
+    """The bias update ``(W − Ŵ)·μ`` per row that folds a centred-H solve (docs/solvers.md §1).
 
     Adding it to the layer's bias keeps each output's mean over the calibration inputs unchanged.
 

@@ -91,7 +91,7 @@ class CaptureConfig:
         exclude: glob patterns of module names to leave dense.
         max_dense_cols: above this many columns H is block-diagonal over column blocks.
         block_cols: the column-block size of the block-diagonal fallback.
-        centered: centred H with bias folding (ALGORITHMS.md §0.4).
+        centered: centred H with bias folding (docs/solvers.md §1).
         max_batches: cap on calibration batches (None = all).
     """
 
@@ -112,7 +112,7 @@ class CaptureConfig:
 
 @dataclass(frozen=True)
 class MenuConfig:
-    """The option menu: per-row bit-widths x layer sparsity patterns (DESIGN.md §5).
+    """The option menu: per-row bit-widths x layer sparsity patterns (docs/allocation.md §1).
 
     Attributes:
         bits: per-row bit-widths; 0 removes the output channel.
@@ -184,7 +184,7 @@ class SolverConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """Size accounting (DESIGN.md §3).
+    """Size accounting (docs/allocation.md §1).
 
     Attributes:
         scale_bits: bits per per-row scale.

@@ -1,4 +1,4 @@
-"""HAQ-style baseline (ALGORITHMS.md §5.3) in the same harness: one DDPG agent.
+"""HAQ-style baseline (docs/env.md §5) in the same harness: one DDPG agent.
 
 One continuous action a ∈ [0, 1] per layer, mapped to a bit-width of the menu's non-zero widths
 ``round(lo − 0.5 + a·(hi − lo + 1))`` over their index range, all rows of the layer at that width,

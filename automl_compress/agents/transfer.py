@@ -1,4 +1,4 @@
-"""Saving and loading policies: both SB3 zips plus a manifest (DESIGN.md §3 ``policy/``).
+"""Saving and loading policies: both SB3 zips plus a manifest (``RUN/policy/``, docs/env.md §6).
 
 A policy can be applied to another model only when the observation and action spaces mean the
 same thing there: the same feature-spec version, the same option menu (bits and patterns), the

@@ -2,14 +2,14 @@
 
 Everything here reads :class:`~automl_compress.database.tables.LayerTable` objects only; nothing is
 solved. Bits are counted by :mod:`automl_compress.database.costs` (metadata included), and budgets
-are average bits per compressible weight (DESIGN.md §3).
+are average bits per compressible weight (docs/allocation.md §1).
 
 - :func:`knapsack_layer`: per-row bit-widths minimising a layer's error under a bit budget, a
-  multiple-choice knapsack over rows (ALGORITHMS.md §5.4). Every row of a layer pays the same bits
-  for the same option, so costs are integers with a common divisor; an exact dynamic programme over
-  rows runs whenever ``rows × budget states`` is at most ``max_cells``. Above that (very wide
-  layers) the Lagrangian convex-hull greedy is used: exact at every hull breakpoint, and between
-  breakpoints it fills the leftover bits greedily (never above the budget).
+  multiple-choice knapsack over rows (docs/allocation.md §2). Every row of a layer pays the same
+  bits for the same option, so costs are integers with a common divisor; an exact dynamic
+  programme over rows runs whenever ``rows × budget states`` is at most ``max_cells``. Above that
+  (very wide layers) the Lagrangian convex-hull greedy is used: exact at every hull breakpoint,
+  and between breakpoints it fills the leftover bits greedily (never above the budget).
 - :func:`allocate_uniform`: one (pattern, bit-width) everywhere, the lowest-error one that fits.
 - :func:`allocate_dp`: OBC/SPDY-style DP over layers on each layer's exact error-vs-bits curve.
 """
@@ -189,7 +189,7 @@ def knapsack_layer(
     Args:
         table: the layer's error table.
         pattern: one of ``table.patterns``.
-        budget_bits: total bits for the layer's rows (metadata included, DESIGN.md §3).
+        budget_bits: total bits for the layer's rows (metadata included, docs/allocation.md §1).
         cost: size accounting (default :class:`CostConfig`).
         max_cells: the exact DP runs when ``rows × (budget states)`` is at most this; above it the
             convex-hull greedy is used (exact at hull breakpoints).

@@ -1,4 +1,4 @@
-"""Size accounting (DESIGN.md §3): what a deployment stores, per row and per layer.
+"""Size accounting (docs/allocation.md §1): what a deployment stores, per row and per layer.
 
 Quantized values cost their bit-width; a removed row (0 bits) costs nothing; unstructured sparsity
 adds a 1-bit-per-weight mask; N:M adds a ceil(log2 M)-bit index per kept value (2:4: 2 bits); every

@@ -2,7 +2,7 @@
 
 Nothing here solves anything: a :class:`LayerTable` holds, for one layer, the exact per-row error of
 every option of the menu (rows × patterns × bits) and the layer's shape metadata. Row errors are
-exactly additive (ALGORITHMS.md §0.1), so any per-row mixture's error is a sum of table entries.
+exactly additive (docs/solvers.md §1), so any per-row mixture's error is a sum of table entries.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The coefficient environment: the two controllers steer the exact DP instead of replacing it.
 
-One episode walks the layers in forward order (docs/env.md, "Coefficient form"). At layer l:
+One episode walks the layers in forward order (docs/env.md §1.1). At layer l:
 
 1. **Layer decision** (the layer controller): one of ``env.coef_levels`` values
    ``u_l ∈ [−coef_span, coef_span]`` (log10 scale, the middle one is 0): the layer's error is

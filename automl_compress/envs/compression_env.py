@@ -2,7 +2,7 @@
 
 Nothing is solved here: every number comes from the layer database's exact per-row tables
 (:class:`~automl_compress.database.tables.LayerTable`). One episode visits the layers in forward
-order. At each layer there are two kinds of decision (DESIGN.md §5):
+order. At each layer there are two kinds of decision (docs/env.md §1.2):
 
 1. **Layer decision** (the layer controller): a pattern from the menu, a 0-bit fraction f (the
    ``floor(f·rows)`` least important rows are removed) and a budget level k. The level is relative

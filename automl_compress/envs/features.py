@@ -1,4 +1,4 @@
-"""Architecture-agnostic, normalised observation features (DESIGN.md §5).
+"""Architecture-agnostic, normalised observation features (docs/env.md §2).
 
 One fixed-size vector serves every controller and every model: nothing in it depends on the number
 of layers or channels, only on the option menu (how many bit-widths and patterns), which the saved
