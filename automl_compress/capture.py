@@ -52,9 +52,7 @@ __all__ = [
     "capture_hessians",
     "check_finite_weights",
     "locate_non_finite",
-    "layer_weight_2d",
     "select_layers",
-    "set_layer_weight_2d",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,7 +122,7 @@ class LayerHessian:
         return self.block_cols is not None
 
     def group_rows(self, g: int) -> slice:
-        """Weight rows (of :func:`layer_weight_2d`) that use group g's Hessian."""
+        """Weight rows (of ``weight.flatten(1)``) that use group g's Hessian."""
         per = self.info.rows // self.groups
         return slice(g * per, (g + 1) * per)
 
@@ -158,7 +156,7 @@ class LayerHessian:
         if tuple(W.shape) != expect or tuple(W_hat.shape) != expect:
             raise ShapeMismatchError(
                 f"layer {self.name!r}: W and W_hat must have the 2-D shape {expect}, found "
-                f"{tuple(W.shape)} and {tuple(W_hat.shape)}; use layer_weight_2d(module)"
+                f"{tuple(W.shape)} and {tuple(W_hat.shape)}; use module.weight.flatten(1)"
             )
         D = W.to(device=self.H.device, dtype=torch.float64) - W_hat.to(
             device=self.H.device, dtype=torch.float64
@@ -177,40 +175,6 @@ class LayerHessian:
 # --------------------------------------------------------------------------------------------
 # Weight helpers
 # --------------------------------------------------------------------------------------------
-
-
-def layer_weight_2d(module: nn.Module) -> torch.Tensor:
-    """The (rows, cols) view of a layer's weight: ``weight.flatten(1)``, detached.
-
-    For a grouped conv the rows of group g are ``g·rows/groups ... (g+1)·rows/groups − 1`` and
-    their columns are that group's (C_in/groups, kh, kw) inputs (:meth:`LayerHessian.group_rows`).
-    """
-    _check_supported(module)
-    return module.weight.detach().flatten(1)
-
-
-def set_layer_weight_2d(module: nn.Module, W2d: torch.Tensor) -> None:
-    """Copy a (rows, cols) weight back into the layer (dtype and device of the layer kept).
-
-    Raises:
-        ShapeMismatchError: W2d is not (rows, cols) of this layer.
-        NonFiniteError: W2d holds NaN or Inf.
-    """
-    _check_supported(module)
-    weight = module.weight
-    expect = (weight.shape[0], math.prod(weight.shape[1:]))
-    if tuple(W2d.shape) != expect:
-        raise ShapeMismatchError(
-            f"set_layer_weight_2d expected a {expect} weight for {type(module).__name__} with "
-            f"weight shape {tuple(weight.shape)}, found {tuple(W2d.shape)}"
-        )
-    if not bool(torch.isfinite(W2d).all()):
-        raise NonFiniteError(
-            "set_layer_weight_2d got a weight with NaN or Inf; expected finite values, fix the "
-            "solver output before writing it"
-        )
-    with torch.no_grad():
-        weight.copy_(W2d.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
 
 
 def bias_correction(W: torch.Tensor, W_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:

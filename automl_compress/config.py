@@ -189,12 +189,10 @@ class CostConfig:
     Attributes:
         scale_bits: bits per per-row scale.
         zero_bits: bits per per-row zero point.
-        activation_bits: activation width for BOPs.
     """
 
     scale_bits: int = 16
     zero_bits: int = 16
-    activation_bits: int = 8
 
 
 OBJECTIVES = ("raw", "normalized", "fisher", "loss")

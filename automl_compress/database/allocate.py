@@ -23,7 +23,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from automl_compress.config import CostConfig
-from automl_compress.database.costs import bops, kept_per_row
 from automl_compress.database.tables import LayerTable
 from automl_compress.errors import InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan, LayerPlan
@@ -301,23 +300,6 @@ def plan_error(plan: CompressionPlan, tables: Sequence[LayerTable]) -> float:
         sum(t.error_of(plan.layers[t.info.name].pattern, plan.layers[t.info.name].row_bits)
             for t in tables)
     )
-
-
-def plan_bops(plan: CompressionPlan, tables: Sequence[LayerTable], cost=None) -> float:
-    """Bit operations of a plan: per row, MACs × kept fraction × weight bits × activation bits.
-
-    ``LayerInfo.macs`` counts one calibration item's multiply-accumulates of the whole layer; each
-    row does ``macs / rows`` of them, scaled by the share of weights its pattern keeps (0 for a
-    removed row).
-    """
-    cost = cost or CostConfig()
-    total = 0.0
-    for t in tables:
-        lp = plan.layers[t.info.name]
-        keep = kept_per_row(t.info.cols, lp.pattern) / max(t.info.cols, 1)
-        per_row = t.info.macs / max(t.info.rows, 1) * keep
-        total += sum(bops(per_row, b, cost.activation_bits) for b in lp.row_bits if b > 0)
-    return total
 
 
 def _raise_if_infeasible(tables, budget_avg_bits, cost) -> None:

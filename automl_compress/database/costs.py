@@ -44,7 +44,3 @@ def row_bits(cols: int, bits: int, pattern: str, cost: CostConfig | None = None)
         meta += kept * math.ceil(math.log2(arg[1]))  # type: ignore[index]
     return kept * bits + meta
 
-
-def bops(macs: int, weight_bits: float, activation_bits: int) -> float:
-    """Bit operations: MACs × weight bits × activation bits."""
-    return float(macs) * float(weight_bits) * float(activation_bits)
