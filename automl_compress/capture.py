@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_compress.attention import UnfusedMultiheadAttention
-from automl_compress.database.tables import LayerInfo
 from automl_compress.errors import InvalidInputError, NonFiniteError, ShapeMismatchError
-from automl_compress.zoo.base import default_forward
+from automl_compress.specs import LayerInfo, default_forward, to_device
 
 __all__ = [
     "LayerHessian",
@@ -434,16 +433,6 @@ def _layer_state(
     return _LayerState(name, module, _Moments(groups, cols, [slice(0, cols)], device), None)
 
 
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
-
-
 def _finish(state: _LayerState, index: int, centered: bool) -> LayerHessian:
     module, m = state.module, state.moments
     groups, cols = m.groups, m.cols
@@ -739,7 +728,7 @@ def capture_hessians(
                 if max_batches is not None and n_batches >= max_batches:
                     break
                 batch_index[0] = n_batches
-                moved = _to_device(batch, device)
+                moved = to_device(batch, device)
                 try:
                     forward(model, moved)
                 except _NonFiniteInput as exc:

@@ -19,33 +19,18 @@ import yaml
 
 from automl_compress.errors import ConfigError
 from automl_compress.solvers.registry import PruneSolver, QuantSolver
+from automl_compress.specs import Pattern
 
 PATTERNS = ("dense", "2:4", "50%", "75%")
 
 
 def parse_pattern(p: str) -> tuple[str, float | tuple[int, int] | None]:
-    """Parse a layer pattern.
+    """Parse a layer pattern (the tuple form of :meth:`automl_compress.specs.Pattern.parse`).
 
     ``"dense"`` → ("dense", None); ``"2:4"`` → ("nm", (2, 4)); ``"50%"`` → ("unstructured", 0.5).
     """
-    p = str(p).strip()
-    if p == "dense":
-        return "dense", None
-    if ":" in p:
-        n, m = p.split(":", 1)
-        if n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
-            return "nm", (int(n), int(m))
-    if p.endswith("%"):
-        try:
-            s = float(p[:-1]) / 100.0
-        except ValueError:
-            s = -1.0
-        if 0.0 < s < 1.0:
-            return "unstructured", s
-    raise ConfigError(
-        f"sparsity pattern must be 'dense', 'N:M' with 0 < N < M (e.g. '2:4') or a percentage in "
-        f"(0, 100) (e.g. '50%'), found {p!r}"
-    )
+    pattern = Pattern.parse(p)
+    return pattern.kind, pattern.arg
 
 
 @dataclass(frozen=True)

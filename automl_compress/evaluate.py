@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from automl_compress.config import EvalConfig
 from automl_compress.plan import CompressionPlan
-from automl_compress.zoo.base import Task
+from automl_compress.specs import Task
 
 _CORRECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

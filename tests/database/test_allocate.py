@@ -17,9 +17,10 @@ from automl_compress.database.allocate import (
     plan_bits,
     plan_error,
 )
-from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.database.tables import LayerTable
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.plan import CompressionPlan
+from automl_compress.specs import LayerInfo
 
 
 def random_table(rows, cols, bits=(0, 2, 3, 4, 8), patterns=("dense", "50%"), seed=0, name="l"):
