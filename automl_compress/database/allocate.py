@@ -28,6 +28,10 @@ from automl_compress.errors import InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan, LayerPlan
 
 MAX_DP_CELLS = 20_000_000
+# the environments run the in-layer knapsack inside every step: the exact DP up to this many
+# rows x budget-states cells, the convex-hull greedy above (exact at hull breakpoints, within one
+# row's option of the optimum)
+ENV_DP_CELLS = 200_000
 DP_RESOLUTION = 4000
 CURVE_POINTS = 256
 
