@@ -21,6 +21,7 @@ from automl_compress.database.allocate import (
 )
 from automl_compress.envs import CompressionEnv
 from automl_compress.envs.haq_env import HAQEnv
+from automl_compress.envs.policy import RowRequest
 from automl_compress.errors import ConfigError, InfeasibleBudgetError
 from automl_compress.plan import CompressionPlan
 
@@ -187,6 +188,24 @@ def test_dp_layer_budgets_bound_every_channel_agent(tables):
         for t in tables:
             one = CompressionPlan({t.info.name: s.plan.layers[t.info.name]})
             assert plan_bits(one, [t]) <= dp_bits[t.info.name] + 1e-9
+
+
+def test_knapsack_channels_at_the_dp_layer_budgets_give_the_dp_plan(tables):
+    """The knapsack channel policy, handed each layer's DP pattern and DP bits with its rows in
+    the env's importance order, returns exactly the DP's layer error within those bits."""
+    dp = allocate_dp(tables, 3.0)
+    cfg = synth_config(3.0)
+    policy = CHANNEL_POLICIES["knapsack"]()
+    for t in tables:
+        lp = dp.layers[t.info.name]
+        p = t.patterns.index(lp.pattern)
+        budget = plan_bits(CompressionPlan({t.info.name: lp}), [t])
+        order = np.argsort(-t.errors[:, p, :].sum(axis=1), kind="stable")
+        ob = t.option_bits(cfg.cost)[p]
+        idx = policy.fill_rows(RowRequest(t, p, order, budget, ob, cfg.cost))
+        assert float(ob[idx].sum()) <= budget + 1e-9
+        got = float(t.errors[order, p, idx].sum())
+        assert got == pytest.approx(t.error_of(lp.pattern, lp.row_bits), rel=1e-12), t.info.name
 
 
 def test_observation_size_is_model_independent():
