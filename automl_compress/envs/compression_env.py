@@ -158,7 +158,8 @@ class CompressionEnv(gym.Env):
         self.fractions = ecfg.prune_fractions if self.menu_bits[0] == 0 else (0.0,)
         self.levels = ecfg.layer_levels
         self.K = ecfg.groups
-        self.n_layer_actions = len(self.menu_patterns) * len(self.fractions) * self.levels
+        self._precompute()
+        self.n_layer_actions = self.ladder.n
         self.n_bits = len(self.menu_bits)
         n = {"layer": self.n_layer_actions, "channel": self.n_bits,
              "flat": max(self.n_layer_actions, self.n_bits)}[mode]
@@ -167,7 +168,6 @@ class CompressionEnv(gym.Env):
         self.observation_space = gym.spaces.Box(
             -features.OBS_CLIP, features.OBS_CLIP, shape=(self.layout.size,), dtype=np.float32
         )
-        self._precompute()
         self._reset_state()
 
     # -------------------------------------------------------------------------------------
