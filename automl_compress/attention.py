@@ -43,7 +43,7 @@ from torch.nn.utils import skip_init
 from automl_compress.errors import UnsupportedLayerError
 
 if TYPE_CHECKING:  # zoo.registry imports this module
-    from automl_compress.zoo.base import Task
+    from automl_compress.specs import Task
 
 __all__ = [
     "UnfusedMultiheadAttention",

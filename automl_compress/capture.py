@@ -1,4 +1,4 @@
-"""Collect the layer Hessians ``H = 2·XᵀX/n`` of a model's compressible layers (DESIGN.md §2).
+"""Collect the layer Hessians ``H = 2·XᵀX/n`` of a model's compressible layers (docs/solvers.md §1).
 
 Forward hooks on every selected ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` see the layer inputs
 of each calibration batch. ``X`` stacks the n input vectors of a layer as rows:
@@ -14,7 +14,7 @@ of each calibration batch. ``X`` stacks the n input vectors of a layer as rows:
 Moments are accumulated in float64 as running means merged batch by batch (Chan et al.'s pairwise
 update of mean and centred scatter), so memory is bounded by the Hessians and one chunk of unfolded
 inputs, whatever the number of batches. From them: ``H = 2·XᵀX/n`` by default, or the centred
-``H_c = 2·(X−μ)ᵀ(X−μ)/n`` (ALGORITHMS.md §0.4) when ``centered=True``; the input mean μ is always
+``H_c = 2·(X−μ)ᵀ(X−μ)/n`` (docs/solvers.md §1) when ``centered=True``; the input mean μ is always
 stored, for bias folding (:func:`bias_correction`).
 
 Layers wider than ``max_dense_cols`` columns get a block-diagonal H over consecutive column blocks
@@ -41,9 +41,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_compress.attention import UnfusedMultiheadAttention
-from automl_compress.database.tables import LayerInfo
 from automl_compress.errors import InvalidInputError, NonFiniteError, ShapeMismatchError
-from automl_compress.zoo.base import default_forward
+from automl_compress.specs import LayerInfo, default_forward, to_device
 
 __all__ = [
     "LayerHessian",
@@ -52,9 +51,7 @@ __all__ = [
     "capture_hessians",
     "check_finite_weights",
     "locate_non_finite",
-    "layer_weight_2d",
     "select_layers",
-    "set_layer_weight_2d",
 ]
 
 log = logging.getLogger(__name__)
@@ -124,7 +121,7 @@ class LayerHessian:
         return self.block_cols is not None
 
     def group_rows(self, g: int) -> slice:
-        """Weight rows (of :func:`layer_weight_2d`) that use group g's Hessian."""
+        """Weight rows (of ``weight.flatten(1)``) that use group g's Hessian."""
         per = self.info.rows // self.groups
         return slice(g * per, (g + 1) * per)
 
@@ -158,7 +155,7 @@ class LayerHessian:
         if tuple(W.shape) != expect or tuple(W_hat.shape) != expect:
             raise ShapeMismatchError(
                 f"layer {self.name!r}: W and W_hat must have the 2-D shape {expect}, found "
-                f"{tuple(W.shape)} and {tuple(W_hat.shape)}; use layer_weight_2d(module)"
+                f"{tuple(W.shape)} and {tuple(W_hat.shape)}; use module.weight.flatten(1)"
             )
         D = W.to(device=self.H.device, dtype=torch.float64) - W_hat.to(
             device=self.H.device, dtype=torch.float64
@@ -179,42 +176,8 @@ class LayerHessian:
 # --------------------------------------------------------------------------------------------
 
 
-def layer_weight_2d(module: nn.Module) -> torch.Tensor:
-    """The (rows, cols) view of a layer's weight: ``weight.flatten(1)``, detached.
-
-    For a grouped conv the rows of group g are ``g·rows/groups ... (g+1)·rows/groups − 1`` and
-    their columns are that group's (C_in/groups, kh, kw) inputs (:meth:`LayerHessian.group_rows`).
-    """
-    _check_supported(module)
-    return module.weight.detach().flatten(1)
-
-
-def set_layer_weight_2d(module: nn.Module, W2d: torch.Tensor) -> None:
-    """Copy a (rows, cols) weight back into the layer (dtype and device of the layer kept).
-
-    Raises:
-        ShapeMismatchError: W2d is not (rows, cols) of this layer.
-        NonFiniteError: W2d holds NaN or Inf.
-    """
-    _check_supported(module)
-    weight = module.weight
-    expect = (weight.shape[0], math.prod(weight.shape[1:]))
-    if tuple(W2d.shape) != expect:
-        raise ShapeMismatchError(
-            f"set_layer_weight_2d expected a {expect} weight for {type(module).__name__} with "
-            f"weight shape {tuple(weight.shape)}, found {tuple(W2d.shape)}"
-        )
-    if not bool(torch.isfinite(W2d).all()):
-        raise NonFiniteError(
-            "set_layer_weight_2d got a weight with NaN or Inf; expected finite values, fix the "
-            "solver output before writing it"
-        )
-    with torch.no_grad():
-        weight.copy_(W2d.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
-
-
 def bias_correction(W: torch.Tensor, W_hat: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
-    """The bias update ``(W − Ŵ)·μ`` per row that folds a centred-H solve (ALGORITHMS.md §0.4).
+    """The bias update ``(W − Ŵ)·μ`` per row that folds a centred-H solve (docs/solvers.md §1).
 
     Adding it to the layer's bias keeps each output's mean over the calibration inputs unchanged.
 
@@ -468,16 +431,6 @@ def _layer_state(
         log.info(msg)
         return _LayerState(name, module, _Moments(groups, cols, blocks, device), bc)
     return _LayerState(name, module, _Moments(groups, cols, [slice(0, cols)], device), None)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
 
 
 def _finish(state: _LayerState, index: int, centered: bool) -> LayerHessian:
@@ -775,7 +728,7 @@ def capture_hessians(
                 if max_batches is not None and n_batches >= max_batches:
                     break
                 batch_index[0] = n_batches
-                moved = _to_device(batch, device)
+                moved = to_device(batch, device)
                 try:
                     forward(model, moved)
                 except _NonFiniteInput as exc:

@@ -1,4 +1,4 @@
-"""``automl-compress``: a thin command line over the library (DESIGN.md §3)."""
+"""``automl-compress``: a thin command line over the library (docs/architecture.md)."""
 
 from __future__ import annotations
 

@@ -19,33 +19,18 @@ import yaml
 
 from automl_compress.errors import ConfigError
 from automl_compress.solvers.registry import PruneSolver, QuantSolver
+from automl_compress.specs import Pattern
 
 PATTERNS = ("dense", "2:4", "50%", "75%")
 
 
 def parse_pattern(p: str) -> tuple[str, float | tuple[int, int] | None]:
-    """Parse a layer pattern.
+    """Parse a layer pattern (the tuple form of :meth:`automl_compress.specs.Pattern.parse`).
 
     ``"dense"`` → ("dense", None); ``"2:4"`` → ("nm", (2, 4)); ``"50%"`` → ("unstructured", 0.5).
     """
-    p = str(p).strip()
-    if p == "dense":
-        return "dense", None
-    if ":" in p:
-        n, m = p.split(":", 1)
-        if n.isdigit() and m.isdigit() and 0 < int(n) < int(m):
-            return "nm", (int(n), int(m))
-    if p.endswith("%"):
-        try:
-            s = float(p[:-1]) / 100.0
-        except ValueError:
-            s = -1.0
-        if 0.0 < s < 1.0:
-            return "unstructured", s
-    raise ConfigError(
-        f"sparsity pattern must be 'dense', 'N:M' with 0 < N < M (e.g. '2:4') or a percentage in "
-        f"(0, 100) (e.g. '50%'), found {p!r}"
-    )
+    pattern = Pattern.parse(p)
+    return pattern.kind, pattern.arg
 
 
 @dataclass(frozen=True)
@@ -91,7 +76,7 @@ class CaptureConfig:
         exclude: glob patterns of module names to leave dense.
         max_dense_cols: above this many columns H is block-diagonal over column blocks.
         block_cols: the column-block size of the block-diagonal fallback.
-        centered: centred H with bias folding (ALGORITHMS.md §0.4).
+        centered: centred H with bias folding (docs/solvers.md §1).
         max_batches: cap on calibration batches (None = all).
     """
 
@@ -112,7 +97,7 @@ class CaptureConfig:
 
 @dataclass(frozen=True)
 class MenuConfig:
-    """The option menu: per-row bit-widths x layer sparsity patterns (DESIGN.md §5).
+    """The option menu: per-row bit-widths x layer sparsity patterns (docs/allocation.md §1).
 
     Attributes:
         bits: per-row bit-widths; 0 removes the output channel.
@@ -184,17 +169,15 @@ class SolverConfig:
 
 @dataclass(frozen=True)
 class CostConfig:
-    """Size accounting (DESIGN.md §3).
+    """Size accounting (docs/allocation.md §1).
 
     Attributes:
         scale_bits: bits per per-row scale.
         zero_bits: bits per per-row zero point.
-        activation_bits: activation width for BOPs.
     """
 
     scale_bits: int = 16
     zero_bits: int = 16
-    activation_bits: int = 8
 
 
 OBJECTIVES = ("raw", "normalized", "fisher", "loss")

@@ -1,11 +1,11 @@
 """Score a stitched model: bias correction, BatchNorm re-estimation, then the held-out metric.
 
-Statistics corrections change the ranking of assignments (ALGORITHMS.md §6.6), so every metric the
-library reports is taken after them:
+Statistics corrections change the ranking of assignments (docs/objectives.md §5), so every metric
+the library reports is taken after them:
 
 - bias correction: for each compressed layer, add the mean output change ``E[(W − Ŵ) x]`` over the
   calibration inputs *of the dense model* to the layer's bias (Nagel et al.'s correction; the exact
-  in-solver form of the centred Hessian, ALGORITHMS.md §0.4). For a removed row this folds the
+  in-solver form of the centred Hessian, docs/solvers.md §1). For a removed row this folds the
   channel's mean output into its bias. Layers without a bias are left to BN re-estimation.
 - BatchNorm re-estimation, ``eval.bn_reestimate``:
 
@@ -37,7 +37,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from automl_compress.config import EvalConfig
 from automl_compress.plan import CompressionPlan
-from automl_compress.zoo.base import Task
+from automl_compress.specs import Task
 
 _CORRECTABLE = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

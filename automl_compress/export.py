@@ -34,14 +34,14 @@ from safetensors.torch import save as st_save
 from torch import nn
 
 from automl_compress.attention import fuse_attention, unfuse_attention
-from automl_compress.config import CostConfig, parse_pattern
+from automl_compress.config import CostConfig
 from automl_compress.database.build import kernel_area
 from automl_compress.database.store import LayerDatabase, LayerSolutions
 from automl_compress.errors import CorruptCacheError, InvalidInputError
 from automl_compress.io import atomic_write_bytes
 from automl_compress.plan import CompressionPlan, LayerPlan
+from automl_compress.specs import Pattern, Task
 from automl_compress.stitch import plan_source, set_weight
-from automl_compress.zoo.base import Task
 
 __all__ = [
     "EXPORT_FORMAT",
@@ -146,13 +146,13 @@ def _layer_tensors(
     info = sol.info
     rb = np.asarray(lp.row_bits, dtype=np.int64)
     kept = np.nonzero(rb > 0)[0]
-    kind, arg = parse_pattern(lp.pattern)
+    pattern = Pattern.parse(lp.pattern)
     blocks = sol.blocks.to(torch.int64).tolist()
     area = kernel_area(info) if len(blocks) == 1 else 1
     options = {b: (sol.rtn[b] if source == "rtn" else sol.options[(lp.pattern, b)])
                for b in sorted(set(lp.row_bits)) if b > 0}
     mask = None  # (rows, cols) keep-mask of the layer, sparse patterns only
-    if kind != "dense":
+    if pattern.kind != "dense":
         mask = np.zeros((info.rows, info.cols), dtype=bool)
         for b, opt in options.items():
             rows = np.nonzero(rb == b)[0]
@@ -167,8 +167,8 @@ def _layer_tensors(
         parts[part] = parts.get(part, 0) + t.numel() * t.element_size()
 
     put("row_bits", torch.from_numpy(pack_bits(rb, ROW_BITS_WIDTH)), "row_bits")
-    if mask is not None and kind == "nm":
-        n, m = arg  # type: ignore[misc]
+    if mask is not None and pattern.n_m is not None:
+        n, m = pattern.n_m
         coded = _nm_encode(mask[kept], n, m, area)
         if coded is not None:
             idx, full = coded

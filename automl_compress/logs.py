@@ -1,4 +1,4 @@
-"""TensorBoard helpers for the search (DESIGN.md §3: ``RUN/tb/``).
+"""TensorBoard helpers for the search (``RUN/tb/``, docs/architecture.md "Run directory").
 
 The ``search`` run holds the episode scalars (``episode/reward``, ``episode/metric``,
 ``episode/avg_bits``, ``episode/proxy_error``, ``episode/projections``, ``search/best_metric``),

@@ -48,7 +48,7 @@ from automl_compress.distances import get_distance, output_tensor
 from automl_compress.errors import ObjectiveError
 from automl_compress.io import atomic_write_json
 from automl_compress.plan import CompressionPlan, LayerPlan
-from automl_compress.zoo.base import Task
+from automl_compress.specs import Task
 
 OBJECTIVE_VERSION = 1
 

@@ -1,6 +1,6 @@
 """Apply a :class:`CompressionPlan` to a copy of a model, row by row from the layer database.
 
-Layers were solved independently from dense-model inputs (ALGORITHMS.md §1.10), so any per-row
+Layers were solved independently from dense-model inputs (docs/solvers.md §1), so any per-row
 mixture of stored options can be stitched: row r of layer l takes the stored solution of
 (pattern_l, bits_lr); a 0-bit row is all zeros. The user's model is never modified (a deep copy is
 returned), and the error of a stitched layer is exactly the sum of its table entries.

@@ -96,7 +96,7 @@ def layer_problems(task_name: str, out: Path) -> list[LayerProblem]:
     if path.exists():
         data = torch.load(path, weights_only=True)
     else:
-        from automl_compress.capture import capture_hessians, layer_weight_2d
+        from automl_compress.capture import capture_hessians
         from automl_compress.zoo import load_task
 
         cfg = load_config(CONFIGS[task_name])
@@ -114,7 +114,7 @@ def layer_problems(task_name: str, out: Path) -> list[LayerProblem]:
             if h.blocked or h.groups != 1:
                 print(f"skip {task_name}/{name}: block-diagonal or grouped H", flush=True)
                 continue
-            W = layer_weight_2d(mods[name]).to(torch.float64).contiguous()
+            W = mods[name].weight.detach().flatten(1).to(torch.float64).contiguous()
             data[name] = {"W": W, "H": h.H[0].to(torch.float64).contiguous(),
                           "kernel_area": int(math.prod(h.info.kernel) if h.info.kernel else 1),
                           "n_samples": int(h.n_samples)}

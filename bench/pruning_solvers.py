@@ -8,13 +8,14 @@ Run:  OMP_NUM_THREADS=1 python bench/pruning_solvers.py --shapes 128x256,128x512
 (one thread gives stable CPU timings on a shared machine; on a GPU pass --device cuda).
 
 ``--chita``: magnitude, SparseGPT, ExactOBS, CHITA-from-SparseGPT and CHITA-from-ExactOBS at
-50/70/90/95 % and 2:4, on bench/solvers.py's anchor protocol (``--shapes``, first ``--max-rows``
-rows) and on real layers (``--real task:layer,...``, Hessians from the task's calibration batches,
-cached by bench/prune_vs_quant.py). Errors ×10³ relative to the output energy, CPU seconds of this
-process (``time.process_time``, one thread: robust to other load on a shared machine), median of
-``--repeats`` interleaved runs. A CHITA time includes its warm start's. ExactOBS runs one
-single-level call per level (its greedy pass goes to full sparsity whatever the level). Results
-append to ``--out`` (JSON lines; finished rows are skipped when re-run).
+50/70/90/95 % and 2:4, on the synthetic protocol of bench/solvers.py (``--shapes``, first
+``--max-rows`` rows) and on real layers (``--real task:layer,...``, Hessians from the task's
+calibration batches, cached by bench/prune_vs_quant.py). Errors ×10³ relative to the output
+energy, CPU seconds of this process (``time.process_time``, one thread: robust to other load on a
+shared machine), median of ``--repeats`` interleaved runs. A CHITA time includes its warm
+start's. ExactOBS runs one single-level call per level (its greedy pass goes to full sparsity
+whatever the level). Results append to ``--out`` (JSON lines; finished rows are skipped when
+re-run).
 
 Run:  taskset -c 0 python bench/pruning_solvers.py --chita --shapes 256x256,512x512 --max-rows 256
 """
@@ -164,13 +165,13 @@ def chita_row(
 def _problems(args):
     """(label, W, H, kernel_area) of every requested synthetic shape and real layer."""
     if args.shapes:
-        from solvers import make_layer  # bench/solvers.py: the anchors' data protocol
+        from solvers import make_layer  # bench/solvers.py, docs/solvers.md §9.1
 
         for spec in args.shapes.split(","):
             rows, cols = (int(v) for v in spec.split("x"))
             W, H = make_layer(rows, cols, args.device)
             W = W[: args.max_rows].double().contiguous() if args.max_rows else W.double()
-            yield f"{spec} (anchor)", W, H, 1
+            yield f"{spec} (synthetic)", W, H, 1
     if args.real:
         from prune_vs_quant import layer_problems
 

@@ -10,7 +10,7 @@ compares errors (the reference errors of the large shapes come from one 32-row b
 ``--max-rows`` subsample differs from the full layer by a few per cent either way).
 
 Run:  python bench/solvers.py --device cpu --shapes 1024x256,768x768 --max-rows 64 --repeats 1
-      python bench/solvers.py --device cuda            # all seven anchor shapes, full layers
+      python bench/solvers.py --device cuda            # all seven synthetic shapes, full layers
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from automl_compress.solvers.refine import fast_quantize
 SHAPES = ("256x2304", "512x4608", "1024x256", "2048x512", "1000x2048", "768x768", "3072x768")
 
 # H100, OBC/GPTQ references (docs/solvers.md §9): (time s, error ×10³); None = not measured.
-ANCHOR = {
+REFERENCE = {
     "obq": {"256x2304": (27.6, 2.88), "512x4608": (336, 2.72), "1024x256": (6.75, 4.08),
             "2048x512": (17.1, 3.45), "1000x2048": (87.4, 2.92), "768x768": (12.0, 3.36),
             "3072x768": (52.2, 3.33)},
@@ -65,7 +65,7 @@ ANCHOR = {
 
 
 def make_layer(rows: int, cols: int, device: str, seed: int = 0):
-    """The anchors' synthetic layer: (W float32, H float64) on ``device``."""
+    """The synthetic layer of docs/solvers.md §9.1: (W float32, H float64) on ``device``."""
     g = torch.Generator().manual_seed(seed)
     n = max(4 * cols, 2048)
     Q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
@@ -145,7 +145,7 @@ def main() -> None:
             results, t, peak = run(table[name], W, H, args.device, args.repeats)
             for label, res in results:
                 err = res.error / dense * 1e3
-                ref_t, ref_e = ANCHOR.get(label, {}).get(shape, (None, None))
+                ref_t, ref_e = REFERENCE.get(label, {}).get(shape, (None, None))
                 scale = rows / W.shape[0]  # compare times of the full layer
                 tr = f"{ref_t / (t * scale):8.1f}" if ref_t else f"{'-':>8}"
                 quant = label in ("obq", "gptq", "rtn")

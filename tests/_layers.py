@@ -30,11 +30,26 @@ def make_layer(rows: int, cols: int, seed: int = 0, n: int | None = None) -> Lay
     return Layer(W=W, X=X, H=2 * X.T @ X / n)
 
 
-def mixed_layer(rows: int, cols: int, n: int, seed: int = 0, mix: float = 0.7):
-    """W ~ N(0, 1); X = Z·A with A = I + mix·G/√cols; returns (W, X, H = 2XᵀX/n)."""
-    g = torch.Generator().manual_seed(seed)
+def mixed_layer(rows: int, cols: int, n: int, seed: int = 0, mix: float = 0.7,
+                generator: torch.Generator | None = None):
+    """W ~ N(0, 1); X = Z·A with A = I + mix·G/√cols; returns (W, X, H = 2XᵀX/n).
+
+    ``generator``: draw from this one (it is left advanced, for the caller's further draws)
+    instead of a fresh one seeded with ``seed``.
+    """
+    g = generator if generator is not None else torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
     A = torch.eye(cols, dtype=torch.float64)
     A = A + mix * torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
+    X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ A
+    return W, X, 2 * X.T @ X / n
+
+
+def gaussian_layer(rows: int, cols: int, n: int, seed: int = 0):
+    """W ~ N(0, 1/cols); X = Z·G with G ~ N(0, 1) (strongly correlated inputs); returns
+    (W, X, H = 2XᵀX/n)."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g, dtype=torch.float64) / cols**0.5
+    A = torch.randn(cols, cols, generator=g, dtype=torch.float64)
     X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ A
     return W, X, 2 * X.T @ X / n

@@ -6,10 +6,11 @@ import pytest
 
 from automl_compress.config import CostConfig
 from automl_compress.database.costs import kept_per_row, pattern_fits, row_bits
-from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.database.tables import LayerTable
 from automl_compress.errors import CorruptCacheError, InvalidInputError
 from automl_compress.io import atomic_write_json
 from automl_compress.plan import CompressionPlan, LayerPlan
+from automl_compress.specs import LayerInfo
 
 
 def test_row_bits_accounting():

@@ -1,4 +1,4 @@
-"""The controllers: SB3 models, the orchestrator, TensorBoard callbacks, save/load (DESIGN.md §5).
+"""The controllers: SB3 models, the orchestrator, TensorBoard callbacks, save/load (docs/env.md §4).
 
 ``run`` holds the ``train`` / ``apply`` entry points; import it explicitly (it pulls in the
 pipeline and torch).

@@ -8,7 +8,7 @@ Algorithms (no RL maths here, SB3 does it):
 - Channel controller: ``MaskablePPO`` on ``Discrete(len(menu.bits))`` per importance group, the
   masks recomputed after every group (the joint layer budget is not per-sub-action separable, so
   a MultiDiscrete over K groups could not be masked correctly).
-- HAQ-style baseline: SB3 ``DDPG`` with one continuous action per layer (``agents/haq.py``).
+- HAQ-style baseline: SB3 ``DDPG`` with one continuous action per layer (``envs/haq_env.py``).
 
 ``gamma = 1``: episodes are short and finite, and the return is exactly the plan's quality.
 """
@@ -61,3 +61,15 @@ class PolicyRef:
             return int(np.flatnonzero(mask)[0])
         action, _ = self.model.predict(obs, action_masks=mask, deterministic=True)
         return int(np.asarray(action).reshape(-1)[0])
+
+
+def make_ddpg(env: Any, acfg: AgentConfig, seed: int):
+    """SB3 DDPG with Gaussian exploration noise (σ = 0.1 of the action range)."""
+    from stable_baselines3 import DDPG
+    from stable_baselines3.common.noise import NormalActionNoise
+
+    noise = NormalActionNoise(np.zeros(1), 0.1 * np.ones(1))
+    return DDPG("MlpPolicy", env, action_noise=noise, learning_rate=acfg.learning_rate,
+                learning_starts=min(100, acfg.total_steps // 4), batch_size=acfg.batch_size,
+                gamma=1.0, seed=seed, verbose=0, device="cpu",
+                policy_kwargs={"net_arch": list(NET_ARCH)})

@@ -11,7 +11,7 @@ Forms (``agent.form``; docs/env.md):
   'knapsack' (or 'uniform', budget action only) replaces the channel model by the exact per-row
   knapsack; ``layer_controller`` = 'dp' takes the calibrated DP's layer decisions.
 - ``flat``: one MaskablePPO on the two-phase episode (a layer step, then its group steps).
-- ``haq``: the HAQ-style DDPG baseline (``agents/haq.py``).
+- ``haq``: the HAQ-style DDPG baseline (``envs/haq_env.py``).
 
 The true metric is the validation split's, through :class:`MetricOracle` and its counting
 :class:`~automl_compress.search.Evaluator`: every ``env.metric_every``-th new plan is scored on
@@ -35,14 +35,16 @@ from typing import Any
 
 from stable_baselines3.common.monitor import Monitor
 
-from automl_compress.agents import controllers, haq
+from automl_compress.agents import controllers
 from automl_compress.agents.callbacks import Progress, StepCallback
+from automl_compress.agents.policies import CHANNEL_POLICIES, LAYER_POLICIES
 from automl_compress.agents.transfer import controller_names
 from automl_compress.config import Config
 from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import CompressionEnv, EpisodeSummary
 from automl_compress.envs.coef_env import NEUTRAL, CoefficientEnv
+from automl_compress.envs.haq_env import HAQEnv
 from automl_compress.logs import SearchWriter, sb3_logger
 from automl_compress.plan import CompressionPlan
 from automl_compress.search.evaluator import Evaluator
@@ -247,7 +249,7 @@ class Search:
                 m = models[n]
                 m.set_env(self.envs[n])
             elif n == "haq":
-                m = haq.make_ddpg(self.envs[n], cfg.agent, cfg.seed + i)
+                m = controllers.make_ddpg(self.envs[n], cfg.agent, cfg.seed + i)
             else:
                 m = controllers.make_ppo(self.envs[n], cfg.agent, cfg.seed + i)
                 if self.coefficient:
@@ -304,15 +306,16 @@ class Search:
                 episode_hook=self.tracker, budgets=self.cfg.env.budgets())
         kw = self._env_kwargs()
         if name == "haq":
-            return haq.HAQEnv(self.tables, self.cfg, **kw)
+            return HAQEnv(self.tables, self.cfg, **kw)
         if name == "flat":
             return CompressionEnv(self.tables, self.cfg, mode="flat", **kw)
-        channel = (self.refs["channel_controller"] if a.channel_controller == "learned"
-                   else a.channel_controller)
-        layer = self.refs["layer_controller"] if a.layer_controller == "learned" else "dp"
         if name == "layer_controller":
+            channel = (self.refs["channel_controller"] if a.channel_controller == "learned"
+                       else CHANNEL_POLICIES[a.channel_controller]())
             return CompressionEnv(self.tables, self.cfg, mode="layer", channel_policy=channel,
                                   **kw)
+        layer = (self.refs["layer_controller"] if a.layer_controller == "learned"
+                 else LAYER_POLICIES[a.layer_controller](self.tables, self.cfg))
         return CompressionEnv(self.tables, self.cfg, mode="channel", layer_policy=layer, **kw)
 
     def _make_env(self, name: str) -> Any:

@@ -1,4 +1,4 @@
-"""Saving and loading policies: both SB3 zips plus a manifest (DESIGN.md §3 ``policy/``).
+"""Saving and loading policies: both SB3 zips plus a manifest (``RUN/policy/``, docs/env.md §6).
 
 A policy can be applied to another model only when the observation and action spaces mean the
 same thing there: the same feature-spec version, the same option menu (bits and patterns), the
@@ -18,7 +18,6 @@ from typing import Any
 from automl_compress.agents.controllers import ALGORITHMS
 from automl_compress.config import Config
 from automl_compress.envs import features
-from automl_compress.envs.coef_env import coef_obs_size
 from automl_compress.errors import PolicyMismatchError
 from automl_compress.io import atomic_write_json
 
@@ -50,8 +49,8 @@ def spec_of(cfg: Config) -> dict[str, Any]:
             "coef_span": cfg.env.coef_span} if coefficient else
            {"groups": cfg.env.groups, "layer_levels": cfg.env.layer_levels,
             "prune_fractions": list(cfg.env.prune_fractions)})
-    size = (coef_obs_size(bits, len(cfg.menu.patterns)) if coefficient
-            else features.obs_size(bits, len(cfg.menu.patterns)))
+    layout = features.coef_layout if coefficient else features.budget_layout
+    size = layout(bits, len(cfg.menu.patterns)).size
     return {
         "feature_version": features.FEATURE_VERSION,
         "menu": {"bits": bits, "patterns": list(cfg.menu.patterns)},

@@ -2,14 +2,14 @@
 
 Everything here reads :class:`~automl_compress.database.tables.LayerTable` objects only; nothing is
 solved. Bits are counted by :mod:`automl_compress.database.costs` (metadata included), and budgets
-are average bits per compressible weight (DESIGN.md §3).
+are average bits per compressible weight (docs/allocation.md §1).
 
 - :func:`knapsack_layer`: per-row bit-widths minimising a layer's error under a bit budget, a
-  multiple-choice knapsack over rows (ALGORITHMS.md §5.4). Every row of a layer pays the same bits
-  for the same option, so costs are integers with a common divisor; an exact dynamic programme over
-  rows runs whenever ``rows × budget states`` is at most ``max_cells``. Above that (very wide
-  layers) the Lagrangian convex-hull greedy is used: exact at every hull breakpoint, and between
-  breakpoints it fills the leftover bits greedily (never above the budget).
+  multiple-choice knapsack over rows (docs/allocation.md §2). Every row of a layer pays the same
+  bits for the same option, so costs are integers with a common divisor; an exact dynamic
+  programme over rows runs whenever ``rows × budget states`` is at most ``max_cells``. Above that
+  (very wide layers) the Lagrangian convex-hull greedy is used: exact at every hull breakpoint,
+  and between breakpoints it fills the leftover bits greedily (never above the budget).
 - :func:`allocate_uniform`: one (pattern, bit-width) everywhere, the lowest-error one that fits.
 - :func:`allocate_dp`: OBC/SPDY-style DP over layers on each layer's exact error-vs-bits curve.
 """
@@ -23,12 +23,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from automl_compress.config import CostConfig
-from automl_compress.database.costs import bops, kept_per_row
 from automl_compress.database.tables import LayerTable
 from automl_compress.errors import InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan, LayerPlan
 
 MAX_DP_CELLS = 20_000_000
+# the environments run the in-layer knapsack inside every step: the exact DP up to this many
+# rows x budget-states cells, the convex-hull greedy above (exact at hull breakpoints, within one
+# row's option of the optimum)
+ENV_DP_CELLS = 200_000
 DP_RESOLUTION = 4000
 CURVE_POINTS = 256
 
@@ -189,7 +192,7 @@ def knapsack_layer(
     Args:
         table: the layer's error table.
         pattern: one of ``table.patterns``.
-        budget_bits: total bits for the layer's rows (metadata included, DESIGN.md §3).
+        budget_bits: total bits for the layer's rows (metadata included, docs/allocation.md §1).
         cost: size accounting (default :class:`CostConfig`).
         max_cells: the exact DP runs when ``rows × (budget states)`` is at most this; above it the
             convex-hull greedy is used (exact at hull breakpoints).
@@ -301,23 +304,6 @@ def plan_error(plan: CompressionPlan, tables: Sequence[LayerTable]) -> float:
         sum(t.error_of(plan.layers[t.info.name].pattern, plan.layers[t.info.name].row_bits)
             for t in tables)
     )
-
-
-def plan_bops(plan: CompressionPlan, tables: Sequence[LayerTable], cost=None) -> float:
-    """Bit operations of a plan: per row, MACs × kept fraction × weight bits × activation bits.
-
-    ``LayerInfo.macs`` counts one calibration item's multiply-accumulates of the whole layer; each
-    row does ``macs / rows`` of them, scaled by the share of weights its pattern keeps (0 for a
-    removed row).
-    """
-    cost = cost or CostConfig()
-    total = 0.0
-    for t in tables:
-        lp = plan.layers[t.info.name]
-        keep = kept_per_row(t.info.cols, lp.pattern) / max(t.info.cols, 1)
-        per_row = t.info.macs / max(t.info.rows, 1) * keep
-        total += sum(bops(per_row, b, cost.activation_bits) for b in lp.row_bits if b > 0)
-    return total
 
 
 def _raise_if_infeasible(tables, budget_avg_bits, cost) -> None:

@@ -48,7 +48,7 @@ from automl_compress.solvers.registry import (
     estimated_seconds,
 )
 from automl_compress.solvers.result import SolveResult
-from automl_compress.zoo.base import Task, model_fingerprint
+from automl_compress.specs import Task, model_fingerprint
 
 SOLVER_VERSION = "2"  # 2: sparse options honour solver.quant; float32 greedy solves
 

@@ -1,4 +1,4 @@
-"""Size accounting (DESIGN.md §3): what a deployment stores, per row and per layer.
+"""Size accounting (docs/allocation.md §1): what a deployment stores, per row and per layer.
 
 Quantized values cost their bit-width; a removed row (0 bits) costs nothing; unstructured sparsity
 adds a 1-bit-per-weight mask; N:M adds a ceil(log2 M)-bit index per kept value (2:4: 2 bits); every
@@ -10,24 +10,18 @@ from __future__ import annotations
 
 import math
 
-from automl_compress.config import CostConfig, parse_pattern
+from automl_compress.config import CostConfig
+from automl_compress.specs import Pattern
 
 
 def kept_per_row(cols: int, pattern: str) -> int:
     """How many weights a row keeps under a layer pattern ('dense', 'N:M', 'P%')."""
-    kind, arg = parse_pattern(pattern)
-    if kind == "dense":
-        return cols
-    if kind == "nm":
-        n, m = arg  # type: ignore[misc]
-        return cols // m * n
-    return cols - int(round(float(arg) * cols))  # type: ignore[arg-type]
+    return Pattern.parse(pattern).kept(cols)
 
 
 def pattern_fits(cols: int, pattern: str) -> bool:
     """Whether a layer with ``cols`` columns can take the pattern (N:M needs cols % M == 0)."""
-    kind, arg = parse_pattern(pattern)
-    return kind != "nm" or cols % arg[1] == 0  # type: ignore[index]
+    return Pattern.parse(pattern).fits(cols)
 
 
 def row_bits(cols: int, bits: int, pattern: str, cost: CostConfig | None = None) -> float:
@@ -35,16 +29,11 @@ def row_bits(cols: int, bits: int, pattern: str, cost: CostConfig | None = None)
     cost = cost or CostConfig()
     if bits == 0:
         return 0.0
-    kind, arg = parse_pattern(pattern)
-    kept = kept_per_row(cols, pattern)
+    pat = Pattern.parse(pattern)
+    kept = pat.kept(cols)
     meta = float(cost.scale_bits + cost.zero_bits)
-    if kind == "unstructured":
+    if pat.kind == "unstructured":
         meta += cols  # 1-bit mask per weight
-    elif kind == "nm":
-        meta += kept * math.ceil(math.log2(arg[1]))  # type: ignore[index]
+    elif pat.n_m is not None:
+        meta += kept * math.ceil(math.log2(pat.n_m[1]))
     return kept * bits + meta
-
-
-def bops(macs: int, weight_bits: float, activation_bits: int) -> float:
-    """Bit operations: MACs × weight bits × activation bits."""
-    return float(macs) * float(weight_bits) * float(activation_bits)

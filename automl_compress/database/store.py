@@ -33,9 +33,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.database.tables import LayerTable
 from automl_compress.errors import CorruptCacheError, DatabaseMismatchError
 from automl_compress.io import atomic_write_bytes, atomic_write_json
+from automl_compress.specs import LayerInfo
 
 DB_FORMAT = 1
 MANIFEST = "manifest.json"

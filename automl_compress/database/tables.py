@@ -2,7 +2,7 @@
 
 Nothing here solves anything: a :class:`LayerTable` holds, for one layer, the exact per-row error of
 every option of the menu (rows × patterns × bits) and the layer's shape metadata. Row errors are
-exactly additive (ALGORITHMS.md §0.1), so any per-row mixture's error is a sum of table entries.
+exactly additive (docs/solvers.md §1), so any per-row mixture's error is a sum of table entries.
 """
 
 from __future__ import annotations
@@ -13,39 +13,9 @@ import numpy as np
 
 from automl_compress.config import CostConfig
 from automl_compress.database.costs import row_bits
+from automl_compress.specs import LayerInfo
 
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """Shape metadata of one compressible layer.
-
-    Attributes:
-        name: module name in the model (``model.get_submodule(name)``).
-        kind: 'linear', 'conv1d' or 'conv2d'.
-        rows: output channels (weight rows).
-        cols: weights per row (in_features, or C_in/groups × kernel area).
-        kernel: kernel size (empty for linear).
-        stride: stride (empty for linear).
-        groups: conv groups (1 for linear).
-        macs: multiply-accumulates per calibration sample (per forward of one input item).
-        index: position among the compressible layers (0-based, forward order).
-        has_bias: whether the layer has a bias.
-    """
-
-    name: str
-    kind: str
-    rows: int
-    cols: int
-    kernel: tuple[int, ...] = ()
-    stride: tuple[int, ...] = ()
-    groups: int = 1
-    macs: int = 0
-    index: int = 0
-    has_bias: bool = False
-
-    @property
-    def numel(self) -> int:
-        return self.rows * self.cols
+__all__ = ["LayerInfo", "LayerTable"]
 
 
 @dataclass(frozen=True)

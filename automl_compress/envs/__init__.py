@@ -1,4 +1,4 @@
-"""Gymnasium environments over the layer database (DESIGN.md §5); they never run solvers."""
+"""Gymnasium environments over the layer database (docs/env.md); they never run solvers."""
 
 from automl_compress.envs.compression_env import MODES, CompressionEnv, EpisodeSummary
 from automl_compress.envs.features import FEATURE_VERSION, obs_size

@@ -1,6 +1,6 @@
 """The coefficient environment: the two controllers steer the exact DP instead of replacing it.
 
-One episode walks the layers in forward order (docs/env.md, "Coefficient form"). At layer l:
+One episode walks the layers in forward order (docs/env.md §1.1). At layer l:
 
 1. **Layer decision** (the layer controller): one of ``env.coef_levels`` values
    ``u_l ∈ [−coef_span, coef_span]`` (log10 scale, the middle one is 0): the layer's error is
@@ -42,6 +42,7 @@ import numpy as np
 
 from automl_compress.config import Config
 from automl_compress.database.allocate import (
+    ENV_DP_CELLS,
     allocate_dp,
     layer_candidates,
     min_feasible_avg_bits,
@@ -50,19 +51,13 @@ from automl_compress.database.allocate import (
 )
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features
-from automl_compress.envs.compression_env import ENV_DP_CELLS, EpisodeSummary
+from automl_compress.envs.compression_env import EpisodeSummary
 from automl_compress.errors import ConfigError, InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan
 
 COEF_MODES = ("layer", "channel")
 NEUTRAL = "neutral"
 Policy = Callable[[np.ndarray, np.ndarray], int]
-
-
-def coef_obs_size(menu_bits: Sequence[int], n_patterns: int) -> int:
-    """Length of the coefficient env's observation (layer block, budget, phase, group, decided)."""
-    nz = sum(1 for b in menu_bits if b > 0)
-    return 10 + nz + (n_patterns - 1) + 2 + 1 + (2 + nz) + 2
 
 
 class CoefficientEnv(gym.Env):
@@ -114,9 +109,9 @@ class CoefficientEnv(gym.Env):
         self.values = np.linspace(-e.coef_span, e.coef_span, e.coef_levels)
         self.neutral = (e.coef_levels - 1) // 2
         self.action_space = gym.spaces.Discrete(e.coef_levels)
-        size = coef_obs_size(menu_bits, len(cfg.menu.patterns))
+        self.layout = features.coef_layout(menu_bits, len(cfg.menu.patterns))
         self.observation_space = gym.spaces.Box(-features.OBS_CLIP, features.OBS_CLIP,
-                                                shape=(size,), dtype=np.float32)
+                                                shape=(self.layout.size,), dtype=np.float32)
         self.static = features.layer_static(self.tables, menu_bits, cfg.menu.patterns)
         self.groups = []
         self.group_feats = []
@@ -282,5 +277,5 @@ class CoefficientEnv(gym.Env):
             if self._j > 0:
                 decided[1] = self.values[self._v[l_][self._j - 1]] / span
             phase = 1.0
-        obs = np.concatenate([self.static[l_], budget, [phase], group, decided])
-        return np.clip(obs, -features.OBS_CLIP, features.OBS_CLIP).astype(np.float32)
+        return self.layout.build(layer=self.static[l_], budget=budget, phase=[phase], group=group,
+                                 decided=decided)

@@ -2,33 +2,25 @@
 
 Nothing is solved here: every number comes from the layer database's exact per-row tables
 (:class:`~automl_compress.database.tables.LayerTable`). One episode visits the layers in forward
-order. At each layer there are two kinds of decision (DESIGN.md §5):
+order. At each layer there are two kinds of decision (docs/env.md §1.2):
 
 1. **Layer decision** (the layer controller): a pattern from the menu, a 0-bit fraction f (the
-   ``floor(f·rows)`` least important rows are removed) and a budget level k. The level is relative
-   to the fair share ``s = (B − U) / (weights not yet decided)`` (bits per weight still available):
-   the kept rows may spend ``clip(n_keep · cols · s · μ_k, n_keep · c_lo, n_keep · c_hi)`` bits,
-   with μ_0 = 0 (the cheapest) and μ_1..μ_{levels−1} geometric from 1/4 to 2 (so "spend my fair
-   share" is one action on every model and budget); c_lo / c_hi are the pattern's cheapest and
-   dearest per-row cost. One ``Discrete(patterns × fractions × levels)`` action.
+   ``floor(f·rows)`` least important rows are removed) and a budget level relative to the fair
+   share of the budget left, one ``Discrete(patterns × fractions × levels)`` action
+   (:mod:`automl_compress.envs.ladder` tabulates what each action means at each layer).
 2. **Group decisions** (the channel controller): the kept rows, ranked by importance (the sum of
    their exact error curve under the pattern, most important first), are split into
    ``min(K, n_keep)`` groups; one ``Discrete(len(menu.bits))`` action per group gives the group's
    bit-width *relative to its fair share*: with i* the dearest width whose per-row cost fits the
    layer budget left per undecided row, action a takes width index ``clip(i* + a − c, 0, nb − 1)``
-   with c = (nb − 1) // 2, so "spend my share" is the same action on every layer, and the last
-   group of a layer can spend what is left. Unused layer budget returns to the model's pool.
+   with c = (nb − 1) // 2. Unused layer budget returns to the model's pool.
 
-``mode`` says which decisions are the agent's:
-
-- ``"layer"``: layer decisions; group decisions come from ``channel_policy`` ('knapsack': the
-  per-row knapsack on the kept rows, exact DP on small layers, convex-hull greedy on large
-  ones; 'uniform': one bit-width for all kept rows; or a callable ``(obs, mask) -> action``,
-  e.g. a frozen channel model).
-- ``"channel"``: group decisions; layer decisions come from ``layer_policy`` ('dp': the DP
-  allocator's per-layer budgets; or a callable ``(obs, mask) -> action``).
-- ``"flat"``: both, as one two-phase episode (a layer step, then its group steps) with one
-  ``Discrete(max(...))`` action space and phase-dependent masks.
+``mode`` says which decisions are the agent's: ``"layer"`` (group decisions come from
+``channel_policy``), ``"channel"`` (layer decisions come from ``layer_policy``) or ``"flat"`` (both,
+as one two-phase episode with one ``Discrete(max(...))`` action space and phase-dependent masks).
+The env holds no controller: it is given one (:mod:`automl_compress.envs.policy`), a callable
+``(obs, mask) -> action`` (e.g. a frozen model) or an allocator that decides a whole layer from the
+tables (:mod:`automl_compress.agents.policies`: the exact knapsack, one width, the DP's layers).
 
 Budget: with B the model's bit budget, U the bits already spent and m_j the cheapest possible
 cost of layer j, a layer action is allowed iff ``U + budget_l + Σ_{j>l} m_j ≤ B``; a group action
@@ -54,20 +46,16 @@ import gymnasium as gym
 import numpy as np
 
 from automl_compress.config import Config
-from automl_compress.database.allocate import allocate_dp, knapsack_layer, min_feasible_avg_bits
+from automl_compress.database.allocate import min_feasible_avg_bits
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features, rewards
+from automl_compress.envs.ladder import build_ladder
+from automl_compress.envs.policy import LayerAllocator, Policy, RowAllocator, RowRequest
 from automl_compress.errors import ConfigError, InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan, LayerPlan
 
 MODES = ("layer", "channel", "flat")
-_TOL = 1e-6
-# the 'knapsack' channel policy runs inside every step: the exact DP up to this many
-# rows x budget-states cells, the convex-hull greedy above (exact at hull breakpoints, within one
-# row's option of the optimum); the allocators use the exact DP up to MAX_DP_CELLS
-ENV_DP_CELLS = 200_000
-
-Policy = Callable[[np.ndarray, np.ndarray], int]
+TOL = 1e-6
 
 
 @dataclass(frozen=True)
@@ -114,8 +102,9 @@ class CompressionEnv(gym.Env):
         tables: the model's layer tables in forward order.
         cfg: the resolved config (menu, cost, env sections are read).
         mode: 'layer', 'channel' or 'flat'.
-        layer_policy: in 'channel' mode: 'dp' or a callable ``(obs, mask) -> action``.
-        channel_policy: in 'layer' mode: 'knapsack', 'uniform' or a callable.
+        layer_policy: in 'channel' mode: a :class:`LayerAllocator` or a callable
+            ``(obs, mask) -> action``.
+        channel_policy: in 'layer' mode: a :class:`RowAllocator` or a callable.
         metric_fn: ``plan -> metric or None`` for the episode-end term (None: no end term).
         metric_dense: the dense model's metric (the end term's reference).
         episode_hook: called with an :class:`EpisodeSummary` after every episode.
@@ -132,8 +121,8 @@ class CompressionEnv(gym.Env):
         tables: Sequence[LayerTable],
         cfg: Config,
         mode: str = "flat",
-        layer_policy: str | Policy | None = None,
-        channel_policy: str | Policy | None = None,
+        layer_policy: LayerAllocator | Policy | None = None,
+        channel_policy: RowAllocator | Policy | None = None,
         metric_fn: Callable[[CompressionPlan], float | None] | None = None,
         metric_dense: float = 1.0,
         episode_hook: Callable[[EpisodeSummary], None] | None = None,
@@ -142,11 +131,11 @@ class CompressionEnv(gym.Env):
         if mode not in MODES:
             raise ConfigError(f"env mode must be one of {MODES}, found {mode!r}")
         if mode == "layer" and channel_policy is None:
-            raise ConfigError("mode 'layer' needs a channel_policy ('knapsack', 'uniform' or a "
-                              "callable), found None")
+            raise ConfigError("mode 'layer' needs a channel_policy (a RowAllocator such as "
+                              "agents.policies.KnapsackChannels, or a callable), found None")
         if mode == "channel" and layer_policy is None:
-            raise ConfigError("mode 'channel' needs a layer_policy ('dp' or a callable), found "
-                              "None")
+            raise ConfigError("mode 'channel' needs a layer_policy (a LayerAllocator such as "
+                              "agents.policies.DPLayers, or a callable), found None")
         if not tables:
             raise InvalidInputError("the environment needs at least one layer table, found none")
         self.tables = list(tables)
@@ -169,19 +158,16 @@ class CompressionEnv(gym.Env):
         self.fractions = ecfg.prune_fractions if self.menu_bits[0] == 0 else (0.0,)
         self.levels = ecfg.layer_levels
         self.K = ecfg.groups
-        self.n_layer_actions = len(self.menu_patterns) * len(self.fractions) * self.levels
+        self._precompute()
+        self.n_layer_actions = self.ladder.n
         self.n_bits = len(self.menu_bits)
         n = {"layer": self.n_layer_actions, "channel": self.n_bits,
              "flat": max(self.n_layer_actions, self.n_bits)}[mode]
         self.action_space = gym.spaces.Discrete(n)
-        size = features.obs_size(self.menu_bits, len(self.menu_patterns))
+        self.layout = features.budget_layout(self.menu_bits, len(self.menu_patterns))
         self.observation_space = gym.spaces.Box(
-            -features.OBS_CLIP, features.OBS_CLIP, shape=(size,), dtype=np.float32
+            -features.OBS_CLIP, features.OBS_CLIP, shape=(self.layout.size,), dtype=np.float32
         )
-        self._precompute()
-        self._dp_plan = None
-        if layer_policy == "dp":
-            self._dp_plan = allocate_dp(self.tables, ecfg.budget_bits, cfg.cost)
         self._reset_state()
 
     # -------------------------------------------------------------------------------------
@@ -195,7 +181,7 @@ class CompressionEnv(gym.Env):
         self.budget_total = self.cfg.env.budget_bits * self.total_weights
         layer_min = np.array([t.info.rows * float(ob.min()) for t, ob in
                               zip(self.tables, self.option_bits, strict=True)])
-        if self.budget_total < layer_min.sum() - _TOL:
+        if self.budget_total < layer_min.sum() - TOL:
             raise InfeasibleBudgetError(
                 self.cfg.env.budget_bits, min_feasible_avg_bits(self.tables, cost)
             )
@@ -204,45 +190,13 @@ class CompressionEnv(gym.Env):
         self.static = features.layer_static(self.tables, self.menu_bits, self.menu_patterns)
         self.e_ref = rewards.reference_error(self.tables, self.option_bits,
                                              self.cfg.env.budget_bits)
-        # layer-action tables: validity, table pattern index, pruned rows, and the kept rows'
-        # cheapest / dearest cost and weights (budgets depend on the state: _layer_budgets)
-        self.la_valid, self.la_pattern, self.la_pruned = [], [], []
-        self.la_lo, self.la_hi, self.la_weights = [], [], []
-        for t, ob in zip(self.tables, self.option_bits, strict=True):
-            shape = self.n_layer_actions
-            valid, pat = np.zeros(shape, dtype=bool), np.zeros(shape, dtype=np.int64)
-            pruned = np.zeros(shape, dtype=np.int64)
-            lo, hi, w = np.zeros(shape), np.zeros(shape), np.zeros(shape)
-            for a in range(shape):
-                pi, fi, _ = self._decode_layer_action(a)
-                name = self.menu_patterns[pi]
-                if name not in t.patterns:
-                    continue
-                p = t.patterns.index(name)
-                n_pruned = math.floor(self.fractions[fi] * t.info.rows)
-                keep = t.info.rows - n_pruned
-                valid[a], pat[a], pruned[a] = True, p, n_pruned
-                lo[a], hi[a] = keep * float(ob[p].min()), keep * float(ob[p].max())
-                w[a] = keep * t.info.cols
-            self.la_valid.append(valid)
-            self.la_pattern.append(pat)
-            self.la_pruned.append(pruned)
-            self.la_lo.append(lo)
-            self.la_hi.append(hi)
-            self.la_weights.append(w)
-        k = np.arange(self.levels) % self.levels
-        self.level_mult = np.where(
-            k == 0, 0.0, 2.0 ** (3.0 * (k - 1) / max(self.levels - 2, 1) - 2.0))
+        self.ladder = build_ladder(self.tables, self.option_bits, self.menu_patterns,
+                                   self.fractions, self.levels)
         # importance order of rows per (layer, pattern): exact error curve summed, descending
         self.importance = [
             [np.argsort(-t.errors[:, p, :].sum(axis=1), kind="stable") for p in
              range(len(t.patterns))] for t in self.tables
         ]
-
-    def _decode_layer_action(self, a: int) -> tuple[int, int, int]:
-        k = a % self.levels
-        rest = a // self.levels
-        return rest // len(self.fractions), rest % len(self.fractions), k
 
     # -------------------------------------------------------------------------------------
     # Gymnasium API
@@ -320,13 +274,11 @@ class CompressionEnv(gym.Env):
         clipped to [cheapest, dearest] cost of the kept rows (level 0: the cheapest)."""
         l_ = self._l
         fair = (self.budget_total - self._used) / max(float(self.numel[l_:].sum()), 1.0)
-        mult = self.level_mult[np.arange(self.n_layer_actions) % self.levels]
-        want = self.la_weights[l_] * fair * mult
-        return np.clip(want, self.la_lo[l_], self.la_hi[l_])
+        return self.ladder.budgets(l_, fair)
 
     def _layer_mask(self) -> np.ndarray:
-        lim = self.budget_total - self._used - self.min_rest[self._l + 1] + _TOL
-        return self.la_valid[self._l] & (self._layer_budgets() <= lim)
+        lim = self.budget_total - self._used - self.min_rest[self._l + 1] + TOL
+        return self.ladder.valid[self._l] & (self._layer_budgets() <= lim)
 
     def _group_mask_abs(self) -> np.ndarray:
         """Allowed width indices for the current group (absolute, by the budget rule)."""
@@ -335,7 +287,7 @@ class CompressionEnv(gym.Env):
         ob = self.option_bits[self._l][st.p]
         size = len(st.groups[st.j])
         rest = sum(len(g) for g in st.groups[st.j + 1:]) * float(ob.min())
-        return st.used + size * ob + rest <= st.budget + _TOL
+        return st.used + size * ob + rest <= st.budget + TOL
 
     def _group_widths(self) -> np.ndarray:
         """Width index taken by each group action: ``clip(i* + a − c, 0, nb − 1)``."""
@@ -344,7 +296,7 @@ class CompressionEnv(gym.Env):
         ob = self.option_bits[self._l][st.p]
         undecided = sum(len(g) for g in st.groups[st.j:])
         share = (st.budget - st.used) / max(undecided, 1)
-        fits = np.flatnonzero(ob <= share + _TOL)
+        fits = np.flatnonzero(ob <= share + TOL)
         i_star = int(fits[np.argmax(ob[fits])]) if len(fits) else int(np.argmin(ob))
         center = (self.n_bits - 1) // 2
         return np.clip(i_star + np.arange(self.n_bits) - center, 0, self.n_bits - 1)
@@ -365,14 +317,14 @@ class CompressionEnv(gym.Env):
         """The dearest allowed action costing no more than ``a`` (else the cheapest allowed)."""
         allowed = np.flatnonzero(mask)
         want = cost[a] if 0 <= a < len(cost) else np.inf
-        cheaper = allowed[cost[allowed] <= want + _TOL]
+        cheaper = allowed[cost[allowed] <= want + TOL]
         if len(cheaper):
             return int(cheaper[np.argmax(cost[cheaper])])
         return int(allowed[np.argmin(cost[allowed])])
 
     def _apply_layer(self, a: int) -> None:
-        pi, fi, k = self._decode_layer_action(a)
-        self._start_layer(int(self.la_pattern[self._l][a]), int(self.la_pruned[self._l][a]),
+        pi, fi, k = self.ladder.decode(a)
+        self._start_layer(int(self.ladder.pattern[self._l][a]), int(self.ladder.pruned[self._l][a]),
                           float(self._layer_budgets()[a]))
         self._prev_layer = (k / (self.levels - 1), pi / max(len(self.menu_patterns) - 1, 1),
                             self.fractions[fi])
@@ -443,13 +395,10 @@ class CompressionEnv(gym.Env):
             self._auto_groups()
 
     def _auto_layer(self) -> None:
-        if self.layer_policy == "dp":
-            assert self._dp_plan is not None
-            t, ob = self.tables[self._l], self.option_bits[self._l]
-            lp = self._dp_plan.layers[t.info.name]
-            p = t.patterns.index(lp.pattern)
-            idx = np.searchsorted(np.asarray(t.bits), np.asarray(lp.row_bits))
-            self._start_layer(p, 0, float(ob[p, idx].sum()))
+        if isinstance(self.layer_policy, LayerAllocator):
+            p, budget = self.layer_policy.choose_layer(self.tables[self._l],
+                                                       self.option_bits[self._l])
+            self._start_layer(p, 0, budget)
             return
         assert callable(self.layer_policy)
         mask = self._layer_mask()
@@ -462,18 +411,10 @@ class CompressionEnv(gym.Env):
     def _auto_groups(self) -> None:
         st, t = self._layer, self.tables[self._l]
         assert st is not None
-        if self.channel_policy in ("knapsack", "uniform"):
+        if isinstance(self.channel_policy, RowAllocator):
             ob = self.option_bits[self._l][st.p]
-            keep = len(st.order)
-            if self.channel_policy == "knapsack":
-                info = dataclasses.replace(t.info, rows=keep)
-                sub = LayerTable(info, t.bits, t.patterns, t.errors[st.order])
-                bits = knapsack_layer(sub, t.patterns[st.p], st.budget, self.cfg.cost,
-                                      max_cells=ENV_DP_CELLS)
-                idx = np.searchsorted(np.asarray(t.bits), bits)
-            else:
-                fits = np.flatnonzero(keep * ob <= st.budget + _TOL)
-                idx = np.full(keep, int(fits[np.argmax(ob[fits])]) if len(fits) else 0)
+            idx = self.channel_policy.fill_rows(
+                RowRequest(t, st.p, st.order, st.budget, ob, self.cfg.cost))
             st.row_bits[st.order] = np.asarray(t.bits)[idx]
             st.used += float(ob[idx].sum())
             self._charge(float(t.errors[st.order, st.p, idx].sum()))
@@ -528,5 +469,5 @@ class CompressionEnv(gym.Env):
             ]
             channel[5:] = features.group_curve(t.errors[g, st.p, :], t.bits)
             phase = 1.0
-        obs = np.concatenate([self.static[l_], budget, self._prev_layer, channel, [phase]])
-        return np.clip(obs, -features.OBS_CLIP, features.OBS_CLIP).astype(np.float32)
+        return self.layout.build(layer=self.static[l_], budget=budget, previous=self._prev_layer,
+                                 channel=channel, phase=[phase])

@@ -1,11 +1,11 @@
-"""Architecture-agnostic, normalised observation features (DESIGN.md §5).
+"""Architecture-agnostic, normalised observation features (docs/env.md §2).
 
 One fixed-size vector serves every controller and every model: nothing in it depends on the number
 of layers or channels, only on the option menu (how many bit-widths and patterns), which the saved
 policy's manifest records. Every entry is scaled by a fixed constant (no per-model statistics), so
 a policy trained on one model reads another model's features on the same scale.
 
-Layout (``obs_size(menu_bits, n_patterns)`` entries, float32, clipped to [-OBS_CLIP, OBS_CLIP]):
+Layout of the budget form (:func:`budget_layout`; float32, clipped to [-OBS_CLIP, OBS_CLIP]):
 
 ========================  =====================================================================
 layer (10)                relative depth index/(L-1); kind one-hot (linear, conv1d, conv2d);
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,10 +41,65 @@ KINDS = ("linear", "conv1d", "conv2d")
 _TINY = 1e-30
 
 
-def obs_size(menu_bits: Sequence[int], n_patterns: int) -> int:
-    """Length of the observation vector for a menu of bit-widths and ``n_patterns`` patterns."""
+@dataclass(frozen=True)
+class ObsLayout:
+    """The named blocks of an observation vector, in order: the one place its layout is defined.
+
+    Both the observation builders (:meth:`build`) and the observation spaces (:attr:`size`) read
+    it, so they cannot disagree; :meth:`build` refuses a block of the wrong length.
+
+    Attributes:
+        blocks: (name, length) per block, in vector order.
+    """
+
+    blocks: tuple[tuple[str, int], ...]
+
+    @property
+    def size(self) -> int:
+        return sum(n for _, n in self.blocks)
+
+    def build(self, **parts: Sequence[float] | np.ndarray) -> np.ndarray:
+        """The float32 vector of the named blocks in layout order, clipped to ±OBS_CLIP.
+
+        Raises:
+            ValueError: a block missing, unknown or of the wrong length.
+        """
+        names = [name for name, _ in self.blocks]
+        if sorted(parts) != sorted(names):
+            raise ValueError(f"observation blocks {sorted(parts)} do not match the layout {names}")
+        vecs = []
+        for name, n in self.blocks:
+            v = np.asarray(parts[name], dtype=np.float64).reshape(-1)
+            if len(v) != n:
+                raise ValueError(f"observation block {name!r} has {len(v)} entries, the layout "
+                                 f"says {n}")
+            vecs.append(v)
+        return np.clip(np.concatenate(vecs), -OBS_CLIP, OBS_CLIP).astype(np.float32)
+
+
+def _static_size(menu_bits: Sequence[int], n_patterns: int) -> int:
+    return 10 + sum(1 for b in menu_bits if b > 0) + (n_patterns - 1)
+
+
+def budget_layout(menu_bits: Sequence[int], n_patterns: int) -> ObsLayout:
+    """The budget form's observation (CompressionEnv, and the HAQ env): the table above."""
     nz = sum(1 for b in menu_bits if b > 0)
-    return 10 + nz + (n_patterns - 1) + 3 + 3 + 5 + nz + 1
+    return ObsLayout((("layer", _static_size(menu_bits, n_patterns)), ("budget", 3),
+                      ("previous", 3), ("channel", 5 + nz), ("phase", 1)))
+
+
+def coef_layout(menu_bits: Sequence[int], n_patterns: int) -> ObsLayout:
+    """The coefficient form's observation: the layer block (layer + error curve); the budget
+    (B / 8, (B − B_min) / 8); the phase; the group (position, share of rows, error curve); the
+    decided coefficients (the layer's, the previous group's)."""
+    nz = sum(1 for b in menu_bits if b > 0)
+    return ObsLayout((("layer", _static_size(menu_bits, n_patterns)), ("budget", 2),
+                      ("phase", 1), ("group", 2 + nz), ("decided", 2)))
+
+
+def obs_size(menu_bits: Sequence[int], n_patterns: int) -> int:
+    """Length of the budget form's observation for a menu of bit-widths and patterns."""
+    return budget_layout(menu_bits, n_patterns).size
 
 
 def log_ratio(num: np.ndarray | float, den: np.ndarray | float) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Rewards of the compression environments (ALGORITHMS.md §6.7, HAQ convention §5.3).
+"""Rewards of the compression environments (docs/env.md §1.1, §3).
 
 An episode's return is the sum of a per-step term read from the exact tables and an episode-end
 term from the true task metric of the stitched model:

@@ -65,10 +65,6 @@ class QuantGrid:
         """Round x (rows, ...) onto the grid (dequantized values, x's dtype)."""
         return quantize(x, self.scale, self.zero, self.maxq)
 
-    def select(self, rows: torch.Tensor | slice) -> QuantGrid:
-        """The grid of a subset of rows."""
-        return QuantGrid(self.scale[rows], self.zero[rows], self.bits)
-
 
 def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Dequantized nearest grid point; ``scale``/``zero`` broadcast over x's trailing dims."""

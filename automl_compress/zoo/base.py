@@ -1,5 +1,9 @@
 """The task contract: a model, its calibration data, a validation and a test split, its metric.
 
+:class:`Task` itself is defined in :mod:`automl_compress.specs` (capture and the database read it
+too) and re-exported here, where user code finds it (``automl_compress.zoo.base.Task``); this
+module adds the metrics a task is built from.
+
 Three disjoint sets of inputs (docs/objectives.md, "Splits"): calibration batches (Hessians,
 statistics corrections, the calibrated objectives), a validation split that every search selects
 on (``Task.validate``), and a test split that only reports (``Task.evaluate``). A task without a
@@ -10,34 +14,25 @@ fidelity to the dense model's outputs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from automl_compress.specs import Task, default_forward, model_fingerprint, to_device
 
-def default_forward(model: nn.Module, batch: Any) -> Any:
-    """Call the model on one calibration batch: a tensor, a tuple of tensors or a dict of them."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
-
-
-def _to_device(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
+__all__ = [
+    "ItemMetric",
+    "Task",
+    "default_forward",
+    "fidelity_metric",
+    "model_device",
+    "model_fingerprint",
+    "with_validation",
+]
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -84,7 +79,7 @@ class ItemMetric:
         scores, count = [], 0
         try:
             for batch in self.batches:
-                s = self.score(model, _to_device(batch, device)).double().reshape(-1).cpu()
+                s = self.score(model, to_device(batch, device)).double().reshape(-1).cpu()
                 scores.append(s)
                 count += len(s)
                 if limit is not None and count >= limit:
@@ -94,78 +89,6 @@ class ItemMetric:
         if self.sizes is None:
             self.sizes = [len(s) for s in scores]
         return float(torch.cat(scores)[: self.items(fraction)].mean())
-
-
-@dataclass(frozen=True)
-class Task:
-    """What a compression run works on.
-
-    Attributes:
-        name: registry key or dotted path the task came from.
-        family: model family, recorded in policy manifests (e.g. ``"digits_cnn"``, ``"crepe"``).
-        model: the dense model in eval mode, on the CPU. Never modified by the library.
-        calib: calibration batches (model inputs only), used for Hessians, BN re-estimation,
-            bias correction and the calibrated objectives.
-        evaluate: ``evaluate(model) -> float``, the task metric on the test split that neither
-            calibration nor any search ever sees; higher is better. Only reported.
-        metric_name: name of that metric (e.g. ``"top1"``).
-        forward: how to run the model on one calibration batch.
-        report: optional ``report(model) -> {name: value}``, secondary test-split metrics written
-            to results.json under ``metrics`` (e.g. MiniLM's retrieval agreement).
-        validate: ``validate(model, fraction=1.0) -> float``, the same metric on a validation
-            split disjoint from calibration and test, scored on its first ``fraction`` of items
-            (an :class:`ItemMetric`); what every search selects on. None: :func:`with_validation`
-            cuts one from the calibration batches.
-        distance: the output distance of the calibrated objectives and of fidelity metrics
-            (``kl`` for classifiers, ``cosine`` for embeddings, ``mse`` otherwise;
-            :mod:`automl_compress.distances`).
-    """
-
-    name: str
-    family: str
-    model: nn.Module
-    calib: Sequence[Any]
-    evaluate: Callable[[nn.Module], float]
-    metric_name: str
-    forward: Callable[[nn.Module, Any], Any] = default_forward
-    report: Callable[[nn.Module], dict[str, float]] | None = None
-    validate: Callable[..., float] | None = None
-    distance: str = "mse"
-
-    def calib_fingerprint(self) -> str:
-        """SHA-256 over the calibration tensors (values, shapes, dtypes)."""
-        h = hashlib.sha256()
-
-        def feed(x: Any) -> None:
-            if isinstance(x, torch.Tensor):
-                t = x.detach().cpu().contiguous()
-                h.update(str((tuple(t.shape), str(t.dtype))).encode())
-                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-            elif isinstance(x, dict):
-                for k in sorted(x):
-                    h.update(str(k).encode())
-                    feed(x[k])
-            elif isinstance(x, (tuple, list)):
-                for v in x:
-                    feed(v)
-            else:
-                h.update(repr(x).encode())
-
-        for batch in self.calib:
-            feed(batch)
-        return h.hexdigest()
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """SHA-256 over a model's state dict (names, shapes, values)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.state_dict().items()):
-        t = t.detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str((tuple(t.shape), str(t.dtype))).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
 
 
 VAL_SHARE = 0.25

@@ -17,9 +17,10 @@ from automl_compress.database.allocate import (
     plan_bits,
     plan_error,
 )
-from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.database.tables import LayerTable
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.plan import CompressionPlan
+from automl_compress.specs import LayerInfo
 
 
 def random_table(rows, cols, bits=(0, 2, 3, 4, 8), patterns=("dense", "50%"), seed=0, name="l"):
@@ -172,15 +173,3 @@ def test_plan_json_round_trip(tmp_path):
     back = CompressionPlan.load(tmp_path / "plan.json")
     assert back.to_dict() == plan.to_dict()
     assert plan_error(back, tables) == plan_error(plan, tables)
-
-
-def test_plan_bops_counts_bits_sparsity_and_removed_rows():
-    from automl_compress.database.allocate import plan_bops
-    from automl_compress.plan import LayerPlan
-
-    info = LayerInfo(name="l", kind="linear", rows=4, cols=16, macs=4 * 16)
-    t = LayerTable(info, (0, 4, 8), ("dense", "50%"), np.ones((4, 2, 3)))
-    dense8 = CompressionPlan({"l": LayerPlan("dense", (8, 8, 8, 8))})
-    assert plan_bops(dense8, [t]) == 64 * 8 * 8
-    mixed = CompressionPlan({"l": LayerPlan("50%", (0, 4, 8, 8))})
-    assert plan_bops(mixed, [t]) == 16 * 0.5 * (4 + 8 + 8) * 8

@@ -11,10 +11,11 @@ import torch
 from _compress_task import make_task, tiny_config
 
 from automl_compress.capture import capture_hessians
-from automl_compress.database.build import build_database
+from automl_compress.database.build import build_database, kernel_area
 from automl_compress.database.costs import kept_per_row
 from automl_compress.database.store import LayerDatabase
 from automl_compress.errors import CorruptCacheError, DatabaseMismatchError
+from automl_compress.specs import Pattern
 
 
 class Interrupt(Exception):
@@ -55,16 +56,28 @@ def test_tables_shapes_patterns_and_zero_bit_energy(task, built):
 
 
 def test_stored_sparse_rows_keep_exact_counts(built):
+    """Every stored row of a sparse option keeps exactly the pattern's count (N:M: exactly N in
+    every group of M input channels at one kernel tap), and its pruned positions hold the zero
+    point, so they dequantize to exactly 0."""
     db, _ = built
     for info in db.order:
         sol = db.layer(info.name)
+        area = kernel_area(info)
         for (p, b), opt in sol.options.items():
             if p == "dense":
                 assert opt.mask is None
                 continue
             kept = opt.mask.sum(dim=1)
-            assert int(kept.max()) <= kept_per_row(info.cols, p), (info.name, p, b)
+            assert bool((kept == kept_per_row(info.cols, p)).all()), (info.name, p, b)
+            n_m = Pattern.parse(p).n_m
+            if n_m is not None:
+                n, m = n_m
+                groups = opt.mask.view(info.rows, info.cols // area, area).transpose(1, 2)
+                per_group = groups.reshape(info.rows, area, -1, m).sum(-1)
+                assert bool((per_group == n).all()), (info.name, p, b)
             assert bool((opt.codes <= 2**b - 1).all())
+            zero = opt.zero[:, 0].round().to(torch.uint8)[:, None].expand_as(opt.codes)
+            assert torch.equal(opt.codes[~opt.mask], zero[~opt.mask]), (info.name, p, b)
 
 
 def test_resume_after_interruption_loses_nothing(task, tmp_path):

@@ -12,9 +12,9 @@ from _layers import make_layer
 
 from automl_compress.config import MenuConfig, SolverConfig
 from automl_compress.database import build
-from automl_compress.database.tables import LayerInfo
 from automl_compress.solvers import registry
 from automl_compress.solvers.registry import PruneSolver, QuantSolver, SolveOptions
+from automl_compress.specs import LayerInfo
 
 PAIRS = list(itertools.product(QuantSolver, PruneSolver))
 MENU = MenuConfig(bits=(0, 3, 4), patterns=("dense", "2:4", "50%"))

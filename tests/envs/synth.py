@@ -12,9 +12,10 @@ import dataclasses
 import torch
 
 from automl_compress.config import Config, MenuConfig, load_config
-from automl_compress.database.tables import LayerInfo, LayerTable
+from automl_compress.database.tables import LayerTable
 from automl_compress.solvers.baselines import magnitude_prune, rtn_quantize
 from automl_compress.solvers.hessian import row_errors
+from automl_compress.specs import LayerInfo
 
 BITS = (0, 2, 3, 4, 6, 8)
 SHAPES = (  # name, kind, rows, cols, kernel

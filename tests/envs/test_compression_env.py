@@ -10,7 +10,7 @@ from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
 from synth import SHAPES, synth_config, synth_tables
 
-from automl_compress.agents.haq import HAQEnv
+from automl_compress.agents.policies import CHANNEL_POLICIES, LAYER_POLICIES
 from automl_compress.database.allocate import (
     allocate_dp,
     knapsack_layer,
@@ -20,6 +20,8 @@ from automl_compress.database.allocate import (
     plan_error,
 )
 from automl_compress.envs import CompressionEnv
+from automl_compress.envs.haq_env import HAQEnv
+from automl_compress.envs.policy import RowRequest
 from automl_compress.errors import ConfigError, InfeasibleBudgetError
 from automl_compress.plan import CompressionPlan
 
@@ -29,6 +31,13 @@ MODES = [
     ("layer", {"channel_policy": "uniform"}),
     ("channel", {"layer_policy": "dp"}),
 ]
+
+
+def _env(tables, cfg, mode, kw):
+    """The env with the named built-in policies of ``kw`` ('knapsack', 'uniform', 'dp')."""
+    given = {"channel_policy": lambda name: CHANNEL_POLICIES[name](),
+             "layer_policy": lambda name: LAYER_POLICIES[name](tables, cfg)}
+    return CompressionEnv(tables, cfg, mode=mode, **{k: given[k](v) for k, v in kw.items()})
 
 
 def _run(env, choose, seed=0):
@@ -47,7 +56,7 @@ def _run(env, choose, seed=0):
 
 @pytest.mark.parametrize("mode,kw", MODES)
 def test_check_env_both_checkers(tables, mode, kw):
-    env = CompressionEnv(tables, synth_config(3.0), mode=mode, **kw)
+    env = _env(tables, synth_config(3.0), mode, kw)
     check_env(env, skip_render_check=True)
     sb3_check_env(env, warn=False)
 
@@ -73,7 +82,7 @@ def _adversaries(env, rng):
 def test_budget_holds_for_random_and_adversarial_actions(tables, mode, kw):
     minimum = min_feasible_avg_bits(tables)
     for budget in (minimum + 1e-9, 2.0, 3.0, 5.0):
-        env = CompressionEnv(tables, synth_config(budget), mode=mode, **kw)
+        env = _env(tables, synth_config(budget), mode, kw)
         rng = np.random.default_rng(1)
         for name, choose in _adversaries(env, rng).items():
             s, _, _ = _run(env, choose)
@@ -168,7 +177,7 @@ def test_dp_layer_budgets_bound_every_channel_agent(tables):
                    knapsack_layer(t, dp.layers[t.info.name].pattern, dp_bits[t.info.name]))
         for t in tables)
     assert knapsack_err == pytest.approx(plan_error(dp, tables), rel=1e-12)
-    env = CompressionEnv(tables, cfg, mode="channel", layer_policy="dp")
+    env = _env(tables, cfg, "channel", {"layer_policy": "dp"})
     rng = np.random.default_rng(0)
     agents = [lambda e: int(np.flatnonzero(e.action_masks())[-1]),
               lambda e: int(np.flatnonzero(e.action_masks())[0]),
@@ -179,6 +188,24 @@ def test_dp_layer_budgets_bound_every_channel_agent(tables):
         for t in tables:
             one = CompressionPlan({t.info.name: s.plan.layers[t.info.name]})
             assert plan_bits(one, [t]) <= dp_bits[t.info.name] + 1e-9
+
+
+def test_knapsack_channels_at_the_dp_layer_budgets_give_the_dp_plan(tables):
+    """The knapsack channel policy, handed each layer's DP pattern and DP bits with its rows in
+    the env's importance order, returns exactly the DP's layer error within those bits."""
+    dp = allocate_dp(tables, 3.0)
+    cfg = synth_config(3.0)
+    policy = CHANNEL_POLICIES["knapsack"]()
+    for t in tables:
+        lp = dp.layers[t.info.name]
+        p = t.patterns.index(lp.pattern)
+        budget = plan_bits(CompressionPlan({t.info.name: lp}), [t])
+        order = np.argsort(-t.errors[:, p, :].sum(axis=1), kind="stable")
+        ob = t.option_bits(cfg.cost)[p]
+        idx = policy.fill_rows(RowRequest(t, p, order, budget, ob, cfg.cost))
+        assert float(ob[idx].sum()) <= budget + 1e-9
+        got = float(t.errors[order, p, idx].sum())
+        assert got == pytest.approx(t.error_of(lp.pattern, lp.row_bits), rel=1e-12), t.info.name
 
 
 def test_observation_size_is_model_independent():

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from _layers import mixed_layer
 
 from automl_compress.errors import NonFiniteError, ShapeMismatchError
 from automl_compress.solvers.hessian import inverse_hessian, prepare_hessian
@@ -7,13 +8,9 @@ from automl_compress.solvers.lstsq import masked_solve, replay_order, resolve_on
 
 
 def _layer(rows=12, cols=20, n=256, seed=0, mix=0.7):
-    """Weights and correlated inputs X = Z·A (A = I + mix·G/√cols), H = 2XᵀX/n."""
+    """tests/_layers.py's mixed layer, and its generator for the test's further draws."""
     g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float64)
-    A = torch.eye(cols, dtype=torch.float64)
-    A = A + mix * torch.randn(cols, cols, generator=g, dtype=torch.float64) / cols**0.5
-    X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ A
-    return W, X, 2 * X.T @ X / n, g
+    return (*mixed_layer(rows, cols, n, mix=mix, generator=g), g)
 
 
 def _per_row_lstsq(W, X, mask):

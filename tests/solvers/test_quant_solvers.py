@@ -85,25 +85,35 @@ def _naive_greedy_obq(w, H, scale, zero, maxq, free, outlier_rule=True):
 
 
 def test_obq_first_step_is_the_brute_force_best_single_fix(make_layer):
-    """The solver's own first choice is the (weight, grid value) whose LS refit costs least."""
-    L = make_layer(1, 6, seed=3)
-    res = obq_quantize(L.W, L.H, 3, damp=0.0, outlier_rule=False)
+    """The solver's own first choice in every row is the (weight, grid value) whose LS refit
+    costs least, and its weights after that step are that refit. On these rows the best fix is
+    not always the weight nearest its grid point, so a score without [H⁻¹]_jj is caught."""
+    rows, cols = 16, 6
+    L = make_layer(rows, cols, seed=3)
+    D = torch.linspace(0.3, 3.0, cols, dtype=torch.float64).diag()
+    H = D @ L.H @ D  # the inputs rescaled per column: uneven [H⁻¹]_jj, correlations kept
+    res = obq_quantize(L.W, H, 3, damp=0.0, outlier_rule=False)
     s, z = res.scale.double(), res.zero.double()
-    w, H = L.W[0], L.H
-    losses = []
-    for j in range(6):
-        q = s * (torch.clamp(torch.round(w[j] / s) + z, 0, 7) - z)
-        free = [k for k in range(6) if k != j]
-        cand = w.clone()
-        cand[free] = torch.linalg.solve(H[free][:, free], H[free] @ w - H[free, j] * q)
-        cand[j] = q
-        d = cand - w
-        losses.append((float(0.5 * d @ H @ d), cand))
-    best = min(range(6), key=lambda j: losses[j][0])
-    inv = LazyInverse(L.W / s, torch.linalg.inv(H), rank=4, compact=False)
+    inv = LazyInverse(L.W / s[:, None], torch.linalg.inv(H).expand(rows, cols, cols).clone(),
+                      rank=4, compact=False)
     greedy_quantize(inv, -z[:, None], 7 - z[:, None], 1, outlier_rule=False)
-    assert torch.nonzero(inv.fixed[0]).flatten().tolist() == [best]
-    torch.testing.assert_close(inv.w[0] * s, losses[best][1], rtol=0, atol=1e-10)
+    nearest_differs = 0
+    for r in range(rows):
+        w = L.W[r]
+        q = s[r] * (torch.clamp(torch.round(w / s[r]) + z[r], 0, 7) - z[r])
+        losses = []
+        for j in range(cols):
+            free = [k for k in range(cols) if k != j]
+            cand = w.clone()
+            cand[free] = torch.linalg.solve(H[free][:, free], H[free] @ w - H[free, j] * q[j])
+            cand[j] = q[j]
+            d = cand - w
+            losses.append((float(0.5 * d @ H @ d), cand))
+        best = min(range(cols), key=lambda j: losses[j][0])
+        nearest_differs += best != int((w - q).abs().argmin())
+        assert torch.nonzero(inv.fixed[r]).flatten().tolist() == [best], r
+        torch.testing.assert_close(inv.w[r] * s[r], losses[best][1], rtol=0, atol=1e-10)
+    assert nearest_differs > 0
 
 
 @pytest.mark.parametrize("outlier_rule", [False, True])
@@ -185,6 +195,9 @@ def test_gptq_is_the_fixed_order_optimum_and_honours_the_mask(make_layer):
 
     naive = _naive_fixed_order(torch.where(mask, L.W, torch.zeros_like(L.W)), L.H, target)
     torch.testing.assert_close(res.weight, naive, rtol=0, atol=1e-9)
+    # the losses it reports are those weights' output errors against the dense W, from X
+    torch.testing.assert_close(res.row_error.double(), L.direct_row_error(naive), rtol=1e-9,
+                               atol=1e-12)
 
 
 def test_gptq_block_size_does_not_change_the_result(make_layer):

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from _layers import gaussian_layer
 
 from automl_compress.errors import (
     BitsOutOfRangeError,
@@ -12,11 +13,7 @@ from automl_compress.solvers import GridSpec, fit_grid, magnitude_prune, rtn_qua
 
 
 def _layer(rows=16, cols=32, n=512, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float64) / cols**0.5
-    A = torch.randn(cols, cols, generator=g, dtype=torch.float64)
-    X = torch.randn(n, cols, generator=g, dtype=torch.float64) @ A
-    return W, X, 2 * X.T @ X / n
+    return gaussian_layer(rows, cols, n, seed)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])

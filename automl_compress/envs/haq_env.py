@@ -1,4 +1,6 @@
-"""HAQ-style baseline (ALGORITHMS.md §5.3) in the same harness: one DDPG agent.
+"""The HAQ-style baseline's environment (docs/env.md §5): one continuous action per layer.
+
+The agent is SB3's DDPG (:func:`automl_compress.agents.controllers.make_ddpg`).
 
 One continuous action a ∈ [0, 1] per layer, mapped to a bit-width of the menu's non-zero widths
 ``round(lo − 0.5 + a·(hi − lo + 1))`` over their index range, all rows of the layer at that width,
@@ -20,7 +22,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from automl_compress.config import AgentConfig, Config
+from automl_compress.config import Config
 from automl_compress.database.allocate import min_feasible_avg_bits
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features, rewards
@@ -62,9 +64,9 @@ class HAQEnv(gym.Env):
         self.static = features.layer_static(self.tables, self.menu_bits, cfg.menu.patterns)
         self.e_ref = rewards.reference_error(self.tables, [t.option_bits(cfg.cost) for t in
                                                            self.tables], cfg.env.budget_bits)
-        size = features.obs_size(self.menu_bits, len(cfg.menu.patterns))
-        self.observation_space = gym.spaces.Box(-features.OBS_CLIP, features.OBS_CLIP, (size,),
-                                                np.float32)
+        self.layout = features.budget_layout(self.menu_bits, len(cfg.menu.patterns))
+        self.observation_space = gym.spaces.Box(-features.OBS_CLIP, features.OBS_CLIP,
+                                                (self.layout.size,), np.float32)
         self.action_space = gym.spaces.Box(0.0, 1.0, (1,), np.float32)
         self._reset_state()
 
@@ -76,13 +78,11 @@ class HAQEnv(gym.Env):
         used = sum(self.tables[i].info.rows * float(self.option_bits[i][k])
                    for i, k in enumerate(self._choice))
         rem = float(self.numel[self._l:].sum())
-        nz = len(self.nz)
-        tail = np.zeros(3 + 5 + nz + 1)
-        tail[:3] = [self._prev, 0.0, 0.0]
         budget = [used / self.budget_total, (self.budget_total - used) / max(rem, 1.0) / 8.0,
                   rem / self.numel.sum()]
-        obs = np.concatenate([self.static[l_], budget, tail])
-        return np.clip(obs, -features.OBS_CLIP, features.OBS_CLIP).astype(np.float32)
+        return self.layout.build(layer=self.static[l_], budget=budget,
+                                 previous=[self._prev, 0.0, 0.0],
+                                 channel=np.zeros(5 + len(self.nz)), phase=[0.0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
@@ -134,15 +134,3 @@ class HAQEnv(gym.Env):
             if not lowered:
                 break
         return walls
-
-
-def make_ddpg(env: Any, acfg: AgentConfig, seed: int):
-    """SB3 DDPG with Gaussian exploration noise (σ = 0.1 of the action range)."""
-    from stable_baselines3 import DDPG
-    from stable_baselines3.common.noise import NormalActionNoise
-
-    noise = NormalActionNoise(np.zeros(1), 0.1 * np.ones(1))
-    return DDPG("MlpPolicy", env, action_noise=noise, learning_rate=acfg.learning_rate,
-                learning_starts=min(100, acfg.total_steps // 4), batch_size=acfg.batch_size,
-                gamma=1.0, seed=seed, verbose=0, device="cpu",
-                policy_kwargs={"net_arch": [64, 64]})
