@@ -38,16 +38,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--out", required=True, help="run directory")
 
-    p = sub.add_parser("compress", help="allocate with a non-RL method and write the plan")
+    p = sub.add_parser("compress", help="allocate (uniform, dp, rtn) or search (evo, spdy) "
+                                         "without RL and write the plan")
     _add_common(p)
-    p.add_argument("--method", choices=("uniform", "dp", "rtn"), required=True)
+    p.add_argument("--method", choices=("uniform", "dp", "rtn", "evo", "spdy"), required=True)
     p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
+    p.add_argument("--evaluations", type=float, default=None,
+                   help="evo/spdy: validation passes to spend (default alloc.evaluations)")
     p.add_argument("--out", required=True, help="run directory")
 
     p = sub.add_parser("train", help="train the RL controllers and write the best plan")
     _add_common(p)
     p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
     p.add_argument("--total-steps", type=int, default=None, help="environment steps")
+    p.add_argument("--evaluations", type=float, default=None,
+                   help="validation passes to spend (training stops when they are spent)")
+    p.add_argument("--budget-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                   help="train one policy for every budget in [LOW, HIGH] (see env.budget_step)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run")
 
@@ -56,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", required=True, help="run directory holding policy/")
     p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
     p.add_argument("--finetune-steps", type=int, default=0)
+    p.add_argument("--evaluations", type=float, default=None,
+                   help="fine-tune until this many validation passes are spent")
     p.add_argument("--out", required=True, help="run directory")
 
     p = sub.add_parser("evaluate", help="re-evaluate a run's plan on the held-out split")
@@ -78,6 +87,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
         overrides.append(f"seed={args.seed}")
     if getattr(args, "budget_bits", None) is not None:
         overrides.append(f"env.budget_bits={args.budget_bits}")
+    if getattr(args, "budget_range", None) is not None:
+        overrides.append(f"env.budget_range=[{args.budget_range[0]}, {args.budget_range[1]}]")
     return load_config(args.config, overrides)
 
 
@@ -123,13 +134,15 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "compress":
         from automl_compress import pipeline
 
-        return pipeline.run_compress(cfg, args.method, out)
+        return pipeline.run_compress(cfg, args.method, out, evaluations=args.evaluations)
     from automl_compress.agents import run as agent_run
 
     if args.command == "train":
-        return agent_run.run_train(cfg, out, total_steps=args.total_steps, resume=args.resume)
+        return agent_run.run_train(cfg, out, total_steps=args.total_steps, resume=args.resume,
+                                   evaluations=args.evaluations)
     return agent_run.run_apply(
-        cfg, out, policy_dir=Path(args.policy), finetune_steps=args.finetune_steps
+        cfg, out, policy_dir=Path(args.policy), finetune_steps=args.finetune_steps,
+        evaluations=args.evaluations,
     )
 
 

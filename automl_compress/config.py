@@ -50,22 +50,36 @@ def parse_pattern(p: str) -> tuple[str, float | tuple[int, int] | None]:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """What to compress: a built-in zoo key or ``package.module:function`` returning a Task.
+    """What to compress: a built-in zoo key, the user's factory, or a local Hugging Face folder.
 
     Attributes:
         name: zoo key (``digits_cnn``, ``digits_cnn_wide``, ``crepe_tiny``, ``crepe_full``,
-            ``minilm_l6``) or a dotted path to the user's factory.
+            ``minilm_l6``); ``package.module:function`` returning a Task (or, with ``inputs``,
+            returning the model); or ``hf:PATH``, a local transformers encoder folder
+            (``options.text_file``: one input text per line).
         options: keyword arguments passed to the factory.
         cache_dir: where tasks cache trained weights (default: ``~/.cache/automl-compress``).
+        inputs: ``package.module:function`` returning a list of input batches: then ``name``
+            is a model factory and the splits and the fidelity metric are made for it
+            (automl_compress/zoo/generic.py).
+        inputs_options: keyword arguments passed to the inputs factory.
+        distance: the output distance ('kl', 'cosine', 'mse'); empty: the task's own (a model
+            and inputs alone: 'mse').
     """
 
     name: str = "digits_cnn"
     options: dict[str, Any] = field(default_factory=dict)
     cache_dir: str | None = None
+    inputs: str | None = None
+    inputs_options: dict[str, Any] = field(default_factory=dict)
+    distance: str = ""
 
     def __post_init__(self) -> None:
         if not self.name:
             raise ConfigError("task.name must be a zoo key or 'package.module:function', found ''")
+        if self.distance not in ("", "kl", "cosine", "mse"):
+            raise ConfigError(f"task.distance must be 'kl', 'cosine', 'mse' or empty, found "
+                              f"{self.distance!r}")
 
 
 @dataclass(frozen=True)
@@ -183,6 +197,51 @@ class CostConfig:
     activation_bits: int = 8
 
 
+OBJECTIVES = ("raw", "normalized", "fisher", "loss")
+
+
+@dataclass(frozen=True)
+class AllocConfig:
+    """What the allocators optimise and how the true-metric searches spend their evaluations.
+
+    Attributes:
+        objective: the calibrated objective every allocator and the env's step reward minimise
+            (automl_compress/objectives.py, docs/objectives.md): 'raw', 'normalized', 'fisher'
+            or 'loss'.
+        fisher_probes: 'fisher': random probes back-propagated per calibration batch.
+        loss_batches: 'loss': calibration batches each layer × option is measured on.
+        evaluations: true-metric (validation split) evaluations of the searches 'evo', 'spdy'
+            and of ``train`` when ``--evaluations`` is given.
+        offspring: 'evo': candidates per generation (λ of the (1+λ) search).
+        stages: 'evo': the validation fractions of multi-stage selection; every offspring is
+            scored on the first, the best half of them on the next, ..., the last is 1.0.
+        spdy_inits: 'spdy': random coefficient vectors tried before the local search.
+    """
+
+    objective: str = "fisher"
+    fisher_probes: int = 4
+    loss_batches: int = 2
+    evaluations: int = 64
+    offspring: int = 8
+    stages: tuple[float, ...] = (0.25, 0.5, 1.0)
+    spdy_inits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"alloc.objective must be one of {list(OBJECTIVES)}, found {self.objective!r}"
+            )
+        for key in ("fisher_probes", "loss_batches", "evaluations", "offspring", "spdy_inits"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"alloc.{key} must be >= 1, found {getattr(self, key)}")
+        st = self.stages
+        if not st or list(st) != sorted(st) or st[-1] != 1.0 or any(not 0 < f <= 1 for f in st):
+            raise ConfigError(
+                f"alloc.stages must be ascending fractions in (0, 1] ending at 1.0, found "
+                f"{list(st)}"
+            )
+
+
 BN_MODES = ("relative", "reset", "off")
 
 
@@ -196,12 +255,20 @@ class EvalConfig:
             (re-estimate them from the calibration data alone) or 'off'; see
             automl_compress/evaluate.py.
         bias_correction: fold ``(W − Ŵ)μ`` into biases.
+        corrections: 'auto': every run compares bias correction on/off × the BN modes on the
+            validation split with its starting plan and keeps the best (ties keep the values
+            above; the evaluations are counted); 'fixed': use the values above.
     """
 
     bn_reestimate: str = "relative"
     bias_correction: bool = True
+    corrections: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.corrections not in ("auto", "fixed"):
+            raise ConfigError(
+                f"eval.corrections must be 'auto' or 'fixed', found {self.corrections!r}"
+            )
         if self.bn_reestimate not in BN_MODES:
             raise ConfigError(
                 f"eval.bn_reestimate must be one of {list(BN_MODES)}, found "
@@ -215,6 +282,10 @@ class EnvConfig:
 
     Attributes:
         budget_bits: the budget in average bits per compressible weight (metadata included).
+        budget_range: () or (low, high): train one policy for every budget of the grid from low
+            to high in steps of ``budget_step`` (the observation carries the budget); the run's
+            plan is for ``budget_bits``, which must lie in the range.
+        budget_step: the grid step of ``budget_range``.
         groups: K, the channel controller's importance groups per layer.
         step_reward_weight: w_step of the per-step table-error term.
         metric_reward_weight: w_metric of the episode-end true-metric term.
@@ -223,18 +294,55 @@ class EnvConfig:
         prune_fractions: the layer controller's 0-bit fractions (least important rows removed);
             only the first (0.0) is offered when the menu has no 0 bits.
         metric_every: the true metric is measured every this many episodes (and for the final
-            candidates); other episodes get no end term.
+            candidates); other episodes get no end term. The coefficient form
+            (``agent.action='coefficient'``) measures every episode: its episodes have no
+            per-step reward, so an unmeasured one would teach nothing but the proxy.
+        coef_levels: the coefficient form's actions: this many log10 coefficients from
+            ``-coef_span`` to ``coef_span`` (odd, so the middle one is 0 = the calibrated DP).
+        coef_span: the largest |log10| coefficient of the coefficient form.
+        coef_proxy_weight: the coefficient form's w_step: the weight of its penalty for leaving
+            the proxy optimum (envs/coef_env.py).
     """
 
     budget_bits: float = 4.0
+    budget_range: tuple[float, ...] = ()
+    budget_step: float = 0.25
     groups: int = 8
     step_reward_weight: float = 1.0
     metric_reward_weight: float = 1.0
     layer_levels: int = 16
     prune_fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5)
     metric_every: int = 8
+    coef_levels: int = 9
+    coef_span: float = 1.0
+    coef_proxy_weight: float = 0.1
+
+    def budgets(self) -> tuple[float, ...]:
+        """The budgets episodes draw from: the grid of ``budget_range``, else ``budget_bits``."""
+        if not self.budget_range:
+            return (self.budget_bits,)
+        lo, hi = self.budget_range
+        n = int(round((hi - lo) / self.budget_step))
+        grid = {round(lo + k * (hi - lo) / max(n, 1), 6) for k in range(n + 1)}
+        return tuple(sorted(grid | {round(self.budget_bits, 6)}))
 
     def __post_init__(self) -> None:
+        if self.coef_levels < 3 or self.coef_levels % 2 == 0:
+            raise ConfigError(f"env.coef_levels must be odd and >= 3, found {self.coef_levels}")
+        if self.coef_proxy_weight < 0:
+            raise ConfigError(f"env.coef_proxy_weight must be >= 0, found "
+                              f"{self.coef_proxy_weight}")
+        if not 0.0 < self.coef_span <= 4.0:
+            raise ConfigError(f"env.coef_span must be in (0, 4], found {self.coef_span}")
+        r = self.budget_range
+        if r and (len(r) != 2 or not 0.0 < r[0] < r[1] <= 32.0):
+            raise ConfigError(f"env.budget_range must be empty or [low, high] with 0 < low < high, "
+                              f"found {list(r)}")
+        if r and not r[0] - 1e-9 <= self.budget_bits <= r[1] + 1e-9:
+            raise ConfigError(f"env.budget_bits {self.budget_bits} is outside env.budget_range "
+                              f"{list(r)}; the run's plan is for budget_bits")
+        if self.budget_step <= 0:
+            raise ConfigError(f"env.budget_step must be > 0, found {self.budget_step}")
         if not 0.0 < self.budget_bits <= 32.0:
             raise ConfigError(f"env.budget_bits must be in (0, 32], found {self.budget_bits}")
         if self.groups < 1:
@@ -265,8 +373,20 @@ class AgentConfig:
     Attributes:
         form: 'hierarchical' (two SB3 models trained in alternation), 'flat' (one MaskablePPO on
             the two-phase episode) or 'haq' (HAQ-style DDPG baseline).
-        layer_controller: 'learned' or 'dp' (layer budgets from the DP allocator).
-        channel_controller: 'learned', 'knapsack' (exact per-row knapsack) or 'uniform'.
+        action: what the hierarchical controllers decide: 'budget' (a layer budget level,
+            pattern and 0-bit fraction per layer, a bit-width per row group;
+            envs/compression_env.py) or 'coefficient' (a log10 coefficient per layer and per row
+            group that the exact DP over layers and knapsack within layers turn into the plan;
+            envs/coef_env.py).
+        layer_controller: 'learned' or 'dp' (the calibrated DP's layer budgets; with
+            action='coefficient': coefficient 0).
+        channel_controller: 'learned', 'knapsack' (exact per-row knapsack; with
+            action='coefficient': multiplier 1) or 'uniform' (action='budget' only).
+        metric_fraction: the share of the validation split each training episode is scored on
+            (the final candidates are scored on all of it).
+        neutral_prior: action='coefficient': the initial policies' logit bonus for the neutral
+            coefficient (0), so that training starts around the calibrated DP plan instead of
+            uniformly random coefficients.
         total_steps: environment steps of training, all controllers together.
         n_steps: rollout length per PPO update.
         batch_size: PPO minibatch size.
@@ -279,6 +399,7 @@ class AgentConfig:
     """
 
     form: str = "hierarchical"
+    action: str = "budget"
     layer_controller: str = "learned"
     channel_controller: str = "learned"
     total_steps: int = 16384
@@ -289,10 +410,13 @@ class AgentConfig:
     round_steps: int = 1024
     checkpoint_every: int = 1024
     final_candidates: int = 4
+    metric_fraction: float = 0.5
+    neutral_prior: float = 2.0
 
     def __post_init__(self) -> None:
         choices = {
             "form": ("hierarchical", "flat", "haq"),
+            "action": ("budget", "coefficient"),
             "layer_controller": ("learned", "dp"),
             "channel_controller": ("learned", "knapsack", "uniform"),
         }
@@ -311,6 +435,12 @@ class AgentConfig:
                     "checkpoint_every", "final_candidates"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"agent.{key} must be >= 1, found {getattr(self, key)}")
+        if self.action == "coefficient" and self.channel_controller == "uniform":
+            raise ConfigError("agent.channel_controller='uniform' has no coefficient form; use "
+                              "'learned' or 'knapsack' with agent.action='coefficient'")
+        if not 0.0 < self.metric_fraction <= 1.0:
+            raise ConfigError(f"agent.metric_fraction must be in (0, 1], found "
+                              f"{self.metric_fraction}")
         if not 0.0 < self.learning_rate < 1.0:
             raise ConfigError(f"agent.learning_rate must be in (0, 1), found {self.learning_rate}")
 
@@ -325,6 +455,7 @@ class Config:
     solver: SolverConfig = field(default_factory=SolverConfig)
     cost: CostConfig = field(default_factory=CostConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    alloc: AllocConfig = field(default_factory=AllocConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     seed: int = 0

@@ -79,5 +79,10 @@ class PolicyMismatchError(AutoMLCompressError):
     """A saved policy whose feature spec or option menu does not fit the current run."""
 
 
+class ObjectiveError(AutoMLCompressError):
+    """A calibrated objective that cannot be computed for this model (outputs that are not
+    tensors, a forward that disables gradients, non-finite sensitivities)."""
+
+
 class TaskError(AutoMLCompressError):
     """A task (model, data, metric) that cannot be built, e.g. a missing optional package."""

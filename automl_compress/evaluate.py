@@ -98,7 +98,7 @@ def dense_stats(dense: nn.Module, task: Task) -> DenseStats:
     was_training = dense.training
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in layers]
     try:
-        bn = _bn_input_moments(dense, task, [n for n, _ in _bn_layers(dense)])
+        bn = _bn_input_moments(dense, task, [n for n, _ in bn_layers(dense)])
     finally:
         for h in handles:
             h.remove()
@@ -175,7 +175,7 @@ def bn_reestimate(model: nn.Module, task: Task) -> int:
     return len(bns)
 
 
-def _bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, _BatchNorm) and m.track_running_stats]
 
@@ -231,7 +231,7 @@ def bn_shift(dense: nn.Module, compressed: nn.Module, task: Task,
     Returns:
         The number of BatchNorm layers moved (0 leaves the model unchanged).
     """
-    bns = _bn_layers(compressed)
+    bns = bn_layers(compressed)
     if not bns:
         return 0
     names = [n for n, _ in bns]

@@ -1,9 +1,11 @@
 """The library functions behind ``build-db``, ``compress``, ``evaluate`` and ``export``.
 
-``prepare`` loads the task and builds (or reuses) its layer database; ``evaluate_plan`` scores a
-plan on the held-out split after statistics corrections; ``write_run`` writes a run directory
-(``config.yaml``, ``plan.json``, ``results.json`` with the keys of DESIGN.md §3). The RL side calls
-the same three functions.
+``prepare`` loads the task (with its validation split), builds (or reuses) its layer database and
+its calibrated objective; ``allocate`` runs a non-RL allocator and ``search`` a true-metric search;
+``evaluate_plan`` scores a plan on the test split and ``validate_plan`` on the validation split,
+both after statistics corrections; ``write_run`` writes a run directory (``config.yaml``,
+``plan.json``, ``results.json``; keys in docs/architecture.md). The RL side calls the same
+functions.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl_compress.config import Config, dump_config, load_config
+from automl_compress.config import BN_MODES, Config, EvalConfig, dump_config, load_config
 from automl_compress.database.allocate import (
     allocate_dp,
     allocate_uniform,
@@ -34,46 +36,93 @@ from automl_compress.database.costs import kept_per_row
 from automl_compress.database.store import LayerDatabase
 from automl_compress.database.tables import LayerTable
 from automl_compress.errors import ConfigError, CorruptCacheError
-from automl_compress.evaluate import DenseStats, correct, dense_stats, metric
+from automl_compress.evaluate import DenseStats, bn_layers, correct, dense_stats, metric
 from automl_compress.io import atomic_write_json, atomic_write_text
+from automl_compress.objectives import (
+    Objective,
+    ObjectiveName,
+    ObjectiveSpec,
+    compute_objective,
+    describe,
+    weigh,
+)
 from automl_compress.plan import CompressionPlan
+from automl_compress.search import Evaluator, SearchResult, evo_search, spdy_search
 from automl_compress.stitch import plan_source, stitch
-from automl_compress.zoo.base import Task
+from automl_compress.zoo.base import ItemMetric, Task, with_validation
 
-METHODS = ("uniform", "dp", "rtn")
+ALLOCATORS = ("uniform", "dp", "rtn")
+SEARCHES = ("evo", "spdy")
+METHODS = ALLOCATORS + SEARCHES
 RESULT_KEYS = (
-    "method", "metric_name", "metric_dense", "metric", "budget_bits", "avg_bits", "size_bytes",
-    "compression_ratio", "proxy_error", "wall_seconds", "layers",
+    "method", "metric_name", "metric_dense", "metric", "metric_val", "metric_dense_val",
+    "budget_bits", "avg_bits", "size_bytes", "compression_ratio", "objective", "proxy_error",
+    "evaluations", "metric_calls", "forward_samples", "corrections", "wall_seconds", "layers",
 )
 
 
 @dataclass
 class Prepared:
-    """A task with its layer database, ready for allocation and evaluation.
+    """A task with its layer database and objective, ready for allocation and evaluation.
 
     Attributes:
-        cfg: the resolved config.
-        task: model, calibration data and metric.
+        cfg: the resolved config (``cfg.eval`` holds the statistics corrections in force; with
+            ``eval.corrections = auto`` a run replaces them by :func:`choose_corrections`).
+        task: model, calibration data, validation and test metrics.
         db: the layer database.
-        tables: the layer tables in forward order.
-        rtn_tables: the same layers' round-to-nearest tables (dense pattern only).
+        raw_tables: the layer tables in forward order, raw errors.
+        raw_rtn_tables: the same layers' round-to-nearest tables (dense pattern only).
         db_dir: where the database lives.
+        objective: the calibrated objective (``cfg.alloc.objective``).
     """
 
     cfg: Config
     task: Task
     db: LayerDatabase
-    tables: list[LayerTable]
-    rtn_tables: list[LayerTable]
+    raw_tables: list[LayerTable]
+    raw_rtn_tables: list[LayerTable]
     db_dir: Path
+    objective: Objective | None = None
     _dense_metric: float | None = field(default=None, repr=False)
+    _dense_val: float | None = field(default=None, repr=False)
     _dense_stats: DenseStats | None = field(default=None, repr=False)
+    _weighted: tuple[list[LayerTable], list[LayerTable]] | None = field(default=None, repr=False)
+
+    @property
+    def tables(self) -> list[LayerTable]:
+        """The layer tables weighted by the objective: what every allocator minimises."""
+        return self._weights()[0]
+
+    @property
+    def rtn_tables(self) -> list[LayerTable]:
+        """The round-to-nearest tables weighted by the objective."""
+        return self._weights()[1]
+
+    def _weights(self) -> tuple[list[LayerTable], list[LayerTable]]:
+        if self._weighted is None:
+            if self.objective is None:
+                self._weighted = (self.raw_tables, self.raw_rtn_tables)
+            else:
+                self._weighted = (weigh(self.raw_tables, self.objective),
+                                  weigh(self.raw_rtn_tables, self.objective))
+        return self._weighted
+
+    def set_objective(self, objective: Objective) -> None:
+        """Use another objective's weights from now on."""
+        self.objective, self._weighted = objective, None
 
     def dense_metric(self) -> float:
-        """The dense model's held-out metric (computed once)."""
+        """The dense model's test metric (computed once)."""
         if self._dense_metric is None:
             self._dense_metric = metric(self.task.model, self.task)
         return self._dense_metric
+
+    def dense_val(self) -> float:
+        """The dense model's validation metric (computed once)."""
+        if self._dense_val is None:
+            assert self.task.validate is not None
+            self._dense_val = float(self.task.validate(self.task.model))
+        return self._dense_val
 
     def dense_stats(self) -> DenseStats:
         """The dense model's calibration statistics for the corrections (measured once)."""
@@ -102,10 +151,27 @@ def _rtn_tables(db: LayerDatabase) -> list[LayerTable]:
     return out
 
 
+def objective_spec(cfg: Config, name: str | None = None) -> ObjectiveSpec:
+    """The objective a config asks for (``name`` overrides ``cfg.alloc.objective``)."""
+    a = cfg.alloc
+    corrections = ("bias" if cfg.eval.bias_correction else "", cfg.eval.bn_reestimate)
+    return ObjectiveSpec(ObjectiveName(name or a.objective), a.fisher_probes, a.loss_batches,
+                         cfg.capture.centered, cfg.seed, corrections)
+
+
+def load_objective(prepared: Prepared, name: str | None = None,
+                   progress: bool = True) -> Objective:
+    """The named objective (default: the configured one), cached in the database folder."""
+    return compute_objective(
+        objective_spec(prepared.cfg, name), prepared.task, prepared.raw_tables,
+        prepared.db_dir, prepared.db.fingerprints,
+        corrected=lambda p: stitched_model(prepared, p), progress=progress)
+
+
 def prepare(
     cfg: Config, out_dir: str | Path, db_dir: str | Path | None = None, progress: bool = True
 ) -> Prepared:
-    """Load the task and build or reuse its layer database.
+    """Load the task, build or reuse its layer database, compute or reuse its objective.
 
     Args:
         cfg: the resolved config.
@@ -115,18 +181,22 @@ def prepare(
 
     Raises:
         DatabaseMismatchError: the database folder holds another setup's database.
+        ObjectiveError: the configured objective cannot be computed for this model.
     """
     from automl_compress.zoo import load_task
 
     torch.manual_seed(cfg.seed)
-    task = load_task(cfg.task)
+    task = with_validation(load_task(cfg.task))
     root = Path(db_dir) if db_dir is not None else Path(out_dir) / "db"
     db = build_database(task, cfg, root, device=resolve_device(cfg.device), progress=progress)
-    return Prepared(cfg, task, db, db.tables(), _rtn_tables(db), root)
+    tables = db.tables()
+    prepared = Prepared(cfg, task, db, tables, _rtn_tables(db), root)
+    prepared.set_objective(load_objective(prepared, progress=progress))
+    return prepared
 
 
 def allocate(prepared: Prepared, method: str, budget_bits: float) -> CompressionPlan:
-    """A plan from one of the non-RL methods: 'uniform', 'dp' or 'rtn'.
+    """A plan from one of the non-RL allocators: 'uniform', 'dp' or 'rtn'.
 
     Raises:
         InfeasibleBudgetError: the budget is below what the method can reach.
@@ -142,21 +212,105 @@ def allocate(prepared: Prepared, method: str, budget_bits: float) -> Compression
     raise ConfigError(f"method must be one of {METHODS}, found {method!r}")
 
 
-def stitched_model(prepared: Prepared, plan: CompressionPlan) -> nn.Module:
-    """The plan applied to a copy of the model, with the configured statistics corrections."""
+def stitched_model(prepared: Prepared, plan: CompressionPlan,
+                   eval_cfg: EvalConfig | None = None) -> nn.Module:
+    """The plan applied to a copy of the model, with the statistics corrections in force
+    (``eval_cfg`` overrides ``prepared.cfg.eval``)."""
     model = stitch(prepared.task.model, prepared.db, plan)
-    return correct(prepared.task.model, model, prepared.task, plan, prepared.cfg.eval,
-                   prepared.dense_stats())
+    return correct(prepared.task.model, model, prepared.task, plan,
+                   eval_cfg or prepared.cfg.eval, prepared.dense_stats())
 
 
 def evaluate_plan(prepared: Prepared, plan: CompressionPlan) -> float:
-    """Held-out metric of the stitched, corrected model (higher is better)."""
+    """Test-split metric of the stitched, corrected model (higher is better). Only reported:
+    never select on it."""
     return metric(stitched_model(prepared, plan), prepared.task)
 
 
+def validate_plan(prepared: Prepared, plan: CompressionPlan, fraction: float = 1.0,
+                  eval_cfg: EvalConfig | None = None) -> float:
+    """Validation-split metric of the stitched, corrected model on the first ``fraction`` of
+    the split: what every search selects on."""
+    validate = prepared.task.validate
+    assert validate is not None
+    model = stitched_model(prepared, plan, eval_cfg)
+    return float(validate(model, fraction) if isinstance(validate, ItemMetric)
+                 else validate(model))
+
+
+def evaluator(prepared: Prepared, budget: float | None = None) -> Evaluator:
+    """A counting, caching validation scorer for this task (``budget`` in full passes).
+
+    A validation metric that is not an :class:`~automl_compress.zoo.base.ItemMetric` cannot
+    score a prefix of its split: every score is then a full pass.
+    """
+    validate = prepared.task.validate
+    if isinstance(validate, ItemMetric):
+        if validate.sizes is None:
+            prepared.dense_val()  # learns the split's size
+        return Evaluator(lambda p, f: validate_plan(prepared, p, f), validate.items, budget)
+    return Evaluator(lambda p, f: validate_plan(prepared, p, 1.0), lambda f: 1, budget)
+
+
+def correction_choices(prepared: Prepared) -> list[EvalConfig]:
+    """The statistics corrections worth comparing for this model: the configured one first, then
+    bias correction on/off × every BN mode (BN modes only when the model has BatchNorm, bias
+    correction only when a compressed layer has a bias)."""
+    base = prepared.cfg.eval
+    has_bn = bool(bn_layers(prepared.task.model))
+    has_bias = any(t.info.has_bias for t in prepared.raw_tables)
+    out = [base]
+    for bias in ((True, False) if has_bias else (base.bias_correction,)):
+        for bn in (BN_MODES if has_bn else (base.bn_reestimate,)):
+            c = dataclasses.replace(base, bias_correction=bias, bn_reestimate=bn)
+            if c not in out:
+                out.append(c)
+    return out
+
+
+def choose_corrections(prepared: Prepared, plan: CompressionPlan) -> dict[str, Any]:
+    """With ``eval.corrections = auto``: the corrections that score ``plan`` best on the
+    validation split (ties keep the configured ones) become ``prepared.cfg.eval``.
+
+    Returns:
+        ``{"bias_correction", "bn_reestimate", "evaluations", "chosen_on", "scores"}``; with
+        ``eval.corrections = fixed`` the configured values and 0 evaluations.
+    """
+    cur = prepared.cfg.eval
+    if cur.corrections == "fixed":
+        return {"bias_correction": cur.bias_correction, "bn_reestimate": cur.bn_reestimate,
+                "evaluations": 0, "chosen_on": "config"}
+    choices = correction_choices(prepared)
+    scores = [validate_plan(prepared, plan, 1.0, c) for c in choices]
+    best = choices[int(np.argmax(scores))]  # first maximum: the configured one on ties
+    prepared.cfg = dataclasses.replace(prepared.cfg, eval=best)
+    return {"bias_correction": best.bias_correction, "bn_reestimate": best.bn_reestimate,
+            "evaluations": len(choices) if len(choices) > 1 else 0, "chosen_on": "validation",
+            "scores": {f"{'bias' if c.bias_correction else 'nobias'}+{c.bn_reestimate}": v
+                       for c, v in zip(choices, scores, strict=True)}}
+
+
+def search(prepared: Prepared, method: str, budget_bits: float,
+           evaluations: float | None = None) -> SearchResult:
+    """A true-metric search ('evo' or 'spdy') from the calibrated DP plan, on the validation
+    split, spending at most ``evaluations`` full validation passes (default
+    ``alloc.evaluations``)."""
+    a = prepared.cfg.alloc
+    ev = evaluator(prepared, float(evaluations if evaluations is not None else a.evaluations))
+    cost = prepared.cfg.cost
+    if method == "evo":
+        start = allocate_dp(prepared.tables, budget_bits, cost)
+        return evo_search(prepared.tables, budget_bits, start, ev, cost, a.offspring, a.stages,
+                          prepared.cfg.seed)
+    if method == "spdy":
+        return spdy_search(prepared.tables, budget_bits, ev, cost, a.spdy_inits,
+                           prepared.cfg.seed)
+    raise ConfigError(f"search must be one of {SEARCHES}, found {method!r}")
+
+
 def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] | None:
-    """The task's secondary held-out metrics of the stitched, corrected model (None if the task
-    has none)."""
+    """The task's secondary test-split metrics of the stitched, corrected model (None if the
+    task has none)."""
     if prepared.task.report is None:
         return None
     return {k: float(v) for k, v in prepared.task.report(stitched_model(prepared, plan)).items()}
@@ -183,25 +337,43 @@ def _layer_rows(prepared: Prepared, plan: CompressionPlan) -> list[dict[str, Any
 
 def results_dict(
     prepared: Prepared, plan: CompressionPlan, method: str, metric_value: float,
-    wall_seconds: float,
+    wall_seconds: float, selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The results.json content (DESIGN.md §3 keys)."""
+    """The results.json content (keys in docs/architecture.md).
+
+    ``selection`` carries what choosing the plan spent on the validation split: ``metric_val``,
+    ``evaluations`` (full validation passes), ``metric_calls``, ``forward_samples`` and
+    ``corrections``; ``metric_val`` is measured here when absent.
+    """
     cfg = prepared.cfg
+    sel = dict(selection or {})
     tables = prepared.tables_for(plan)
     n_params = sum(p.numel() for p in prepared.task.model.parameters())
     compressible = sum(t.info.numel for t in tables)
     bits = plan_bits(plan, tables, cfg.cost) + 32.0 * (n_params - compressible)
     size_bytes = bits / 8.0
+    metric_val = sel.get("metric_val")
+    if metric_val is None:
+        metric_val = validate_plan(prepared, plan)
     return {
         "method": method,
         "metric_name": prepared.task.metric_name,
         "metric_dense": prepared.dense_metric(),
         "metric": float(metric_value),
+        "metric_val": float(metric_val),
+        "metric_dense_val": prepared.dense_val(),
         "budget_bits": float(plan.meta.get("budget_bits", cfg.env.budget_bits)),
         "avg_bits": plan_avg_bits(plan, tables, cfg.cost),
         "size_bytes": size_bytes,
         "compression_ratio": 4.0 * n_params / size_bytes if size_bytes > 0 else float("inf"),
+        "objective": str(prepared.objective.name) if prepared.objective else "raw",
         "proxy_error": plan_error(plan, tables),
+        "evaluations": float(sel.get("evaluations", 0.0)),
+        "metric_calls": int(sel.get("metric_calls", 0)),
+        "forward_samples": int(sel.get("forward_samples", 0)),
+        "corrections": sel.get("corrections", {
+            "bias_correction": cfg.eval.bias_correction, "bn_reestimate": cfg.eval.bn_reestimate,
+            "chosen_on": "config"}),
         "wall_seconds": float(wall_seconds),
         "layers": _layer_rows(prepared, plan),
     }
@@ -216,16 +388,18 @@ def write_run(
     metric: float,
     wall_seconds: float,
     extra: Mapping[str, Any] | None = None,
+    selection: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Write config.yaml, plan.json and results.json atomically; return the results.
 
-    ``extra`` entries are appended after the stable keys (never replacing them).
+    ``selection``: see :func:`results_dict`. ``extra`` entries are appended after the stable keys
+    (never replacing them).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "config.yaml", dump_config(cfg))
     plan.save(out / "plan.json")
-    res = results_dict(prepared, plan, method, metric, wall_seconds)
+    res = results_dict(prepared, plan, method, metric, wall_seconds, selection)
     report = plan_report(prepared, plan)
     if report is not None:
         res["metrics"] = report
@@ -235,13 +409,20 @@ def write_run(
     return res
 
 
-def _print_summary(res: Mapping[str, Any], out: Path) -> None:
-    print(
-        f"{res['method']}: {res['metric_name']} {res['metric']:.4f} (dense "
-        f"{res['metric_dense']:.4f}), avg_bits {res['avg_bits']:.3f} (budget "
-        f"{res['budget_bits']:g}), {res['compression_ratio']:.2f}x smaller, proxy error "
-        f"{res['proxy_error']:.4g}, {res['wall_seconds']:.1f} s -> {out}"
+def summary_line(res: Mapping[str, Any]) -> str:
+    """One line of a run's results: test and validation metric, size, what selection spent."""
+    return (
+        f"{res['method']}: {res['metric_name']} {res['metric']:.4f} test / "
+        f"{res['metric_val']:.4f} val (dense {res['metric_dense']:.4f} / "
+        f"{res['metric_dense_val']:.4f}), avg_bits {res['avg_bits']:.3f} (budget "
+        f"{res['budget_bits']:g}), {res['compression_ratio']:.2f}x smaller, {res['objective']} "
+        f"proxy {res['proxy_error']:.4g}, {res['evaluations']:g} evaluations, "
+        f"{res['wall_seconds']:.1f} s"
     )
+
+
+def _print_summary(res: Mapping[str, Any], out: Path) -> None:
+    print(f"{summary_line(res)} -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,13 +444,55 @@ def run_build_db(cfg: Config, out: Path) -> int:
     return 0
 
 
-def run_compress(cfg: Config, method: str, out: Path) -> int:
-    """``automl-compress compress``: allocate, evaluate, write the run directory."""
+def compress(prepared: Prepared, method: str, budget_bits: float,
+             evaluations: float | None = None) -> tuple[CompressionPlan, dict[str, Any]]:
+    """A plan from an allocator or a search, and what selecting it spent on the validation
+    split (the ``selection`` of :func:`results_dict`).
+
+    Allocators ('uniform', 'dp', 'rtn') spend only the choice of statistics corrections on their
+    plan; searches ('evo', 'spdy') choose the corrections on the calibrated DP plan, then search
+    with what is left of ``evaluations`` (default ``alloc.evaluations``).
+    """
+    if method in ALLOCATORS:
+        plan = allocate(prepared, method, budget_bits)
+        corr = choose_corrections(prepared, plan)
+        return plan, {"evaluations": corr["evaluations"], "metric_calls": corr["evaluations"],
+                      "forward_samples": 0, "corrections": corr}
+    if method not in SEARCHES:
+        raise ConfigError(f"method must be one of {METHODS}, found {method!r}")
+    total = float(evaluations if evaluations is not None else prepared.cfg.alloc.evaluations)
+    corr = choose_corrections(prepared, allocate(prepared, "dp", budget_bits))
+    left = total - corr["evaluations"]
+    if left < 1:
+        raise ConfigError(f"--evaluations {total:g} leaves nothing to search after choosing the "
+                          f"statistics corrections ({corr['evaluations']} evaluations); give at "
+                          f"least {corr['evaluations'] + 1}")
+    res = search(prepared, method, budget_bits, left)
+    spend = res.spend.as_dict()
+    return res.plan, {"metric_val": res.metric_val, "start_val": res.start_val,
+                      "evaluations": spend["evaluations"] + corr["evaluations"],
+                      "metric_calls": spend["metric_calls"] + corr["evaluations"],
+                      "forward_samples": spend["forward_samples"], "corrections": corr,
+                      "history": res.history}
+
+
+def resolved_config(prepared: Prepared) -> Config:
+    """The config a run directory records: the corrections it chose, fixed, so that
+    ``evaluate RUN`` re-scores the same model."""
+    cfg = prepared.cfg
+    return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corrections="fixed"))
+
+
+def run_compress(cfg: Config, method: str, out: Path, evaluations: float | None = None) -> int:
+    """``automl-compress compress``: allocate or search, evaluate, write the run directory."""
     t0 = time.perf_counter()
     prepared = prepare(cfg, out)
-    plan = allocate(prepared, method, cfg.env.budget_bits)
+    print(describe(prepared.objective) if prepared.objective else "objective raw")
+    plan, selection = compress(prepared, method, cfg.env.budget_bits, evaluations)
     value = evaluate_plan(prepared, plan)
-    res = write_run(out, cfg, prepared, plan, method, value, time.perf_counter() - t0)
+    extra = {k: selection[k] for k in ("start_val", "history") if k in selection}
+    res = write_run(out, resolved_config(prepared), prepared, plan, method, value,
+                    time.perf_counter() - t0, extra=extra, selection=selection)
     _print_summary(res, Path(out))
     return 0
 
@@ -298,6 +521,8 @@ def run_evaluate(run_dir: Path, device: str | None = None) -> int:
         res = json.loads(path.read_text())
         res["metric"] = value
         res["metric_dense"] = prepared.dense_metric()
+        res["metric_val"] = validate_plan(prepared, plan)
+        res["metric_dense_val"] = prepared.dense_val()
         report = plan_report(prepared, plan)
         if report is not None:
             res["metrics"] = report

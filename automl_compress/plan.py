@@ -46,6 +46,10 @@ class CompressionPlan:
     layers: Mapping[str, LayerPlan]
     meta: Mapping[str, Any] = field(default_factory=dict)
 
+    def key(self) -> tuple:
+        """A hashable identity of the plan's decisions (its meta is not part of it)."""
+        return tuple((n, lp.pattern, lp.row_bits) for n, lp in sorted(self.layers.items()))
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": PLAN_VERSION,

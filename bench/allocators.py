@@ -1,14 +1,17 @@
-"""Allocator benchmark: dense vs rtn vs uniform vs dp at several average-bit budgets.
+"""Allocator benchmark: rtn, uniform, dp under every objective, and the true-metric searches.
 
-For each config: build (or reuse) the layer database, then for every budget and method allocate a
-plan, stitch it, apply the statistics corrections and measure the held-out metric. Prints one
-markdown table per task: metric, avg_bits, proxy error (sum of table errors) and wall time of
-allocation + evaluation (the database build time is printed once above the table).
+For each config and budget: ``rtn`` and ``uniform`` (one width everywhere), ``dp`` under each
+calibrated objective (raw, normalized, fisher, loss), and the searches ``spdy`` and ``evo`` at
+each evaluation budget (under the default objective, warm-started from its DP plan). Every method
+chooses its statistics corrections on the validation split (counted in its evaluations), selects
+on the validation split only, and is reported on the test split. Rows: test metric, validation
+metric, avg_bits, validation evaluations spent (full-pass equivalents), wall time (allocation or
+search + evaluation; the database and objectives are built once per task and timed apart).
 
-Usage::
+Usage (databases under WORK/db-<config>, results appended to WORK/<config>.json and resumed)::
 
-    python bench/allocators.py --config configs/digits.yaml --budgets 8 4 3 2.5
-    python bench/allocators.py --config configs/crepe_tiny.yaml --config configs/minilm.yaml
+    python bench/allocators.py --config configs/digits.yaml --budgets 2.5 2 --work bench_out/alloc
+    PYTHONPATH=tests python bench/allocators.py --config configs/user_model.yaml --budgets 4 3
 
 Tasks whose optional packages are missing are reported and skipped.
 """
@@ -16,58 +19,112 @@ Tasks whose optional packages are missing are reported and skipped.
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from automl_compress import pipeline
 from automl_compress.config import load_config
 from automl_compress.errors import InfeasibleBudgetError, TaskError
-from automl_compress.pipeline import allocate, evaluate_plan, plan_report, prepare, results_dict
+from automl_compress.io import atomic_write_json
+from automl_compress.objectives import OBJECTIVE_VERSION, ObjectiveName, describe
 
-METHODS = ("rtn", "uniform", "dp")
+OBJECTIVES = [o.value for o in ObjectiveName]
 
 
-def bench_config(path: str, overrides: list[str], budgets: list[float], work: Path) -> None:
+def _row(prepared: pipeline.Prepared, method: str, budget: float, evaluations: float | None,
+         label: str) -> dict:
+    t0 = time.perf_counter()
+    plan, sel = pipeline.compress(prepared, method, budget, evaluations)
+    test = pipeline.evaluate_plan(prepared, plan)
+    wall = time.perf_counter() - t0
+    res = pipeline.results_dict(prepared, plan, method, test, wall, sel)
+    report = pipeline.plan_report(prepared, plan)
+    return {"label": label, "budget": budget, "method": method, "objective": res["objective"],
+            "metric": test, "metric_val": res["metric_val"], "avg_bits": res["avg_bits"],
+            "evaluations": res["evaluations"], "corrections": res["corrections"],
+            "wall_seconds": wall, "metrics": report,
+            "start_val": sel.get("start_val")}
+
+
+def bench_config(path: str, overrides: list[str], budgets: list[float], evaluations: list[int],
+                 work: Path, methods: list[str]) -> None:
     cfg = load_config(path, overrides)
+    stem = Path(path).stem
+    out_json = work / f"{stem}.json"
+    done = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": []}
     t0 = time.perf_counter()
     try:
-        prepared = prepare(cfg, work / "run", db_dir=work / f"db-{Path(path).stem}",
-                           progress=False)
+        prepared = pipeline.prepare(cfg, work / "run", db_dir=work / f"db-{stem}",
+                                    progress=False)
     except TaskError as exc:
         print(f"\n### {path}: skipped ({exc})")
         return
     build = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    dense = prepared.dense_metric()
-    dense_s = time.perf_counter() - t0
-    n = sum(t.info.numel for t in prepared.tables)
+    objectives = {}
+    for name in OBJECTIVES:
+        t1 = time.perf_counter()
+        objectives[name] = pipeline.load_objective(prepared, name, progress=False)
+        objectives[name].cost.setdefault("seconds", time.perf_counter() - t1)
+    default = cfg.alloc.objective
+    base_cfg = prepared.cfg
+    n = sum(t.info.numel for t in prepared.raw_tables)
+    done.update({"task": cfg.task.name, "config": path, "layers": len(prepared.raw_tables),
+                 "weights": n, "build_seconds": build, "dense": prepared.dense_metric(),
+                 "dense_val": prepared.dense_val(), "metric_name": prepared.task.metric_name,
+                 "objective_version": OBJECTIVE_VERSION,
+                 "objectives": {k: dict(v.cost) for k, v in objectives.items()}})
     print(f"\n### {cfg.task.name} ({path}; solver quant={cfg.solver.quant}, "
           f"prune={cfg.solver.prune}; menu bits {list(cfg.menu.bits)} x patterns "
-          f"{list(cfg.menu.patterns)})")
-    print(f"{len(prepared.tables)} layers, {n} compressible weights; database build/load "
-          f"{build:.1f} s; dense {prepared.task.metric_name} {dense:.4f} ({dense_s:.2f} s)\n")
-    print("| budget | method | metric | avg_bits | proxy error | wall s |")
-    print("|---:|---|---:|---:|---:|---:|")
+          f"{list(cfg.menu.patterns)}; default objective {default})")
+    print(f"{len(prepared.raw_tables)} layers, {n} compressible weights; database build/load "
+          f"{build:.1f} s; dense {prepared.task.metric_name} {prepared.dense_metric():.4f} test / "
+          f"{prepared.dense_val():.4f} val")
+    for obj in objectives.values():
+        print(f"- {describe(obj)}")
+    print("\n| budget | method | test | val | avg_bits | evaluations | corrections | wall s |")
+    print("|---:|---|---:|---:|---:|---:|---|---:|")
+    have = {r["label"]: r for r in done["rows"]}
+    jobs = []
     for budget in budgets:
-        for method in METHODS:
-            t0 = time.perf_counter()
+        for m in ("rtn", "uniform"):
+            if m in methods:
+                jobs.append((budget, m, None, default, f"{budget:g}/{m}"))
+        if "dp" in methods:
+            for name in OBJECTIVES:
+                jobs.append((budget, "dp", None, name, f"{budget:g}/dp-{name}"))
+        for m in ("spdy", "evo"):
+            if m in methods:
+                for e in evaluations:
+                    jobs.append((budget, m, e, default, f"{budget:g}/{m}-{e}"))
+    for budget, method, evals, obj_name, label in jobs:
+        row = have.get(label)
+        if row is None:
+            prepared.cfg = base_cfg
+            prepared.set_objective(objectives[obj_name])
             try:
-                plan = allocate(prepared, method, budget)
+                row = _row(prepared, method, budget, evals, label)
             except InfeasibleBudgetError as exc:
-                print(f"| {budget:g} | {method} | infeasible (min {exc.minimum:.3f}) | | | |")
-                continue
-            value = evaluate_plan(prepared, plan)
-            wall = time.perf_counter() - t0
-            res = results_dict(prepared, plan, method, value, wall)
-            report = plan_report(prepared, plan)
-            others = ", ".join(f"{k} {v:.4f}" for k, v in (report or {}).items())
-            print(f"| {budget:g} | {method} | {value:.4f} | {res['avg_bits']:.3f} | "
-                  f"{res['proxy_error']:.4g} | {wall:.2f} |" + (f" {others} |" if others else ""))
+                row = {"label": label, "budget": budget, "method": method,
+                       "infeasible": exc.minimum}
+            done["rows"].append(row)
+            atomic_write_json(out_json, done)
+        name = label.split("/", 1)[1]
+        if "infeasible" in row:
+            print(f"| {budget:g} | {name} | infeasible (min {row['infeasible']:.3f}) | | | | | |")
+            continue
+        c = row["corrections"]
+        corr = f"{'bias' if c['bias_correction'] else 'no bias'}, BN {c['bn_reestimate']}"
+        others = ", ".join(f"{k} {v:.4f}" for k, v in (row.get("metrics") or {}).items())
+        print(f"| {budget:g} | {name} | {row['metric']:.4f} | {row['metric_val']:.4f} | "
+              f"{row['avg_bits']:.3f} | {row['evaluations']:.0f} | {corr} | "
+              f"{row['wall_seconds']:.1f} |" + (f" {others} |" if others else ""))
         sys.stdout.flush()
+    prepared.cfg = base_cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -75,15 +132,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", action="append", required=True, help="YAML config (repeatable)")
     ap.add_argument("--set", dest="overrides", action="append", default=[],
                     help="dotted override applied to every config")
-    ap.add_argument("--budgets", type=float, nargs="+", default=[8.0, 4.0, 3.0, 2.5])
-    ap.add_argument("--work", default=None, help="where databases are kept (default: a temp dir)")
+    ap.add_argument("--budgets", type=float, nargs="+", default=[4.0, 3.0, 2.5])
+    ap.add_argument("--evaluations", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "uniform", "dp", "spdy", "evo"])
+    ap.add_argument("--work", default="bench_out/allocators", help="databases and JSON results")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads, cuda {torch.cuda.is_available()}")
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(args.work) if args.work else Path(tmp)
-        for path in args.config:
-            bench_config(path, args.overrides, args.budgets, work)
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    for path in args.config:
+        bench_config(path, args.overrides, args.budgets, args.evaluations, work, args.methods)
     return 0
 
 

@@ -1,19 +1,29 @@
-"""Benchmark of the search: RL (hierarchical, flat) vs HAQ-style DDPG vs DP vs uniform vs RTN.
+"""Search benchmark at equal true-metric evaluations: RL forms vs evo, spdy and calibrated dp.
 
-For each task config and budget: the non-RL allocators once, each learned method over several
-seeds (true metric mean ± std), with avg_bits, wall time and env steps; the learned channel
-controller against the exact per-row knapsack on the proxy error (both at the DP's layer
-budgets); the env step time on the database path. ``--transfer SRC DST`` runs the transfer table
-(zero-shot, fine-tuned with 10 % of the steps, a fresh run with those steps, and DP).
+Every method chooses its statistics corrections on the validation split, selects on the
+validation split only, spends at most E validation passes (full-pass equivalents, corrections
+included), and is reported on the test split. Learned methods and the searches run over several
+seeds (mean ± std); dp is deterministic.
 
-Usage (the database of each task is built once under OUT/db_<task> and reused):
+Methods (``--methods``):
 
-    python bench/search.py --config configs/digits.yaml --budgets 4 3 2.5 --seeds 0 1 2
-    python bench/search.py --config configs/crepe_tiny.yaml --budgets 4 3 2.5
-    python bench/search.py --transfer configs/digits.yaml configs/digits_wide.yaml --budgets 3
+- ``dp``: the calibrated DP (the warm start of everything else);
+- ``evo``, ``spdy``: the true-metric searches (docs/objectives.md);
+- ``rl-coef``: the hierarchy on the coefficient action (both controllers learned);
+- ``rl-coef-knapsack``: coefficient action, learned layer controller, neutral channel multipliers;
+- ``rl-budget``, ``rl-budget-knapsack``: the budget action (layer budget levels + per-group
+  widths / the exact knapsack);
+- ``haq``: the HAQ-style DDPG baseline.
 
-Writes OUT/search_<task>_b<budgets>.json, every plan it reports under OUT/plans/ (for
-``bench/fresh_split.py``), and prints markdown tables for docs/benchmarks.md.
+Usage (databases under OUT/db_<task>, results resumed from OUT/search_<task>.json)::
+
+    python bench/search.py --config configs/digits.yaml --budgets 1.5 --evaluations 64 256
+    PYTHONPATH=tests python bench/search.py --config configs/user_model.yaml --budgets 3
+    python bench/search.py --config configs/minilm.yaml --budgets 3 --evaluations 64 \\
+        --methods dp evo spdy rl-coef
+
+``--range LOW HIGH`` instead trains one budget-conditioned policy per seed with E evaluations and
+compares its zero-shot plans at every budget of the grid with dedicated runs there.
 """
 
 from __future__ import annotations
@@ -27,212 +37,192 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from automl_compress import pipeline
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
 from automl_compress.config import Config, load_config
-from automl_compress.database.allocate import plan_avg_bits, plan_error
-from automl_compress.envs import CompressionEnv
+from automl_compress.database.allocate import plan_avg_bits
 from automl_compress.io import atomic_write_json
 
 LEARNED = {
-    "rl-hier": {"form": "hierarchical"},
-    "rl-flat": {"form": "flat"},
-    "rl-hier-knapsack": {"form": "hierarchical", "channel_controller": "knapsack"},
-    "haq-ddpg": {"form": "haq"},
+    "rl-coef": {"form": "hierarchical", "action": "coefficient"},
+    "rl-coef-knapsack": {"form": "hierarchical", "action": "coefficient",
+                         "channel_controller": "knapsack"},
+    "rl-budget": {"form": "hierarchical", "action": "budget"},
+    "rl-budget-knapsack": {"form": "hierarchical", "action": "budget",
+                           "channel_controller": "knapsack"},
+    "haq": {"form": "haq"},
 }
+SEARCHES = ("evo", "spdy")
+STEP_CAP = 10_000_000
 
 
-def _with(cfg: Config, budget: float, seed: int, steps: int, **agent: Any) -> Config:
+def _with(cfg: Config, budget: float, seed: int, env: dict | None = None, **agent: Any) -> Config:
     return dataclasses.replace(
-        cfg, seed=seed, env=dataclasses.replace(cfg.env, budget_bits=float(budget)),
-        agent=dataclasses.replace(cfg.agent, total_steps=steps, **agent))
+        cfg, seed=seed, env=dataclasses.replace(cfg.env, budget_bits=float(budget),
+                                                **(env or {})),
+        agent=dataclasses.replace(cfg.agent, **agent))
 
 
-def _prepare(cfg: Config, out: Path) -> pipeline.Prepared:
-    db = out / f"db_{cfg.task.name}"
-    return pipeline.prepare(cfg, out, db_dir=db, progress=False)
+def _row(prepared: pipeline.Prepared, plan, sel: dict[str, Any], t0: float,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    test = pipeline.evaluate_plan(prepared, plan)
+    val = sel.get("metric_val")
+    if val is None:
+        val = pipeline.validate_plan(prepared, plan)
+    return {"metric": test, "metric_val": float(val), "evaluations": float(sel["evaluations"]),
+            "avg_bits": plan_avg_bits(plan, prepared.tables_for(plan), prepared.cfg.cost),
+            "wall_seconds": time.perf_counter() - t0, "plan": plan.to_dict(), **(extra or {})}
 
 
-def learned_run(prepared: pipeline.Prepared, cfg: Config, models=None,
-                steps: int | None = None) -> tuple[dict[str, Any], Search]:
-    """Train (``steps`` env steps) and return the best plan's row and the search."""
+def learned(prepared: pipeline.Prepared, cfg: Config, evaluations: float,
+            models: dict | None = None) -> tuple[dict[str, Any], Search]:
+    """Train one learned form within ``evaluations`` and return its row and the search."""
     t0 = time.perf_counter()
-    steps = cfg.agent.total_steps if steps is None else steps
-    search = Search(prepared.tables, cfg, lambda p: pipeline.evaluate_plan(prepared, p),
-                    prepared.dense_metric(), progress=Progress(max(steps, 1)), models=models)
-    if steps > 0:
-        search.train(steps)
-    if steps == 0:
-        search.cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent,
-                                                                        final_candidates=1))
-    search.final_candidates()
-    best = search.tracker.best
-    assert best is not None
-    return {"metric": best.metric, "avg_bits": plan_avg_bits(best.plan, prepared.tables,
-                                                             cfg.cost),
-            "proxy_error": plan_error(best.plan, prepared.tables),
-            "wall_seconds": time.perf_counter() - t0, "env_steps": search.progress.steps,
-            "metric_evaluations": search.oracle.evaluations if search.oracle else 0}, search
+    prepared.cfg = cfg
+    corr = pipeline.choose_corrections(prepared, pipeline.allocate(prepared, "dp",
+                                                                   cfg.env.budget_bits))
+    ev = pipeline.evaluator(prepared, evaluations - corr["evaluations"])
+    search = Search(prepared.tables, prepared.cfg, metric_dense=prepared.dense_val(),
+                    progress=Progress(STEP_CAP), evaluator=ev, models=models)
+    search.train(STEP_CAP)
+    best = search.finalize()
+    sel = {"metric_val": best.metric, "evaluations": ev.spent + corr["evaluations"]}
+    return _row(prepared, best.plan, sel, t0, {"env_steps": search.progress.steps,
+                                               "episodes": search.tracker.episodes}), search
 
 
-def baseline_run(prepared: pipeline.Prepared, method: str, budget: float,
-                 save: Path | None = None) -> dict[str, Any]:
+def non_learned(prepared: pipeline.Prepared, cfg: Config, method: str,
+                evaluations: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
-    plan = pipeline.allocate(prepared, method, budget)
-    if save is not None:
-        plan.save(save)
-    value = pipeline.evaluate_plan(prepared, plan)
-    tables = prepared.tables_for(plan)
-    return {"metric": value, "avg_bits": plan_avg_bits(plan, tables, prepared.cfg.cost),
-            "proxy_error": plan_error(plan, tables), "wall_seconds": time.perf_counter() - t0,
-            "env_steps": 0}
-
-
-def channel_vs_knapsack(prepared: pipeline.Prepared, cfg: Config, search: Search) -> dict:
-    """Proxy error of the learned channel controller vs the exact knapsack, at DP layer budgets."""
-    model = search.models.get("channel_controller")
-    if model is None:
-        return {}
-    env = CompressionEnv(prepared.tables, cfg, mode="channel", layer_policy="dp")
-    obs, _ = env.reset(seed=0)
-    while True:
-        a, _ = model.predict(obs, action_masks=env.action_masks(), deterministic=True)
-        obs, _, done, _, info = env.step(a)
-        if done:
-            learned = info["compression"].proxy_error
-            break
-    dp_plan = pipeline.allocate(prepared, "dp", cfg.env.budget_bits)
-    return {"learned_channel_proxy": learned, "knapsack_proxy": plan_error(dp_plan,
-                                                                           prepared.tables),
-            "ratio": learned / max(plan_error(dp_plan, prepared.tables), 1e-30)}
-
-
-def step_time(prepared: pipeline.Prepared, cfg: Config, episodes: int = 50) -> float:
-    """Mean seconds per env step (flat env, masked random actions, no metric)."""
-    env = CompressionEnv(prepared.tables, cfg, mode="flat")
-    rng = np.random.default_rng(0)
-    n, t0 = 0, time.perf_counter()
-    for _ in range(episodes):
-        env.reset(seed=0)
-        done = False
-        while not done:
-            a = int(rng.choice(np.flatnonzero(env.action_masks())))
-            done = env.step(a)[2]
-            n += 1
-    return (time.perf_counter() - t0) / n
+    prepared.cfg = cfg
+    plan, sel = pipeline.compress(prepared, method, cfg.env.budget_bits, evaluations)
+    return _row(prepared, plan, sel, t0)
 
 
 def _agg(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {"runs": rows}
-    for k in ("metric", "avg_bits", "proxy_error", "wall_seconds", "env_steps"):
+    out: dict[str, Any] = {}
+    for k in ("metric", "metric_val", "evaluations", "wall_seconds"):
         vals = [float(r[k]) for r in rows]
         out[k] = statistics.fmean(vals)
         out[k + "_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    out["n"] = len(rows)
     return out
 
 
-def bench_task(cfg: Config, out: Path, budgets: list[float], seeds: list[int], steps: int,
-               methods: list[str]) -> dict[str, Any]:
-    prepared = _prepare(cfg, out)
-    result: dict[str, Any] = {"task": cfg.task.name, "metric_dense": prepared.dense_metric(),
-                              "steps": steps, "budgets": {}}
-    result["step_seconds"] = step_time(prepared, _with(cfg, budgets[0], 0, steps))
+def bench_task(cfg: Config, out: Path, budgets: list[float], evaluations: list[int],
+               seeds: list[int], methods: list[str]) -> dict[str, Any]:
+    path = out / f"search_{cfg.task.name}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    prepared = pipeline.prepare(cfg, out, db_dir=out / f"db_{cfg.task.name}", progress=False)
+    base = prepared.cfg
+    result.update({"task": cfg.task.name, "metric_name": prepared.task.metric_name,
+                   "dense": prepared.dense_metric(), "dense_val": prepared.dense_val(),
+                   "objective": cfg.alloc.objective})
     for b in budgets:
-        row: dict[str, Any] = {}
-        for m in ("dp", "uniform", "rtn"):
-            try:
-                row[m] = baseline_run(prepared, m, b,
-                                      out / "plans" / f"{cfg.task.name}_b{b:g}_{m}.json")
-            except Exception as exc:  # noqa: BLE001 - an infeasible baseline is a table entry
-                row[m] = {"error": str(exc)}
-        for name in methods:
-            runs = []
-            for s in seeds:
-                r, search = learned_run(prepared, _with(cfg, b, s, steps, **LEARNED[name]))
-                search.tracker.best.plan.save(out / "plans" / f"{cfg.task.name}_b{b:g}_{name}"
-                                                              f"_s{s}.json")
-                if name == "rl-hier":
-                    r.update(channel_vs_knapsack(prepared, search.cfg, search))
-                search.close()
-                runs.append(r)
-                print(f"{cfg.task.name} b={b} {name} seed={s}: {r['metric']:.4f}", flush=True)
-            row[name] = _agg(runs)
-        result["budgets"][str(b)] = row
+        for m in methods:
+            for e in ([None] if m == "dp" else evaluations):
+                for s in ([0] if m == "dp" else seeds):
+                    label = f"{b:g}/{m}/{e}/{s}"
+                    if label in result["runs"]:
+                        continue
+                    c = _with(base, b, s, **LEARNED.get(m, {}))
+                    if m in LEARNED:
+                        row, search = learned(prepared, c, float(e))
+                        search.close()
+                    else:
+                        row = non_learned(prepared, c, m, e)
+                    result["runs"][label] = row
+                    atomic_write_json(path, result)
+                    print(f"{cfg.task.name} b={b:g} {m} E={e} seed={s}: test {row['metric']:.4f}"
+                          f" val {row['metric_val']:.4f} ({row['evaluations']:.0f} evaluations,"
+                          f" {row['wall_seconds']:.0f} s)", flush=True)
+    prepared.cfg = base
     return result
 
 
-def bench_transfer(src: Config, dst: Config, out: Path, budget: float, steps: int,
-                   seed: int) -> dict[str, Any]:
-    src_p, dst_p = _prepare(src, out), _prepare(dst, out)
-    _, trained = learned_run(src_p, _with(src, budget, seed, steps))
-    ft = max(steps // 10, 1)
-    cfg = _with(dst, budget, seed, ft)
-    res: dict[str, Any] = {"src": src.task.name, "dst": dst.task.name, "budget": budget,
-                           "steps": steps, "finetune_steps": ft}
-    res["zero_shot"], s0 = learned_run(dst_p, cfg, models=dict(trained.models), steps=0)
-    s0.close()
-    res["finetuned"], s1 = learned_run(dst_p, cfg, models=dict(trained.models), steps=ft)
-    s1.close()
-    res["fresh"], s2 = learned_run(dst_p, cfg, steps=ft)
-    s2.close()
-    res["dp"] = baseline_run(dst_p, "dp", budget)
-    trained.close()
-    return res
+def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
+                seeds: list[int], method: str) -> dict[str, Any]:
+    """One budget-conditioned policy per seed vs dedicated runs at every budget of the grid."""
+    path = out / f"range_{cfg.task.name}_{method}.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    prepared = pipeline.prepare(cfg, out, db_dir=out / f"db_{cfg.task.name}", progress=False)
+    base = prepared.cfg
+    mid = round((lo + hi) / 2 / base.env.budget_step) * base.env.budget_step
+    grid = _with(base, mid, 0, {"budget_range": (lo, hi)}).env.budgets()
+    for s in seeds:
+        label = f"range/{s}"
+        if label not in result["runs"]:
+            c = _with(base, mid, s, {"budget_range": (lo, hi)}, **LEARNED[method])
+            row, search = learned(prepared, c, float(evaluations))
+            zero = {}
+            for b in grid:
+                prepared.cfg = _with(c, b, s, {"budget_range": (lo, hi)})
+                plan = search.rollout(True, b, measure=False).plan
+                zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0}, time.perf_counter())
+            search.close()
+            result["runs"][label] = {"trained": row, "zero_shot": zero}
+            atomic_write_json(path, result)
+        for b in grid:
+            label = f"dedicated/{b:g}/{s}"
+            if label not in result["runs"]:
+                row, search = learned(prepared, _with(base, b, s, **LEARNED[method]),
+                                      float(evaluations))
+                search.close()
+                result["runs"][label] = row
+                atomic_write_json(path, result)
+            if f"dp/{b:g}" not in result["runs"]:
+                result["runs"][f"dp/{b:g}"] = non_learned(prepared, _with(base, b, 0), "dp",
+                                                          None)
+                atomic_write_json(path, result)
+    prepared.cfg = base
+    result.update({"grid": list(grid), "evaluations": evaluations, "method": method})
+    atomic_write_json(path, result)
+    return result
 
 
-def _table(result: dict[str, Any]) -> str:
-    lines = [f"### {result['task']} (dense {result['metric_dense']:.4f}, {result['steps']} env "
-             f"steps per learned run, env step {result['step_seconds'] * 1e3:.3f} ms)", "",
-             "| budget | method | metric | avg_bits | proxy error | wall s | env steps |",
-             "|---|---|---|---|---|---|---|"]
-    for b, row in result["budgets"].items():
-        for m, r in row.items():
-            if "error" in r:
-                lines.append(f"| {b} | {m} | infeasible: {r['error'][:60]} | | | | |")
-                continue
-            std = f" ± {r['metric_std']:.4f}" if "metric_std" in r else ""
-            lines.append(f"| {b} | {m} | {r['metric']:.4f}{std} | {r['avg_bits']:.3f} | "
-                         f"{r['proxy_error']:.4g} | {r['wall_seconds']:.1f} | "
-                         f"{int(r['env_steps'])} |")
-    lines += ["", "Learned channel controller vs the exact per-row knapsack, both at the DP's "
-              "layer budgets (proxy error, per seed):", ""]
-    for b, row in result["budgets"].items():
-        runs = row.get("rl-hier", {}).get("runs", [])
-        pairs = ", ".join(f"{r['learned_channel_proxy']:.4g} vs {r['knapsack_proxy']:.4g} "
-                          f"({r['ratio']:.1f}x)" for r in runs if "ratio" in r)
-        if pairs:
-            lines.append(f"- budget {b}: {pairs}")
+def table(result: dict[str, Any]) -> str:
+    """Markdown: per budget, method and evaluation budget, mean ± std over seeds."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for label, row in result["runs"].items():
+        b, m, e, _ = label.split("/")
+        groups.setdefault((b, m, e), []).append(row)
+    lines = [f"### {result['task']} ({result['metric_name']}; dense {result['dense']:.4f} test "
+             f"/ {result['dense_val']:.4f} val; objective {result['objective']})", "",
+             "| budget | method | E | test | val | evaluations | wall s | seeds |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for (b, m, e), rows in sorted(groups.items(), key=lambda kv: (-float(kv[0][0]), kv[0][2],
+                                                                  kv[0][1])):
+        a = _agg(rows)
+        lines.append(f"| {b} | {m} | {e} | {a['metric']:.4f} ± {a['metric_std']:.4f} | "
+                     f"{a['metric_val']:.4f} ± {a['metric_val_std']:.4f} | "
+                     f"{a['evaluations']:.0f} | {a['wall_seconds']:.0f} | {a['n']} |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="configs/digits.yaml")
-    ap.add_argument("--transfer", nargs=2, metavar=("SRC", "DST"))
-    ap.add_argument("--budgets", type=float, nargs="+", default=[4.0, 3.0, 2.5])
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--budgets", type=float, nargs="+", default=[3.0])
+    ap.add_argument("--evaluations", type=int, nargs="+", default=[64, 256])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--steps", type=int, default=None, help="env steps per learned run")
-    ap.add_argument("--methods", nargs="+", default=list(LEARNED), choices=list(LEARNED))
+    ap.add_argument("--methods", nargs="+", default=["dp", *SEARCHES, *LEARNED],
+                    choices=["dp", *SEARCHES, *LEARNED])
+    ap.add_argument("--range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
     ap.add_argument("--out", default="bench_out/search")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.transfer:
-        src, dst = (load_config(p) for p in args.transfer)
-        steps = args.steps or src.agent.total_steps
-        res = [bench_transfer(src, dst, out, b, steps, args.seeds[0]) for b in args.budgets]
-        atomic_write_json(out / f"transfer_{src.task.name}_{dst.task.name}.json", res)
-        print(json.dumps(res, indent=1))
+    cfg = load_config(args.config, args.overrides)
+    if args.range:
+        res = bench_range(cfg, out, args.range[0], args.range[1], args.evaluations[0],
+                          args.seeds, args.methods[0] if args.methods[0] in LEARNED else
+                          "rl-coef")
+        print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
         return 0
-    cfg = load_config(args.config)
-    steps = args.steps or cfg.agent.total_steps
-    res = bench_task(cfg, out, args.budgets, args.seeds, steps, args.methods)
-    tag = "_".join(f"{b:g}" for b in args.budgets)
-    atomic_write_json(out / f"search_{cfg.task.name}_b{tag}.json", res)
-    print(_table(res))
+    res = bench_task(cfg, out, args.budgets, args.evaluations, args.seeds, args.methods)
+    print(table(res))
     return 0
 
 

@@ -2,7 +2,8 @@
 
 A small CNN (a BatchNorm conv without bias, a grouped conv with bias, two Linear layers) trained for
 a few hundred steps on scikit-learn's 8x8 digits; calibration = 4 batches of training images,
-metric = top-1 accuracy on 400 held-out images calibration never saw. Builds in about a second.
+metric = top-1 accuracy on 400 test images; 200 validation images apart (neither trained nor
+calibrated on). Builds in about a second.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from automl_compress.zoo.base import Task
+from automl_compress.zoo.base import ItemMetric, Task
 
 
 class TinyNet(nn.Module):
@@ -50,7 +51,7 @@ def make_model(width: int = 8, seed: int = 0, train_steps: int = 150) -> TinyNet
 @functools.lru_cache(maxsize=8)
 def _trained(width: int, seed: int, train_steps: int) -> TinyNet:
     x, y = _data()
-    x_tr, y_tr = x[:-400], y[:-400]
+    x_tr, y_tr = x[:-600], y[:-600]
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -88,7 +89,14 @@ def make_task(
     return Task(
         name="tests:tiny", family="tiny_cnn", model=model, calib=calib, evaluate=evaluate,
         metric_name="top1", report=report,
+        validate=ItemMetric([(x[-600:-500], y[-600:-500]), (x[-500:-400], y[-500:-400])], _top1),
+        distance="kl",
     )
+
+
+def _top1(m: nn.Module, batch) -> torch.Tensor:
+    images, labels = batch
+    return (m(images).argmax(dim=1) == labels).double()
 
 
 def tiny_config(*overrides: str):

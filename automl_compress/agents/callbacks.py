@@ -43,18 +43,22 @@ class Progress:
 
 
 class StepCallback(BaseCallback):
-    """Counts env steps into a :class:`Progress` and checkpoints every ``every`` steps.
+    """Counts env steps into a :class:`Progress`, checkpoints every ``every`` steps, and ends
+    training when ``stop()`` says so (the evaluation budget is spent).
 
     Args:
         progress: the shared counter.
         every: steps between checkpoints.
         checkpoint: called to write a checkpoint (None: no checkpoints).
+        stop: ``() -> bool``, checked after every step (None: never).
     """
 
     def __init__(self, progress: Progress, every: int,
-                 checkpoint: Callable[[], None] | None = None) -> None:
+                 checkpoint: Callable[[], None] | None = None,
+                 stop: Callable[[], bool] | None = None) -> None:
         super().__init__(verbose=0)
         self.progress, self.every, self.checkpoint = progress, int(every), checkpoint
+        self.stop = stop
 
     def _on_step(self) -> bool:
         n = int(self.training_env.num_envs) if self.training_env is not None else 1
@@ -63,4 +67,4 @@ class StepCallback(BaseCallback):
         if self.checkpoint is not None and before // self.every != self.progress.steps // \
                 self.every:
             self.checkpoint()
-        return True
+        return not (self.stop is not None and self.stop())

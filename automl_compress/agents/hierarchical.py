@@ -1,31 +1,35 @@
 """The orchestrator: trains the controllers together and keeps the best plan.
 
-Forms (``agent.form``):
+Forms (``agent.form``; docs/env.md):
 
 - ``hierarchical``: two ordinary MaskablePPO models. The layer model trains in the ``layer`` env
   where the channel model acts frozen (deterministic, masked) inside ``step``; then the channel
   model trains in the ``channel`` env where the layer model acts frozen; turns alternate every
-  ``agent.round_steps`` env steps. Both see every episode's outcome (the end term of the reward).
-  Ablations: ``channel_controller`` = 'knapsack' / 'uniform' replaces the channel model by the
-  exact per-row knapsack / one width per layer (only the layer model trains);
-  ``layer_controller`` = 'dp' takes layer budgets from the DP allocator (only the channel model
-  trains).
+  ``agent.round_steps`` env steps. Both see every episode's outcome. ``agent.action`` says what
+  they decide: 'budget' (envs/compression_env.py) or 'coefficient' (envs/coef_env.py: the
+  calibrated DP's per-layer and per-group coefficients). Ablations: ``channel_controller`` =
+  'knapsack' (or 'uniform', budget action only) replaces the channel model by the exact per-row
+  knapsack; ``layer_controller`` = 'dp' takes the calibrated DP's layer decisions.
 - ``flat``: one MaskablePPO on the two-phase episode (a layer step, then its group steps).
 - ``haq``: the HAQ-style DDPG baseline (``agents/haq.py``).
 
+The true metric is the validation split's, through :class:`MetricOracle` and its counting
+:class:`~automl_compress.search.Evaluator`: every ``env.metric_every``-th new plan is scored on
+the first ``agent.metric_fraction`` of the split while the evaluation budget allows (keeping
+enough for the final candidates); when the budget is spent training stops.
+
 Every finished episode goes through :class:`Tracker`: TensorBoard scalars, the allocation image
-every ``IMAGE_EVERY`` episodes, and the best plan so far (highest measured metric, ties → lower
-proxy error; episodes whose metric was not measured never displace a measured one). The true
-metric is measured by :class:`MetricOracle` every ``env.metric_every``-th episode, cached per
-plan, and always for the final candidates (``agent.final_candidates`` rollouts of the final
-policies: the first deterministic, the rest sampled).
+every ``IMAGE_EVERY`` episodes, and per budget a pool of the best-scoring plans. The final plan
+(:meth:`Search.finalize`) is the best on the whole validation split among the deterministic
+rollout of the final policies, the pool's best plans (or sampled rollouts), and the calibrated DP
+plan, so it never scores below the calibrated DP on validation.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,48 +39,75 @@ from automl_compress.agents import controllers, haq
 from automl_compress.agents.callbacks import Progress, StepCallback
 from automl_compress.agents.transfer import controller_names
 from automl_compress.config import Config
+from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import CompressionEnv, EpisodeSummary
+from automl_compress.envs.coef_env import NEUTRAL, CoefficientEnv
 from automl_compress.logs import SearchWriter, sb3_logger
 from automl_compress.plan import CompressionPlan
+from automl_compress.search.evaluator import Evaluator
 
 IMAGE_EVERY = 50
-CACHE_SIZE = 4096
-
-
-def plan_key(plan: CompressionPlan) -> tuple:
-    """A hashable identity of a plan's decisions."""
-    return tuple((n, lp.pattern, lp.row_bits) for n, lp in sorted(plan.layers.items()))
 
 
 class MetricOracle:
-    """Measures the true metric every ``every``-th new plan (cached), or always when ``force``.
+    """The controllers' access to the validation metric: scheduled, partial, budgeted, counted.
 
     Args:
-        fn: ``plan -> metric`` (the stitched, corrected model on the held-out split).
-        every: measure every this many calls (1 = every episode).
+        evaluator: the counting, caching validation scorer.
+        every: score every this many new plans (1 = every episode).
+        fraction: the share of the validation split a training episode is scored on.
+        reserve: full validation passes kept back for the final candidates.
     """
 
-    def __init__(self, fn: Callable[[CompressionPlan], float], every: int = 1) -> None:
-        self.fn, self.every = fn, int(every)
+    def __init__(self, evaluator: Evaluator, every: int = 1, fraction: float = 1.0,
+                 reserve: float = 0.0) -> None:
+        self.evaluator, self.every = evaluator, int(every)
+        self.fraction, self.reserve = float(fraction), float(reserve)
         self.calls = 0
-        self.evaluations = 0
         self.force = False
-        self.cache: dict[tuple, float] = {}
+        self.exhausted = False
+
+    @property
+    def evaluations(self) -> float:
+        """Full validation passes spent so far."""
+        return self.evaluator.spent
+
+    @property
+    def samples(self) -> int:
+        """Validation items scored so far."""
+        return self.evaluator.samples
+
+    def _room(self, fraction: float) -> bool:
+        b = self.evaluator.budget
+        return b is None or self.evaluator.spent + self.evaluator.cost(fraction) \
+            <= b - self.reserve + 1e-9
 
     def __call__(self, plan: CompressionPlan) -> float | None:
-        key = plan_key(plan)
-        if key in self.cache:
-            return self.cache[key]
+        """A training episode's score on ``fraction`` of the split, or None when not scheduled
+        (or, with ``force``, the whole split)."""
+        frac = 1.0 if self.force else self.fraction
+        known = self.evaluator.known(plan, frac)
+        if known is not None:
+            return known
+        if self.force:
+            return self.measure(plan)
         self.calls += 1
-        if not self.force and (self.calls - 1) % self.every:
+        if (self.calls - 1) % self.every:
             return None
-        value = float(self.fn(plan))
-        self.evaluations += 1
-        if len(self.cache) >= CACHE_SIZE:
-            self.cache.pop(next(iter(self.cache)))
-        self.cache[key] = value
-        return value
+        if not self._room(frac):
+            self.exhausted = True
+            return None
+        return self.evaluator(plan, frac)
+
+    def measure(self, plan: CompressionPlan, fraction: float = 1.0) -> float | None:
+        """Score a plan now (final candidates, references); None when the budget is spent."""
+        known = self.evaluator.known(plan, fraction)
+        if known is not None:
+            return known
+        if not self.evaluator.affordable(fraction):
+            return None
+        return self.evaluator(plan, fraction)
 
 
 @dataclass
@@ -94,20 +125,35 @@ class Best:
                 -self.proxy_error)
 
 
+def _budget_of(plan: CompressionPlan, default: float) -> float:
+    return round(float(plan.meta.get("budget_bits", default)), 6)
+
+
+@dataclass
 class Tracker:
-    """Episode hook: logs every episode and keeps the best plan.
+    """Episode hook: logs every episode and keeps, per budget, the best-scoring plans.
 
     Args:
         tables: the layer tables (for images and tables).
         writer: the TensorBoard ``search`` run (None: no logging).
         progress: the shared step counter (the TensorBoard x axis).
+        budget: the run's budget (episodes without one in their plan's meta count there).
+        pool_size: plans kept per budget.
     """
 
-    def __init__(self, tables: Sequence[LayerTable], writer: SearchWriter | None,
-                 progress: Progress) -> None:
-        self.tables, self.writer, self.progress = list(tables), writer, progress
-        self.episodes = 0
-        self.best: Best | None = None
+    tables: Sequence[LayerTable]
+    writer: SearchWriter | None
+    progress: Progress
+    budget: float
+    pool_size: int = 4
+    episodes: int = 0
+    pools: dict[float, list[Best]] = field(default_factory=dict)
+
+    @property
+    def best(self) -> Best | None:
+        """The best-scoring plan at the run's budget (training scores may be partial)."""
+        pool = self.pools.get(round(self.budget, 6), [])
+        return pool[0] if pool else None
 
     def __call__(self, s: EpisodeSummary) -> None:
         self.episodes += 1
@@ -117,9 +163,20 @@ class Tracker:
             w.episode(step, s.reward, s.metric, s.avg_bits, s.proxy_error, s.projections)
             if self.episodes % IMAGE_EVERY == 1:
                 w.allocation(step, s.plan, self.tables, f"episode {self.episodes}")
+        b = _budget_of(s.plan, self.budget)
+        pool = self.pools.setdefault(b, [])
         cand = Best(s.plan, s.metric, s.proxy_error, s.avg_bits, self.episodes)
-        if self.best is None or cand.key() > self.best.key():
-            self.best = cand
+        same = [k for k, p in enumerate(pool) if p.plan.key() == s.plan.key()]
+        if same:  # seen before: keep the better-scored entry (a later score may be full)
+            if cand.key() <= pool[same[0]].key():
+                return
+            pool.pop(same[0])
+        top = pool[0] if pool else None
+        pool.append(cand)
+        pool.sort(key=lambda x: x.key(), reverse=True)
+        del pool[self.pool_size:]
+        if pool[0] is cand and (top is None or cand.key() > top.key()) and \
+                b == round(self.budget, 6):
             self.progress.best(s.metric)
             if w is not None:
                 if math.isfinite(s.metric):
@@ -128,31 +185,33 @@ class Tracker:
                 w.allocation(step, s.plan, self.tables, f"best (episode {self.episodes})")
 
     def state(self) -> dict[str, Any]:
-        b = self.best
-        return {"episodes": self.episodes, "best": None if b is None else {
-            "plan": b.plan.to_dict(), "metric": b.metric, "proxy_error": b.proxy_error,
-            "avg_bits": b.avg_bits, "episode": b.episode}}
+        return {"episodes": self.episodes, "pools": {str(b): [{
+            "plan": x.plan.to_dict(), "metric": x.metric, "proxy_error": x.proxy_error,
+            "avg_bits": x.avg_bits, "episode": x.episode} for x in pool]
+            for b, pool in self.pools.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.episodes = int(state.get("episodes", 0))
-        b = state.get("best")
-        if b:
-            self.best = Best(CompressionPlan.from_dict(b["plan"]), float(b["metric"]),
-                             float(b["proxy_error"]), float(b["avg_bits"]), int(b["episode"]))
+        self.pools = {float(b): [Best(CompressionPlan.from_dict(x["plan"]), float(x["metric"]),
+                                      float(x["proxy_error"]), float(x["avg_bits"]),
+                                      int(x["episode"])) for x in pool]
+                      for b, pool in state.get("pools", {}).items()}
 
 
 class Search:
     """Builds the envs and SB3 models of one configuration over one model's tables.
 
     Args:
-        tables: layer tables in forward order.
+        tables: layer tables in forward order (objective-weighted).
         cfg: the resolved config.
-        metric_fn: ``plan -> metric`` (None: no end term, the best plan is by proxy error).
-        metric_dense: the dense model's metric.
+        metric_fn: ``plan -> metric``; used when no ``evaluator`` is given (every score then
+            counts one evaluation); None: no metric, the best plan is by proxy error.
+        metric_dense: the dense model's metric (the budget form's reward reference).
         tb_dir: TensorBoard folder (None: no logging).
         progress: the shared step counter.
         models: pre-loaded models by name (apply / resume); built fresh when absent.
         purge_step: on resume, TensorBoard events of the search run after this step are dropped.
+        evaluator: the counting validation scorer (its budget ends training).
 
     Raises:
         InfeasibleBudgetError: the budget is below the feasible minimum.
@@ -162,13 +221,20 @@ class Search:
                  metric_fn: Callable[[CompressionPlan], float] | None = None,
                  metric_dense: float = 1.0, tb_dir: str | Path | None = None,
                  progress: Progress | None = None,
-                 models: dict[str, Any] | None = None, purge_step: int | None = None) -> None:
+                 models: dict[str, Any] | None = None, purge_step: int | None = None,
+                 evaluator: Evaluator | None = None) -> None:
         self.tables, self.cfg = list(tables), cfg
         self.progress = progress or Progress(cfg.agent.total_steps)
-        self.oracle = MetricOracle(metric_fn, cfg.env.metric_every) if metric_fn else None
+        if evaluator is None and metric_fn is not None:
+            evaluator = Evaluator(lambda p, f: metric_fn(p), lambda f: 1)
+        a = cfg.agent
+        self.coefficient = a.form == "hierarchical" and a.action == "coefficient"
+        every = 1 if self.coefficient else cfg.env.metric_every
+        self.oracle = None if evaluator is None else MetricOracle(
+            evaluator, every, a.metric_fraction, reserve=a.final_candidates + 1)
         self.writer = SearchWriter(tb_dir, purge_step) if tb_dir is not None else None
         self.tb_dir = tb_dir
-        self.tracker = Tracker(self.tables, self.writer, self.progress)
+        self.tracker = Tracker(self.tables, self.writer, self.progress, cfg.env.budget_bits)
         self.metric_dense = metric_dense
         self.names = controller_names(cfg)
         self.refs = {n: controllers.PolicyRef() for n in ("layer_controller",
@@ -184,6 +250,9 @@ class Search:
                 m = haq.make_ddpg(self.envs[n], cfg.agent, cfg.seed + i)
             else:
                 m = controllers.make_ppo(self.envs[n], cfg.agent, cfg.seed + i)
+                if self.coefficient:
+                    controllers.favour_action(m, self._reference_env().neutral,
+                                              cfg.agent.neutral_prior)
             if tb_dir is not None:
                 m.set_logger(sb3_logger(tb_dir, n))
             self.models[n] = m
@@ -192,12 +261,47 @@ class Search:
 
     # ---------------------------------------------------------------------------------------
 
+    def reference(self, budget: float) -> float:
+        """The calibrated DP plan's score at ``budget`` on the training fraction (the coefficient
+        form's reward reference; counted like any score)."""
+        assert self.oracle is not None
+        v = self.oracle.measure(self.dp_plan(budget), self.oracle.fraction)
+        return float(v) if v is not None else self.metric_dense
+
+    def dp_plan(self, budget: float) -> CompressionPlan:
+        """The calibrated DP plan at ``budget`` (as the controllers' neutral action gives it)."""
+        if self.coefficient:
+            env = self._reference_env()
+            n = env.neutral
+            return env.plan_for(budget, [n] * len(self.tables), [[n] * len(g) for g in
+                                                                  env.groups])
+        p = allocate_dp(self.tables, budget, self.cfg.cost)
+        return CompressionPlan(p.layers, meta={"method": "rl", "budget_bits": budget})
+
+    def _reference_env(self) -> CoefficientEnv:
+        if not hasattr(self, "_ref_env"):
+            self._ref_env = CoefficientEnv(self.tables, self.cfg,
+                                           budgets=self.cfg.env.budgets())
+        return self._ref_env
+
     def _env_kwargs(self) -> dict[str, Any]:
         return {"metric_fn": self.oracle, "metric_dense": self.metric_dense,
                 "episode_hook": self.tracker}
 
     def _make_raw_env(self, name: str) -> Any:
         a = self.cfg.agent
+        if self.coefficient:
+            channel = self.refs["channel_controller"] if a.channel_controller == "learned" \
+                else NEUTRAL
+            layer = self.refs["layer_controller"] if a.layer_controller == "learned" \
+                else NEUTRAL
+            oracle = self.oracle
+            return CoefficientEnv(
+                self.tables, self.cfg, mode="layer" if name == "layer_controller" else "channel",
+                layer_policy=layer, channel_policy=channel,
+                metric_fn=(lambda p, b: oracle(p)) if oracle is not None else None,
+                reference_fn=self.reference if oracle is not None else None,
+                episode_hook=self.tracker, budgets=self.cfg.env.budgets())
         kw = self._env_kwargs()
         if name == "haq":
             return haq.HAQEnv(self.tables, self.cfg, **kw)
@@ -229,29 +333,43 @@ class Search:
             step, turn = hi, turn + 1
         return out
 
+    def exhausted(self) -> bool:
+        """Whether the evaluation budget for training is spent."""
+        return self.oracle is not None and self.oracle.exhausted
+
     def train(self, total_steps: int, checkpoint: Callable[[], None] | None = None) -> None:
-        """Train the controllers (in turns) until ``progress.steps`` reaches ``total_steps``."""
-        cb = StepCallback(self.progress, self.cfg.agent.checkpoint_every, checkpoint)
+        """Train the controllers (in turns) until ``progress.steps`` reaches ``total_steps`` or
+        the evaluation budget is spent."""
+        cb = StepCallback(self.progress, self.cfg.agent.checkpoint_every, checkpoint,
+                          stop=self.exhausted)
         for name, n in self.schedule(self.progress.steps, total_steps):
             target = self.progress.steps + n
-            while self.progress.steps < target:
+            while self.progress.steps < target and not self.exhausted():
                 self.models[name].learn(total_timesteps=target - self.progress.steps,
                                         reset_num_timesteps=False, callback=cb,
                                         progress_bar=False)
             if checkpoint is not None:
                 checkpoint()
+            if self.exhausted():
+                break
 
     # ---------------------------------------------------------------------------------------
 
-    def rollout(self, deterministic: bool = True) -> EpisodeSummary:
-        """One episode of the current policies (the metric is always measured)."""
+    def rollout(self, deterministic: bool = True, budget: float | None = None,
+                measure: bool = True) -> EpisodeSummary:
+        """One episode of the current policies at ``budget`` (default: the run's); its plan is
+        scored on the whole validation split when ``measure``."""
         name = self.names[0]
         env = self._make_raw_env(name)
         model = self.models[name]
+        saved = (self.oracle.force, env.metric_fn) if self.oracle is not None else None
         if self.oracle is not None:
             self.oracle.force = True
+            if not measure:
+                env.metric_fn = None
         try:
-            obs, _ = env.reset(seed=self.cfg.seed)
+            options = {"budget": budget} if budget is not None and self.coefficient else None
+            obs, _ = env.reset(seed=self.cfg.seed, options=options)
             while True:
                 if name == "haq":
                     action, _ = model.predict(obs, deterministic=deterministic)
@@ -262,13 +380,38 @@ class Search:
                 if done:
                     return info["compression"]
         finally:
-            if self.oracle is not None:
-                self.oracle.force = False
+            if saved is not None:
+                self.oracle.force = saved[0]
+                env.metric_fn = saved[1]
 
     def final_candidates(self) -> list[EpisodeSummary]:
-        """``agent.final_candidates`` rollouts (first deterministic), all measured."""
+        """``agent.final_candidates`` rollouts (first deterministic), all scored in full."""
         return [self.rollout(deterministic=(i == 0))
                 for i in range(self.cfg.agent.final_candidates)]
+
+    def finalize(self, budget: float | None = None) -> Best:
+        """The run's plan at ``budget`` (default: the run's): the best on the whole validation
+        split among the deterministic rollout, the pool's best (or sampled rollouts), and the
+        calibrated DP plan."""
+        budget = self.cfg.env.budget_bits if budget is None else budget
+        cands: list[CompressionPlan] = [self.rollout(True, budget).plan]
+        pool = self.tracker.pools.get(round(budget, 6), [])
+        for x in pool[: self.cfg.agent.final_candidates - 1]:
+            cands.append(x.plan)
+        while len(cands) < self.cfg.agent.final_candidates:
+            cands.append(self.rollout(False, budget).plan)
+        if self.oracle is not None:
+            cands.append(self.dp_plan(budget))
+        best: Best | None = None
+        for plan in cands:
+            m = self.oracle.measure(plan) if self.oracle is not None else None
+            value = float(m) if m is not None else math.nan
+            b = Best(plan, value, plan_error(plan, self.tables),
+                     plan_avg_bits(plan, self.tables, self.cfg.cost), self.tracker.episodes)
+            if best is None or b.key() > best.key():
+                best = b
+        assert best is not None
+        return best
 
     def close(self) -> None:
         if self.writer is not None:

@@ -1,9 +1,11 @@
 """``automl-compress train`` and ``automl-compress apply``.
 
-``run_train``: prepare the task and its layer database (built or reused under ``RUN/db``), train
-the controllers (:class:`~automl_compress.agents.hierarchical.Search`), evaluate the final
-candidates, and write ``plan.json`` / ``results.json`` (method ``rl``, the best plan found) /
-``policy/`` / ``tb/``. A checkpoint (``policy/`` zips + manifest + ``policy/checkpoint.json``
+``run_train``: prepare the task and its layer database (built or reused under ``RUN/db``), choose
+the statistics corrections on the calibrated DP plan, train the controllers
+(:class:`~automl_compress.agents.hierarchical.Search`) with episode rewards from the validation
+split, evaluate the final candidates there, and write ``plan.json`` / ``results.json`` (method
+``rl``: the best plan on the validation split, reported on the test split) / ``policy/`` /
+``tb/``. A checkpoint (``policy/`` zips + manifest + ``policy/checkpoint.json``
 with the step count and the best plan) is written every ``agent.checkpoint_every`` steps, at the
 end of every controller turn and on Ctrl-C; ``--resume`` continues from it.
 
@@ -20,6 +22,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,51 +92,94 @@ def load_models(policy_dir: str | Path, names: list[str]) -> dict[str, Any]:
     return out
 
 
-def _best_plan(search: Search, cfg: Config, extra_meta: dict[str, Any]) -> tuple[
-        CompressionPlan, float]:
-    best = search.tracker.best
-    assert best is not None, "the search finished no episode"
-    meta = {**dict(best.plan.meta), "method": "rl", "form": cfg.agent.form,
-            "layer_controller": cfg.agent.layer_controller,
+def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
+                zero_shot: bool = False) -> tuple[CompressionPlan, float | None]:
+    """The run's plan and its validation metric (None for a zero-shot rollout, which is not
+    scored: it spends no evaluations)."""
+    if zero_shot:
+        s = search.rollout(True, cfg.env.budget_bits, measure=False)
+        best_plan, value = s.plan, None
+    else:
+        best = search.finalize()
+        best_plan, value = best.plan, best.metric if math.isfinite(best.metric) else None
+    meta = {**dict(best_plan.meta), "method": "rl", "form": cfg.agent.form,
+            "action": cfg.agent.action, "layer_controller": cfg.agent.layer_controller,
             "channel_controller": cfg.agent.channel_controller,
             "budget_bits": float(cfg.env.budget_bits), "seed": cfg.seed, **extra_meta}
-    return CompressionPlan(best.plan.layers, meta=meta), best.metric
+    return CompressionPlan(best_plan.layers, meta=meta), value
 
 
-def _print(res: dict[str, Any], out: Path, extra: str) -> None:
-    print(
-        f"rl: {res['metric_name']} {res['metric']:.4f} (dense {res['metric_dense']:.4f}), "
-        f"avg_bits {res['avg_bits']:.3f} (budget {res['budget_bits']:g}), "
-        f"{res['compression_ratio']:.2f}x smaller, proxy error {res['proxy_error']:.4g}, "
-        f"{extra}, {res['wall_seconds']:.1f} s -> {out}"
-    )
+def _selection(search: Search, corrections: dict[str, Any],
+               metric_val: float | None) -> dict[str, Any]:
+    o = search.oracle
+    spent = o.evaluations if o is not None else 0.0
+    return {"metric_val": metric_val, "evaluations": spent + corrections["evaluations"],
+            "metric_calls": (o.evaluator.calls if o is not None else 0)
+            + corrections["evaluations"],
+            "forward_samples": o.samples if o is not None else 0, "corrections": corrections}
+
+
+def _print_against_baselines(prepared: pipeline.Prepared, res: dict[str, Any], out: Path,
+                             extra: str) -> None:
+    """The run's line, then dp and uniform at the same budget (what the search bought)."""
+    print(f"{pipeline.summary_line(res)}, {extra} -> {out}")
+    budget = float(res["budget_bits"])
+    for method in ("dp", "uniform"):
+        try:
+            plan = pipeline.allocate(prepared, method, budget)
+        except InfeasibleBudgetError:
+            print(f"  {method:>7}: infeasible at {budget:g} bits")
+            continue
+        test = pipeline.evaluate_plan(prepared, plan)
+        val = pipeline.validate_plan(prepared, plan)
+        print(f"  {method:>7}: {res['metric_name']} {test:.4f} test / {val:.4f} val, avg_bits "
+              f"{pipeline.plan_avg_bits(plan, prepared.tables_for(plan), prepared.cfg.cost):.3f}"
+              f" (same objective and corrections)")
+
+
+def _training_budget(evaluations: float | None, corrections: dict[str, Any]) -> float | None:
+    if evaluations is None:
+        return None
+    left = float(evaluations) - corrections["evaluations"]
+    if left < 2:
+        raise ConfigError(f"--evaluations {evaluations:g} leaves nothing for training after "
+                          f"choosing the statistics corrections ({corrections['evaluations']} "
+                          "evaluations); give more")
+    return left
 
 
 def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resume: bool = False,
-              progress: bool = True) -> int:
+              progress: bool = True, evaluations: float | None = None) -> int:
     """``automl-compress train``: search with the RL controllers and write the run directory.
 
     Args:
-        cfg: the resolved config (budget ``cfg.env.budget_bits``).
+        cfg: the resolved config (budget ``cfg.env.budget_bits``; ``env.budget_range`` trains
+            one policy for the whole range).
         out: the run directory.
-        total_steps: env steps (default ``cfg.agent.total_steps``).
+        total_steps: env steps (default ``cfg.agent.total_steps``; with ``evaluations`` a cap).
         resume: continue from ``out/policy/checkpoint.json`` when present.
         progress: show the progress bar.
+        evaluations: the validation passes training may spend (corrections choice and final
+            candidates included); training stops when they are spent.
 
     Returns:
         0 on success.
 
     Raises:
-        InfeasibleBudgetError: the budget is below the feasible minimum.
+        InfeasibleBudgetError: a budget is below the feasible minimum.
         PolicyMismatchError: ``resume`` with a checkpoint of another menu / env spec.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    total = int(total_steps if total_steps is not None else cfg.agent.total_steps)
+    default_steps = cfg.agent.total_steps * (100 if evaluations is not None else 1)
+    total = int(total_steps if total_steps is not None else default_steps)
     if total < 1:
         raise ConfigError(f"--total-steps must be >= 1, found {total}")
     prepared = pipeline.prepare(cfg, out, progress=progress)
     _check_budget(prepared, cfg)
+    corrections = pipeline.choose_corrections(
+        prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))
+    cfg = prepared.cfg
     policy_dir, tb_dir = out / "policy", out / "tb"
     state: dict[str, Any] = {}
     models = None
@@ -146,9 +192,10 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
         print(f"no checkpoint in {policy_dir}; starting a new search")
     done = int(state.get("steps", 0))
     prog = Progress(total, done, show=progress)
-    search = Search(prepared.tables, cfg, lambda p: pipeline.evaluate_plan(prepared, p),
-                    prepared.dense_metric(), tb_dir=tb_dir, progress=prog, models=models,
-                    purge_step=done or None)
+    ev = pipeline.evaluator(prepared, _training_budget(evaluations, corrections))
+    ev.calls, ev.samples = int(state.get("metric_calls", 0)), int(state.get("samples", 0))
+    search = Search(prepared.tables, cfg, metric_dense=prepared.dense_val(), tb_dir=tb_dir,
+                    progress=prog, models=models, purge_step=done or None, evaluator=ev)
     if state.get("tracker"):
         search.tracker.restore(state["tracker"])
     wall0 = float(state.get("wall_seconds", 0.0))
@@ -159,12 +206,13 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
         save_policy(policy_dir, search.models, cfg, prog.steps)
         atomic_write_json(policy_dir / CHECKPOINT, {
             "steps": prog.steps, "total_steps": total, "tracker": search.tracker.state(),
+            "metric_calls": ev.calls, "samples": ev.samples,
             "wall_seconds": wall0 + time.perf_counter() - t0})
 
     try:
         with _terminate_as_interrupt():
             search.train(total, checkpoint)
-            search.final_candidates()
+            plan, value_val = _final_plan(search, cfg, {"env_steps": prog.steps})
             checkpoint()
     except KeyboardInterrupt:
         checkpoint()
@@ -172,16 +220,16 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
     finally:
         prog.close()
         search.close()
-    plan, value = _best_plan(search, cfg, {"env_steps": prog.steps})
-    if not math.isfinite(value):
-        value = pipeline.evaluate_plan(prepared, plan)
     extra = {"env_steps": prog.steps, "episodes": search.tracker.episodes,
-             "metric_evaluations": search.oracle.evaluations if search.oracle else 0,
-             "form": cfg.agent.form, "layer_controller": cfg.agent.layer_controller,
-             "channel_controller": cfg.agent.channel_controller}
-    res = pipeline.write_run(out, cfg, prepared, plan, "rl", value,
-                             wall0 + time.perf_counter() - t0, extra=extra)
-    _print(res, out, f"{prog.steps} env steps")
+             "form": cfg.agent.form, "action": cfg.agent.action,
+             "layer_controller": cfg.agent.layer_controller,
+             "channel_controller": cfg.agent.channel_controller,
+             "budget_range": list(cfg.env.budget_range)}
+    res = pipeline.write_run(out, pipeline.resolved_config(prepared), prepared, plan, "rl",
+                             pipeline.evaluate_plan(prepared, plan),
+                             wall0 + time.perf_counter() - t0, extra=extra,
+                             selection=_selection(search, corrections, value_val))
+    _print_against_baselines(prepared, res, out, f"{prog.steps} env steps")
     return 0
 
 
@@ -191,17 +239,24 @@ def _policy_folder(policy: str | Path) -> Path:
 
 
 def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: int = 0,
-              progress: bool = True) -> int:
+              progress: bool = True, evaluations: float | None = None) -> int:
     """``automl-compress apply``: compress the configured model with a trained policy.
+
+    Zero-shot (no fine-tuning): one deterministic rollout at ``cfg.env.budget_bits``, with the
+    statistics corrections the policy's training run chose; it spends no validation evaluations
+    (its validation metric is reported, not used). Fine-tuned: the corrections are chosen on
+    this model's validation split, the controllers train ``finetune_steps`` more steps (or until
+    ``evaluations`` are spent) and the plan is chosen like ``train``'s.
 
     Args:
         cfg: the resolved config of the target model (its menu and env spec must match the
             policy's; the controllers' form is taken from the policy's manifest).
         out: the run directory.
         policy_dir: a train run directory (or its ``policy/`` folder).
-        finetune_steps: env steps of fine-tuning on the target model (0 = zero-shot: one
-            deterministic rollout).
+        finetune_steps: env steps of fine-tuning on the target model (0 = zero-shot).
         progress: show the progress bar.
+        evaluations: fine-tuning's validation budget (corrections and final candidates
+            included).
 
     Raises:
         PolicyMismatchError: the policy's feature spec, menu or env spec does not fit.
@@ -211,48 +266,62 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
     out = Path(out)
     if finetune_steps < 0:
         raise ConfigError(f"--finetune-steps must be >= 0, found {finetune_steps}")
+    zero_shot = finetune_steps == 0 and evaluations is None
     pdir = _policy_folder(policy_dir)
     manifest = read_manifest(pdir)
     ctrl = manifest.get("controllers", {})
     try:
         cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, **ctrl))
+        if zero_shot and manifest.get("eval"):
+            cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
+                cfg.eval, corrections="fixed", **manifest["eval"]))
     except (TypeError, ConfigError) as exc:
         raise PolicyMismatchError(f"the policy manifest's controllers {ctrl!r} are not valid "
                                   f"here ({exc}); re-train the policy") from None
     check_manifest(manifest, cfg)
+    rng = manifest.get("budget_range") or []
+    if rng and not rng[0] - 1e-9 <= cfg.env.budget_bits <= rng[1] + 1e-9:
+        warnings.warn(f"--budget-bits {cfg.env.budget_bits:g} is outside the range the policy "
+                      f"was trained for ({rng[0]:g}-{rng[1]:g}); the plan is an extrapolation",
+                      stacklevel=2)
     prepared = pipeline.prepare(cfg, out, progress=progress)
     _check_budget(prepared, cfg)
+    corrections = pipeline.choose_corrections(
+        prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))
+    cfg = dataclasses.replace(cfg, eval=prepared.cfg.eval)
     models = load_models(pdir, controller_names(cfg))
-    prog = Progress(max(finetune_steps, 1), 0, show=progress and finetune_steps > 0)
-    if finetune_steps == 0:
-        cfg_run = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent,
-                                                                     final_candidates=1))
-    else:
-        cfg_run = cfg
+    steps = finetune_steps if finetune_steps > 0 else (cfg.agent.total_steps * 100
+                                                       if evaluations is not None else 1)
+    prog = Progress(steps, 0, show=progress and not zero_shot)
+    ev = pipeline.evaluator(prepared, None if zero_shot else
+                            _training_budget(evaluations, corrections))
     try:
-        search = Search(prepared.tables, cfg_run, lambda p: pipeline.evaluate_plan(prepared, p),
-                        prepared.dense_metric(), tb_dir=out / "tb", progress=prog,
-                        models=models)
+        search = Search(prepared.tables, cfg, metric_dense=prepared.dense_val(),
+                        tb_dir=out / "tb", progress=prog, models=models, evaluator=ev)
     except ValueError as exc:
         raise PolicyMismatchError(f"the policy's spaces do not fit this model's env: {exc}") \
             from None
     try:
         if search.writer is not None:
             search.writer.config(dump_config(cfg))
-        if finetune_steps > 0:
-            search.train(finetune_steps)
-        search.final_candidates()
-        if finetune_steps > 0:
+        if not zero_shot:
+            search.train(steps)
+        plan, value_val = _final_plan(search, cfg, {"policy": str(pdir),
+                                                    "finetune_steps": finetune_steps},
+                                      zero_shot=zero_shot)
+        if not zero_shot:
             save_policy(out / "policy", search.models, cfg, prog.steps)
     finally:
         prog.close()
         search.close()
-    plan, value = _best_plan(search, cfg, {"policy": str(pdir), "finetune_steps": finetune_steps})
     extra = {"policy": str(pdir), "policy_model_family": manifest.get("model_family"),
-             "finetune_steps": int(finetune_steps), "zero_shot": finetune_steps == 0,
-             "env_steps": prog.steps if finetune_steps else 0,
-             "episodes": search.tracker.episodes, "form": cfg.agent.form}
-    res = pipeline.write_run(out, cfg, prepared, plan, "rl", value, time.perf_counter() - t0,
-                             extra=extra)
-    _print(res, out, "zero-shot" if finetune_steps == 0 else f"{finetune_steps} fine-tune steps")
+             "finetune_steps": int(finetune_steps), "zero_shot": zero_shot,
+             "env_steps": prog.steps if not zero_shot else 0,
+             "episodes": search.tracker.episodes, "form": cfg.agent.form,
+             "action": cfg.agent.action}
+    res = pipeline.write_run(out, pipeline.resolved_config(prepared), prepared, plan, "rl",
+                             pipeline.evaluate_plan(prepared, plan), time.perf_counter() - t0,
+                             extra=extra, selection=_selection(search, corrections, value_val))
+    label = "zero-shot" if zero_shot else f"fine-tuned {prog.steps} steps"
+    _print_against_baselines(prepared, res, out, label)
     return 0

@@ -18,6 +18,7 @@ from typing import Any
 from automl_compress.agents.controllers import ALGORITHMS
 from automl_compress.config import Config
 from automl_compress.envs import features
+from automl_compress.envs.coef_env import coef_obs_size
 from automl_compress.errors import PolicyMismatchError
 from automl_compress.io import atomic_write_json
 
@@ -43,15 +44,23 @@ def controller_names(cfg: Config) -> list[str]:
 def spec_of(cfg: Config) -> dict[str, Any]:
     """The parts of a config that fix the meaning of the policy's spaces."""
     bits = sorted(int(b) for b in cfg.menu.bits)
+    a = cfg.agent
+    coefficient = a.form == "hierarchical" and a.action == "coefficient"
+    env = ({"groups": cfg.env.groups, "coef_levels": cfg.env.coef_levels,
+            "coef_span": cfg.env.coef_span} if coefficient else
+           {"groups": cfg.env.groups, "layer_levels": cfg.env.layer_levels,
+            "prune_fractions": list(cfg.env.prune_fractions)})
+    size = (coef_obs_size(bits, len(cfg.menu.patterns)) if coefficient
+            else features.obs_size(bits, len(cfg.menu.patterns)))
     return {
         "feature_version": features.FEATURE_VERSION,
         "menu": {"bits": bits, "patterns": list(cfg.menu.patterns)},
-        "env": {"groups": cfg.env.groups, "layer_levels": cfg.env.layer_levels,
-                "prune_fractions": list(cfg.env.prune_fractions)},
-        "controllers": {"form": cfg.agent.form, "layer_controller": cfg.agent.layer_controller,
-                        "channel_controller": cfg.agent.channel_controller},
+        "env": env,
+        "controllers": {"form": a.form, "action": a.action,
+                        "layer_controller": a.layer_controller,
+                        "channel_controller": a.channel_controller},
         "normalisation": {
-            "obs_size": features.obs_size(bits, len(cfg.menu.patterns)),
+            "obs_size": size,
             "obs_clip": features.OBS_CLIP,
             "scaling": "fixed constants (automl_compress/envs/features.py); no running stats",
         },
@@ -66,6 +75,9 @@ def manifest_of(cfg: Config, trained_steps: int) -> dict[str, Any]:
         **spec_of(cfg),
         "model_family": cfg.task.name,
         "budget_bits": cfg.env.budget_bits,
+        "budget_range": list(cfg.env.budget_range),
+        "eval": {"bias_correction": cfg.eval.bias_correction,
+                 "bn_reestimate": cfg.eval.bn_reestimate},
         "trained_steps": int(trained_steps),
         "algorithms": {n: ALGORITHMS[n] for n in names},
         "files": {n: f"{n}.zip" for n in names},

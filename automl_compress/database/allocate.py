@@ -378,14 +378,60 @@ def allocate_uniform(
     )
 
 
+Candidates = list[list[tuple[str, float, float]]]
+
+
+def dp_candidates(tables: Sequence[LayerTable], cost: CostConfig | None = None,
+                  max_cells: int = MAX_DP_CELLS) -> Candidates:
+    """Per layer, the DP's candidates: every pattern's within-layer knapsack curve points as
+    (pattern, total row bits, error). Computed once and reused by repeated DP solves
+    (:func:`allocate_dp`'s ``candidates``, the SPDY search)."""
+    return [layer_candidates(t, cost, max_cells) for t in tables]
+
+
+def layer_candidates(table: LayerTable, cost: CostConfig | None = None,
+                     max_cells: int = MAX_DP_CELLS) -> list[tuple[str, float, float]]:
+    """One layer's DP candidates (see :func:`dp_candidates`)."""
+    pts = []
+    for p in table.patterns:
+        cs, es = layer_curve(table, p, cost, max_cells=max_cells)
+        pts.extend((p, float(ci), float(ei)) for ci, ei in zip(cs, es, strict=True))
+    return pts
+
+
+def realise(tables: Sequence[LayerTable], picks: Sequence[tuple[str, float]],
+            cost: CostConfig | None = None, meta: dict | None = None,
+            max_cells: int = MAX_DP_CELLS, memo: dict | None = None) -> CompressionPlan:
+    """The plan that gives each layer its (pattern, bit budget) by :func:`knapsack_layer`.
+
+    ``memo`` (a dict kept by the caller for one set of tables) stores each layer's knapsack
+    solutions, so repeated solves (searches) do each (layer, pattern, budget) once.
+    """
+    layers = {}
+    for i, (t, (p, ci)) in enumerate(zip(tables, picks, strict=True)):
+        key = (i, p, float(ci))
+        if memo is not None and key in memo:
+            lp = memo[key]
+        else:
+            rb = knapsack_layer(t, p, ci, cost, max_cells)
+            lp = LayerPlan(p, tuple(int(b) for b in rb))
+            if memo is not None:
+                memo[key] = lp
+        layers[t.info.name] = lp
+    return CompressionPlan(layers, meta=dict(meta or {}))
+
+
 def allocate_dp(
     tables: Sequence[LayerTable],
     budget_avg_bits: float,
     cost: CostConfig | None = None,
     layer_weights: Sequence[float] | np.ndarray | None = None,
     resolution: int = DP_RESOLUTION,
+    candidates: Candidates | None = None,
+    max_cells: int = MAX_DP_CELLS,
+    memo: dict | None = None,
 ) -> CompressionPlan:
-    """DP over layers on each layer's exact error-vs-bits curve (OBC/SPDY style, ALGORITHMS §1.10).
+    """DP over layers on each layer's exact error-vs-bits curve (OBC/SPDY style).
 
     Each layer's candidates are the Pareto points of its within-layer knapsack curve for every
     pattern; the budget is split into ``resolution`` buckets and each candidate's bits are rounded
@@ -393,11 +439,14 @@ def allocate_dp(
     realised exactly by :func:`knapsack_layer`.
 
     Args:
-        tables: layer tables (forward order).
+        tables: layer tables (forward order), weighted by the objective.
         budget_avg_bits: budget in average bits per compressible weight.
         cost: size accounting.
-        layer_weights: optional per-layer multipliers of the error (a measured loss sensitivity).
+        layer_weights: optional per-layer multipliers of the error (the SPDY coefficients).
         resolution: number of budget buckets.
+        candidates: :func:`dp_candidates` of these tables (computed here when None).
+        max_cells: the in-layer knapsack's exact-DP limit (:func:`knapsack_layer`).
+        memo: knapsack solutions of earlier solves over the same tables (see :func:`realise`).
 
     Raises:
         InfeasibleBudgetError: the budget is below :func:`min_feasible_avg_bits`.
@@ -409,30 +458,22 @@ def allocate_dp(
         raise InvalidInputError(
             f"layer_weights must be {len(tables)} finite numbers >= 0, found {w.tolist()}"
         )
+    cands = dp_candidates(tables, cost) if candidates is None else candidates
     total_budget = budget_avg_bits * _total_weights(tables)
     delta = total_budget / resolution if total_budget > 0 else 1.0
     T = resolution
     F = np.zeros(T + 1)
     choices: list[np.ndarray] = []
-    cands: list[list[tuple[str, float, float]]] = []
-    for li, t in enumerate(tables):
-        pts = []
-        for p in t.patterns:
-            cs, es = layer_curve(t, p, cost)
-            pts.extend((p, float(ci), float(ei)) for ci, ei in zip(cs, es, strict=True))
-        cands.append(pts)
-        G = np.full(T + 1, np.inf)
-        arg = np.full(T + 1, -1, dtype=np.int64)
-        for k, (_, ci, ei) in enumerate(pts):
-            units = int(math.ceil(ci / delta - 1e-9)) if ci > 0 else 0
-            if units > T:
-                continue
-            cand = np.full(T + 1, np.inf)
-            cand[units:] = F[: T + 1 - units] + w[li] * ei
-            better = cand < G
-            G[better] = cand[better]
-            arg[better] = k
-        F = G
+    t = np.arange(T + 1)
+    for li, pts in enumerate(cands):
+        # G[t] = min_k F[t − units_k] + w·e_k over the layer's candidates, all k at once
+        units = np.array([math.ceil(ci / delta - 1e-9) if ci > 0 else 0 for _, ci, _ in pts])
+        errs = np.array([ei for _, _, ei in pts])
+        src = t[None, :] - units[:, None]  # (candidates, T+1)
+        vals = np.where(src >= 0, F[np.clip(src, 0, T)], np.inf) + w[li] * errs[:, None]
+        arg = np.argmin(vals, axis=0)  # the first minimum, as a strict-improvement scan keeps
+        F = vals[arg, t]
+        arg[~np.isfinite(F)] = -1
         choices.append(arg)
     if not np.isfinite(F[T]):
         # the bucket rounding cost too much: only possible right at the feasibility limit
@@ -447,11 +488,8 @@ def allocate_dp(
         p, ci, _ = cands[li][k]
         picks[li] = (p, ci)
         t_left -= int(math.ceil(ci / delta - 1e-9)) if ci > 0 else 0
-    layers = {}
-    for t, (p, ci) in zip(tables, picks, strict=True):
-        rb = knapsack_layer(t, p, ci, cost)
-        layers[t.info.name] = LayerPlan(p, tuple(int(b) for b in rb))
-    plan = CompressionPlan(layers, meta={"method": "dp", "budget_bits": float(budget_avg_bits)})
+    plan = realise(tables, picks, cost, {"method": "dp", "budget_bits": float(budget_avg_bits)},
+                   max_cells, memo)
     used = plan_avg_bits(plan, tables, cost)
     if used > budget_avg_bits + 1e-9:  # guard the contract; unreachable by construction
         raise AssertionError(f"dp plan uses {used} avg bits > budget {budget_avg_bits}")

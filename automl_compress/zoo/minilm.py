@@ -12,12 +12,13 @@ Data: real English sentences that ship with every CPython: the prose of the Pyth
 Reference bundled as ``pydoc_data.topics`` (the text behind ``help('assert')`` etc.). Paragraphs
 that are code or grammar (indented) and headings are skipped; sentences of 8–40 words that end
 with a full stop and are mostly letters are kept, de-duplicated and shuffled with the seed; the
-held-out and calibration sets are disjoint slices of that list. (The exact text follows the
+test, calibration and validation sets are disjoint slices of that list. (The exact text follows the
 installed Python version.) Calibration batches group sentences of similar token length so that
 padding tokens, which the layers see but the embedding ignores, stay few.
 
 Metric ``embedding_cosine``: the mean cosine similarity between a model's embeddings and the
-dense model's embeddings of the held-out sentences (1.0 for the dense model). The evaluator's
+dense model's embeddings of the test (or validation) sentences (1.0 for the dense model); the
+output distance of the calibrated objectives is the cosine distance (``cosine``). The evaluator's
 :meth:`EmbeddingFidelity.report` also gives ``retrieval_top1``: the fraction of held-out
 sentences whose nearest other held-out sentence is the same under the model as under the dense
 model.
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_compress.errors import InvalidInputError, TaskError
-from automl_compress.zoo.base import Task
+from automl_compress.zoo.base import ItemMetric, Task
 
 FAMILY = "minilm"
 MAX_TOKENS = 256
@@ -223,6 +224,7 @@ def minilm_l6(
     calib_samples: int = 256,
     eval_samples: int = 256,
     batch_size: int = 32,
+    val_samples: int = 256,
 ) -> Task:
     """all-MiniLM-L6-v2 with the embedding-fidelity metric on held-out reference sentences.
 
@@ -230,31 +232,38 @@ def minilm_l6(
         cache_dir: unused (the checkpoint ships in its package); accepted for uniformity.
         seed: seeds the sentence shuffle that picks the held-out and calibration sets.
         calib_samples: calibration sentences.
-        eval_samples: held-out sentences for the metric.
+        eval_samples: test sentences for the reported metric.
         batch_size: sentences per batch.
+        val_samples: validation sentences the searches select on (after the calibration ones
+            in the shuffled list, so the test and calibration sets do not depend on it).
 
     Raises:
         TaskError: the model package is missing, or there are too few sentences.
     """
     del cache_dir
     for label, value in (("calib_samples", calib_samples), ("eval_samples", eval_samples),
-                         ("batch_size", batch_size)):
+                         ("batch_size", batch_size), ("val_samples", val_samples)):
         if value < 1:
             raise InvalidInputError(f"{label} must be >= 1, found {value}")
     if eval_samples < 2:
         raise InvalidInputError(f"eval_samples must be >= 2 for retrieval, found {eval_samples}")
     model, tokenizer = load_minilm()
     sentences = reference_sentences()
-    if calib_samples + eval_samples > len(sentences):
+    needed = calib_samples + eval_samples + val_samples
+    if needed > len(sentences):
         raise TaskError(
             f"minilm_l6 has {len(sentences)} reference sentences, fewer than calib_samples + "
-            f"eval_samples = {calib_samples + eval_samples}; lower them"
+            f"eval_samples + val_samples = {needed}; lower them"
         )
     order = np.random.default_rng(seed).permutation(len(sentences))
     held_out = [sentences[i] for i in order[:eval_samples]]
     calib_text = [sentences[i] for i in order[eval_samples : eval_samples + calib_samples]]
+    val_text = [sentences[i] for i in order[eval_samples + calib_samples : needed]]
     calib, _ = _batches(tokenizer, calib_text, batch_size)
     evaluator = EmbeddingFidelity(*_batches(tokenizer, held_out, batch_size), model)
+    val_batches, _ = _batches(tokenizer, val_text, batch_size)
+    with torch.no_grad():
+        refs = [model(**b) for b in val_batches]
     return Task(
         name="minilm_l6",
         family=FAMILY,
@@ -263,4 +272,12 @@ def minilm_l6(
         evaluate=evaluator,
         metric_name="embedding_cosine",
         report=evaluator.report,
+        validate=ItemMetric(list(zip(val_batches, refs, strict=True)), _cosine_to_dense),
+        distance="cosine",
     )
+
+
+def _cosine_to_dense(model: nn.Module, pair: tuple[dict[str, torch.Tensor], torch.Tensor]):
+    batch, ref = pair
+    return F.cosine_similarity(model(**batch).double(), ref.double().to(batch["input_ids"].device),
+                               dim=1)

@@ -8,6 +8,7 @@ user's own factory, imported with :mod:`importlib` (never ``eval``) and called w
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 import os
@@ -16,9 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from automl_compress.config import TaskConfig
 from automl_compress.errors import TaskError
 from automl_compress.zoo.base import Task
+from automl_compress.zoo.generic import HF_PREFIX, hf_task, task_from_model
 
 CACHE_ENV = "AUTOML_COMPRESS_CACHE"
 
@@ -105,6 +109,17 @@ def load_task(config: TaskConfig) -> Task:
     """
     name = config.name
     options = dict(config.options)
+    if name.startswith(HF_PREFIX):
+        task = _call(hf_task, name, {"path": name[len(HF_PREFIX):], **options})
+        return _with_distance(task, config)
+    if config.inputs is not None:
+        model = _call(_import_factory(name), name, options)
+        if not isinstance(model, nn.Module):
+            raise TaskError(f"model factory {name!r} returned a {type(model).__name__}, expected "
+                            "a torch.nn.Module (task.inputs is set, so task.name names a model)")
+        batches = _call(_import_factory(config.inputs), config.inputs,
+                        dict(config.inputs_options))
+        return task_from_model(name, model, batches, config.distance or "mse")
     if name in BUILTIN_TASKS:
         factory = _import_factory(BUILTIN_TASKS[name])
         options.setdefault("cache_dir", resolve_cache_dir(config.cache_dir))
@@ -119,6 +134,11 @@ def load_task(config: TaskConfig) -> Task:
     if not isinstance(task, Task):
         raise TaskError(
             f"task factory {name!r} returned a {type(task).__name__}, expected an "
-            "automl_compress.zoo.base.Task (model, calib, evaluate, metric_name)"
+            "automl_compress.zoo.base.Task (model, calib, evaluate, metric_name); or set "
+            "task.inputs to have a Task made from a model and inputs"
         )
-    return task
+    return _with_distance(task, config)
+
+
+def _with_distance(task: Task, config: TaskConfig) -> Task:
+    return dataclasses.replace(task, distance=config.distance) if config.distance else task

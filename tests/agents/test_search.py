@@ -18,6 +18,7 @@ from automl_compress.database.allocate import plan_avg_bits, plan_error
 from automl_compress.envs.features import FEATURE_VERSION
 from automl_compress.errors import ConfigError, PolicyMismatchError
 from automl_compress.plan import CompressionPlan, LayerPlan
+from automl_compress.search import Evaluator
 
 STEPS = 256
 
@@ -130,17 +131,36 @@ def test_manifest_records_spec_and_mismatch_names_the_difference(tables, tmp_pat
 def test_metric_oracle_every_k_with_cache_and_force():
     calls = []
 
-    def fn(plan):
-        calls.append(plan)
+    def fn(plan, fraction):
+        calls.append(fraction)
         return 0.5
 
-    o = MetricOracle(fn, every=3)
+    o = MetricOracle(Evaluator(fn, lambda f: 1), every=3)
     plans = [CompressionPlan({"a": LayerPlan("dense", (b, 2))}) for b in (2, 3, 4, 6, 8)]
     got = [o(p) for p in plans]
     assert got == [0.5, None, None, 0.5, None] and len(calls) == 2
     assert o(plans[0]) == 0.5 and len(calls) == 2  # cached
     o.force = True
     assert o(plans[1]) == 0.5 and len(calls) == 3
+
+
+def test_metric_oracle_scores_partially_and_stops_at_its_budget():
+    calls = []
+
+    def fn(plan, fraction):
+        calls.append(fraction)
+        return fraction
+
+    # 100 validation items; 4 full passes, 1 kept back for the final candidates
+    ev = Evaluator(fn, lambda f: int(round(100 * f)), budget=4.0)
+    o = MetricOracle(ev, every=1, fraction=0.25, reserve=1.0)
+    plans = [CompressionPlan({"a": LayerPlan("dense", (b, b))}) for b in range(2, 9)] + \
+        [CompressionPlan({"a": LayerPlan("dense", (b, 2))}) for b in range(3, 9)]
+    got = [o(p) for p in plans]
+    assert got[:12] == [0.25] * 12 and got[12] is None and o.exhausted  # 12 x 0.25 = 3 passes
+    assert o.evaluations == pytest.approx(3.0)
+    assert o.measure(plans[0]) == 1.0 and o.evaluations == pytest.approx(4.0)  # the reserve
+    assert o.measure(plans[1]) is None and calls.count(1.0) == 1
 
 
 def test_config_typos_and_bad_values_are_named_errors():

@@ -72,6 +72,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_tensorboard_serves_the_tags(tb_dir):
     port = _free_port()
     exe = Path(sys.executable).parent / "tensorboard"

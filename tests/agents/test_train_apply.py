@@ -105,6 +105,7 @@ def test_train_rejects_bad_steps(tmp_path):
         run_train(load_config(ROOT / "configs/digits.yaml"), tmp_path, total_steps=0)
 
 
+@pytest.mark.slow
 def test_killed_train_leaves_a_checkpoint_and_resume_finishes(tmp_path):
     """A plain `kill` (SIGTERM) mid-search writes a checkpoint; `--resume` continues from it."""
     import os

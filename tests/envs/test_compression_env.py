@@ -13,12 +13,15 @@ from synth import SHAPES, synth_config, synth_tables
 from automl_compress.agents.haq import HAQEnv
 from automl_compress.database.allocate import (
     allocate_dp,
+    knapsack_layer,
     min_feasible_avg_bits,
     plan_avg_bits,
+    plan_bits,
     plan_error,
 )
 from automl_compress.envs import CompressionEnv
 from automl_compress.errors import ConfigError, InfeasibleBudgetError
+from automl_compress.plan import CompressionPlan
 
 MODES = [
     ("flat", {}),
@@ -153,15 +156,29 @@ def test_skipped_metric_gives_no_end_term(tables):
     assert total == pytest.approx(-s.proxy_error / env.e_ref, rel=1e-9)
 
 
-def test_knapsack_channel_at_dp_budgets_matches_dp(tables):
-    """channel env with DP layer budgets + exact knapsack groups: the DP plan's error or better."""
+def test_dp_layer_budgets_bound_every_channel_agent(tables):
+    """channel env with the DP's layer budgets: each layer stays within its DP budget, and no
+    channel agent beats the DP plan, whose rows are the exact knapsack at those budgets."""
     cfg = synth_config(3.0)
     dp = allocate_dp(tables, 3.0)
+    dp_bits = {t.info.name: plan_bits(CompressionPlan({t.info.name: dp.layers[t.info.name]}),
+                                      [t]) for t in tables}
+    knapsack_err = sum(
+        t.error_of(dp.layers[t.info.name].pattern,
+                   knapsack_layer(t, dp.layers[t.info.name].pattern, dp_bits[t.info.name]))
+        for t in tables)
+    assert knapsack_err == pytest.approx(plan_error(dp, tables), rel=1e-12)
     env = CompressionEnv(tables, cfg, mode="channel", layer_policy="dp")
-    # a channel agent that always takes the dearest allowed width cannot beat the exact DP ...
-    s, _, _ = _run(env, lambda e: int(np.flatnonzero(e.action_masks())[-1]))
-    assert s.proxy_error >= plan_error(dp, tables) - 1e-9
-    assert s.avg_bits <= 3.0 + 1e-9
+    rng = np.random.default_rng(0)
+    agents = [lambda e: int(np.flatnonzero(e.action_masks())[-1]),
+              lambda e: int(np.flatnonzero(e.action_masks())[0]),
+              lambda e: int(rng.choice(np.flatnonzero(e.action_masks())))]
+    for agent in agents:
+        s, _, _ = _run(env, agent)
+        assert s.proxy_error >= plan_error(dp, tables) - 1e-9
+        for t in tables:
+            one = CompressionPlan({t.info.name: s.plan.layers[t.info.name]})
+            assert plan_bits(one, [t]) <= dp_bits[t.info.name] + 1e-9
 
 
 def test_observation_size_is_model_independent():

@@ -122,3 +122,21 @@ def test_importing_the_package_never_imports_torchcrepe_or_torchaudio():
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_validation_frames_are_new_and_score_like_the_test_split():
+    task = load_task(TaskConfig(name="crepe_tiny", options={"eval_samples": 64,
+                                                            "calib_samples": 8,
+                                                            "val_samples": 64}))
+    val = torch.cat([x for x, _ in task.validate.batches])
+    test = torch.cat([x for x, _ in task.evaluate.batches])
+    calib = torch.cat(task.calib)
+    for a, b in ((val, test), (val, calib), (test, calib)):
+        assert torch.cdist(a, b).min() > 1.0  # no frame appears in two splits
+    assert task.validate(task.model) >= 0.85 and task.distance == "mse"
+    # the calibration and test frames do not depend on the validation split
+    other = load_task(TaskConfig(name="crepe_tiny", options={"eval_samples": 64,
+                                                             "calib_samples": 8,
+                                                             "val_samples": 8}))
+    assert torch.equal(torch.cat(other.calib), calib)
+    assert torch.equal(torch.cat([x for x, _ in other.evaluate.batches]), test)

@@ -66,11 +66,14 @@ def test_corrupt_cache_is_retrained(tmp_path):
 
 def test_splits_disjoint_and_fixed():
     d = digits_mod.digits_data(seed=0, calib_samples=100)
-    assert len(np.intersect1d(d.train, d.test)) == 0
+    for a, b in ((d.train, d.test), (d.train, d.val), (d.val, d.test)):
+        assert len(np.intersect1d(a, b)) == 0
     assert np.isin(d.calib, d.train).all() and len(np.unique(d.calib)) == 100
-    assert len(d.train) + len(d.test) == len(d.labels) == 1797
+    assert len(d.train) + len(d.test) + len(d.val) == len(d.labels) == 1797
+    assert len(d.val) == round(0.15 * 1797) and len(d.test) == round(0.2 * 1797)
     again = digits_mod.digits_data(seed=0, calib_samples=100)
     assert np.array_equal(d.test, again.test) and np.array_equal(d.calib, again.calib)
+    assert np.array_equal(d.val, again.val)
     other = digits_mod.digits_data(seed=1, calib_samples=100)
     assert not np.array_equal(d.test, other.test)
 

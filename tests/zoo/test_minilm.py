@@ -95,3 +95,24 @@ def test_matches_sentence_transformers(task):
         ours = task.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
     cos = torch.nn.functional.cosine_similarity(ours.double(), ref, dim=1)
     assert float(cos.min()) > 0.9999
+
+
+def test_validation_split_is_disjoint_and_scores_dense_as_one(task):
+    """Test, calibration and validation sentences are disjoint slices of one shuffle; the
+    validation metric is the cosine to the dense embeddings (1 for the dense model)."""
+    texts = minilm_mod.reference_sentences()
+    tok = minilm_mod.load_minilm()[1]
+
+    def decoded(batches):
+        return {tok.decode(ids[m.bool()], skip_special_tokens=True)
+                for b in batches for ids, m in zip(b["input_ids"], b["attention_mask"],
+                                                   strict=True)}
+
+    val = decoded([b for b, _ in task.validate.batches])
+    calib = decoded(task.calib)
+    test = decoded(task.evaluate.batches)
+    assert len(val) == 256 and not val & calib and not val & test and not calib & test
+    assert len(texts) >= 16 + 64 + 256
+    assert task.validate(task.model) == pytest.approx(1.0, abs=1e-6)
+    assert task.validate(task.model, 0.25) == pytest.approx(1.0, abs=1e-6)
+    assert task.validate.items(0.25) == 64 and task.distance == "cosine"

@@ -1,0 +1,86 @@
+"""End to end on the tiny task: the coefficient form trained for a budget range under an
+evaluation budget, then applied zero-shot over the range and fine-tuned."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from automl_compress.cli import main
+from automl_compress.plan import CompressionPlan
+
+TESTS = Path(__file__).resolve().parents[1]
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+CONFIG = """\
+task:
+  name: _compress_task:make_task
+menu:
+  bits: [0, 2, 4, 8]
+  patterns: [dense, '2:4']
+solver:
+  quant: gptq
+env:
+  metric_every: 1
+agent:
+  action: coefficient
+  n_steps: 64
+  batch_size: 32
+  n_epochs: 2
+  round_steps: 128
+  final_candidates: 2
+  metric_fraction: 0.5
+"""
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("range")
+    (root / "c.yaml").write_text(CONFIG)
+    run = root / "run"
+    rc = main(["train", "--config", str(root / "c.yaml"), "--budget-bits", "3",
+               "--budget-range", "2.5", "3.5", "--evaluations", "24", "--out", str(run)])
+    assert rc == 0
+    return root, run
+
+
+def test_train_spends_at_most_its_evaluations(trained):
+    _, run = trained
+    res = json.loads((run / "results.json").read_text())
+    assert res["method"] == "rl" and res["action"] == "coefficient"
+    assert 0 < res["evaluations"] <= 24 + 1e-9
+    assert res["budget_range"] == [2.5, 3.5] and res["avg_bits"] <= 3.0 + 1e-9
+    assert res["metric_val"] is not None
+    manifest = json.loads((run / "policy/manifest.json").read_text())
+    assert manifest["budget_range"] == [2.5, 3.5]
+    assert manifest["controllers"]["action"] == "coefficient"
+
+
+@pytest.mark.parametrize("budget", [2.5, 3.25, 3.5])
+def test_apply_zero_shot_over_the_range_spends_nothing(trained, budget, capsys):
+    root, run = trained
+    out = root / f"apply-{budget}"
+    rc = main(["apply", "--policy", str(run), "--config", str(root / "c.yaml"),
+               "--budget-bits", str(budget), "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["zero_shot"] and res["evaluations"] == 0
+    assert res["avg_bits"] <= budget + 1e-9
+    assert CompressionPlan.load(out / "plan.json").meta["budget_bits"] == budget
+    text = capsys.readouterr().out
+    assert "dp:" in text and "uniform:" in text  # printed next to the baselines
+
+
+def test_apply_fine_tuned_within_its_evaluations(trained):
+    root, run = trained
+    out = root / "finetune"
+    rc = main(["apply", "--policy", str(run), "--config", str(root / "c.yaml"),
+               "--budget-bits", "3", "--evaluations", "12", "--out", str(out)])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert not res["zero_shot"] and 0 < res["evaluations"] <= 12 + 1e-9
+    assert res["metric_val"] >= 0.0 and (out / "policy/manifest.json").is_file()

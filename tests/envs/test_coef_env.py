@@ -1,0 +1,135 @@
+"""The coefficient env: API checks, the neutral action is the calibrated DP, every budget of a
+range is met, the budget is in the observation; the orchestrator on it."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from gymnasium.utils.env_checker import check_env
+from stable_baselines3.common.env_checker import check_env as sb3_check_env
+from synth import synth_config, synth_tables
+
+from automl_compress.agents.callbacks import Progress
+from automl_compress.agents.hierarchical import Search
+from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
+from automl_compress.envs.coef_env import NEUTRAL, CoefficientEnv
+from automl_compress.envs.compression_env import ENV_DP_CELLS
+from automl_compress.errors import InfeasibleBudgetError
+from automl_compress.search import Evaluator
+
+RANGE = (2.5, 2.75, 3.0, 3.25, 3.5)
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return synth_tables(0)
+
+
+def _episode(env, choose, budget=None):
+    obs, info = env.reset(seed=0, options=None if budget is None else {"budget": budget})
+    while True:
+        assert env.observation_space.contains(obs)
+        obs, r, done, trunc, info = env.step(choose(env))
+        assert not trunc and type(r) is float
+        if done:
+            return info["compression"], info
+
+
+@pytest.mark.parametrize("mode", ["layer", "channel"])
+def test_check_env_both_checkers(tables, mode):
+    env = CoefficientEnv(tables, synth_config(3.0), mode=mode, budgets=RANGE)
+    check_env(env, skip_render_check=True)
+    sb3_check_env(env, warn=False)
+
+
+def test_neutral_actions_give_the_calibrated_dp_plan(tables):
+    cfg = synth_config(3.0)
+    env = CoefficientEnv(tables, cfg, mode="layer")
+    s, _ = _episode(env, lambda e: e.neutral)
+    dp = allocate_dp(tables, 3.0, cfg.cost, max_cells=ENV_DP_CELLS)
+    assert s.plan.key() == dp.key()
+    assert s.reward == pytest.approx(0.0, abs=1e-12)  # no metric: only the proxy term, 0 at DP
+    assert s.proxy_error == pytest.approx(plan_error(dp, tables))
+
+
+@pytest.mark.parametrize("mode", ["layer", "channel"])
+def test_every_budget_of_the_range_is_met_and_observed(tables, mode):
+    cfg = synth_config(3.0)
+    env = CoefficientEnv(tables, cfg, mode=mode, budgets=RANGE)
+    rng = np.random.default_rng(0)
+    seen = set()
+    for budget in RANGE:
+        for _ in range(3):
+            s, info = _episode(env, lambda e: int(rng.integers(e.action_space.n)), budget)
+            assert info["budget"] == budget
+            assert plan_avg_bits(s.plan, tables, cfg.cost) <= budget + 1e-9
+            assert s.proxy_error >= env.dp_error(budget) * (1 - 1e-9)  # DP is proxy-optimal
+        obs, _ = env.reset(options={"budget": budget})
+        seen.add(round(float(obs[10 + 5 + 1]) * 8.0, 4))  # the budget, after the layer block
+    assert seen == set(RANGE)
+    # episodes without a named budget draw from the range
+    drawn = {env.reset(seed=k)[1]["budget"] for k in range(40)}
+    assert drawn == set(RANGE)
+    with pytest.raises(InfeasibleBudgetError):
+        env.reset(options={"budget": env.min_bits - 0.5})
+
+
+def test_group_and_layer_coefficients_move_the_plan(tables):
+    cfg = synth_config(3.0)
+    env = CoefficientEnv(tables, cfg, mode="layer")
+    n = env.neutral
+    base = env.plan_for(3.0, [n] * 4, [[n] * len(g) for g in env.groups])
+    # the most important group of fc1 made 10x cheaper to damage: its rows lose bits
+    v = [[n] * len(g) for g in env.groups]
+    v[2][0] = 0
+    moved = env.plan_for(3.0, [n] * 4, v)
+    rows = env.groups[2][0]
+    assert sum(moved.layers["fc1"].row_bits[r] for r in rows) < \
+        sum(base.layers["fc1"].row_bits[r] for r in rows)
+    # a layer weighted 10x more gets more bits
+    heavy = env.plan_for(3.0, [n, n, env.action_space.n - 1, n], [[n] * len(g) for g in
+                                                                   env.groups])
+    assert plan_avg_bits(heavy, tables[2:3], cfg.cost) > plan_avg_bits(base, tables[2:3],
+                                                                       cfg.cost)
+
+
+def _cfg(**agent):
+    cfg = synth_config(3.0, budget_range=(2.5, 3.5), budget_step=0.25)
+    base = {"action": "coefficient", "total_steps": 512, "n_steps": 64, "batch_size": 32,
+            "n_epochs": 2, "round_steps": 128, "final_candidates": 2, "metric_fraction": 0.5}
+    return dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, **{**base, **agent}),
+                               env=dataclasses.replace(cfg.env, metric_every=1))
+
+
+@pytest.mark.parametrize("agent", [{}, {"channel_controller": "knapsack"},
+                                   {"layer_controller": "dp"}])
+def test_search_stops_at_its_evaluations_and_never_loses_to_dp(tables, agent):
+    cfg = _cfg(**agent)
+
+    def metric(plan, fraction):  # a metric that disagrees with the proxy about fc1
+        fc1 = np.mean(plan.layers["fc1"].row_bits)
+        return math.exp(-plan_error(plan, tables) / 800.0) + 0.01 * fc1 * fraction
+
+    ev = Evaluator(metric, lambda f: int(round(100 * f)), budget=20.0)
+    s = Search(tables, cfg, metric_dense=1.0, progress=Progress(512), evaluator=ev)
+    s.train(10_000)
+    assert s.exhausted() and s.progress.steps < 10_000
+    assert ev.spent <= 20.0 - (cfg.agent.final_candidates + 1) + 0.5 + 1e-9
+    best = s.finalize()
+    assert ev.spent <= 20.0 + 1e-9
+    dp = s.dp_plan(3.0)
+    assert best.metric >= metric(dp, 1.0) - 1e-12
+    assert plan_avg_bits(best.plan, tables, cfg.cost) <= 3.0 + 1e-9
+    for b in RANGE:  # the trained policy answers every budget of the range within budget
+        r = s.rollout(True, b, measure=False)
+        assert plan_avg_bits(r.plan, tables, cfg.cost) <= b + 1e-9
+    s.close()
+
+
+def test_neutral_partner_is_the_default(tables):
+    env = CoefficientEnv(tables, synth_config(3.0), mode="channel", layer_policy=NEUTRAL)
+    s, _ = _episode(env, lambda e: e.neutral)
+    assert s.steps == sum(len(g) for g in env.groups)
