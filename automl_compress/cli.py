@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from automl_compress.config import Config, dump_config, load_config
 from automl_compress.errors import AutoMLCompressError
@@ -71,25 +73,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run directory")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
 
-    p = sub.add_parser("export", help="write compressed.safetensors (packed integers + plan)")
+    p = sub.add_parser("export", help="write the compressed model (packed integers or floats)")
     p.add_argument("run", help="run directory")
+    p.add_argument(
+        "--format", dest="fmt", choices=("packed", "state_dict"), default="packed",
+        help="packed: RUN/compressed.safetensors, packed integers + plan (docs/export.md); "
+             "state_dict: RUN/state_dict.pt, a float state dict of your own model's classes "
+             "(model.load_state_dict(torch.load(path, weights_only=True)))",
+    )
+    p.add_argument("--out", default=None, help="output file (default: in the run directory)")
+
+    p = sub.add_parser("report", help="an HTML report of runs: metric-vs-bits curves, allocations")
+    p.add_argument("runs", nargs="+", metavar="RUN",
+                   help="run directories (a folder of run directories stands for all of them)")
+    p.add_argument("--out", default="report.html", help="the HTML file (default report.html)")
+    p.add_argument("--tb", default=None, metavar="DIR",
+                   help="also write the figures as TensorBoard images to DIR/report")
+    p.add_argument("--title", default="automl-compress report")
 
     sub.add_parser("info", help="environment report for bug reports")
     return parser
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < YAML file < --set overrides < --device/--seed flags."""
-    overrides = list(args.overrides)
+    """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range."""
+    cfg = load_config(args.config, list(args.overrides))
+    top: dict[str, Any] = {}
     if getattr(args, "device", None):
-        overrides.append(f"device={args.device}")
+        top["device"] = args.device
     if getattr(args, "seed", None) is not None:
-        overrides.append(f"seed={args.seed}")
+        top["seed"] = int(args.seed)
+    env: dict[str, Any] = {}
     if getattr(args, "budget_bits", None) is not None:
-        overrides.append(f"env.budget_bits={args.budget_bits}")
+        env["budget_bits"] = float(args.budget_bits)
     if getattr(args, "budget_range", None) is not None:
-        overrides.append(f"env.budget_range=[{args.budget_range[0]}, {args.budget_range[1]}]")
-    return load_config(args.config, overrides)
+        env["budget_range"] = (float(args.budget_range[0]), float(args.budget_range[1]))
+    if env:
+        top["env"] = dataclasses.replace(cfg.env, **env)
+    return dataclasses.replace(cfg, **top) if top else cfg
 
 
 def _info() -> int:
@@ -113,15 +134,32 @@ def _info() -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from automl_compress.report import write_report
+
+    runs = write_report(args.runs, args.out, args.title)
+    methods = sorted({r.method for r in runs})
+    print(f"report of {len(runs)} run(s), methods {', '.join(methods)} -> {args.out}")
+    if args.tb:
+        from automl_compress.logs import write_report_images
+
+        tags = write_report_images(args.tb, runs)
+        print(f"{len(tags)} TensorBoard images -> {Path(args.tb) / 'report'}")
+    return 0
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "info":
         return _info()
+    if args.command == "report":
+        return _report(args)
     if args.command in ("evaluate", "export"):
         from automl_compress import pipeline
 
         if args.command == "evaluate":
             return pipeline.run_evaluate(Path(args.run), device=args.device)
-        return pipeline.run_export(Path(args.run))
+        out = Path(args.out) if args.out else None
+        return pipeline.run_export(Path(args.run), fmt=args.fmt, out=out)
     cfg = resolve_config(args)
     if args.print_config:
         print(dump_config(cfg), end="")

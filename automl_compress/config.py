@@ -143,8 +143,8 @@ class SolverConfig:
     Attributes:
         quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (GPTQ candidates +
             refinement); every option uses it, sparse ones on their kept weights.
-        prune: 'exact_obs' (exact greedy) or 'sparsegpt' (fixed order; with quant 'gptq' one
-            joint prune + quantize pass).
+        prune: 'exact_obs' (exact greedy), 'sparsegpt' (fixed order; with quant 'gptq' one
+            joint prune + quantize pass) or 'chita' (ExactOBS's mask refined by swaps).
         symmetric: symmetric per-row grid (else asymmetric).
         grid_search: 'mse' shrink search or 'minmax'.
         damp: relative damping (fraction of mean diag H).
@@ -210,8 +210,8 @@ class AllocConfig:
             or 'loss'.
         fisher_probes: 'fisher': random probes back-propagated per calibration batch.
         loss_batches: 'loss': calibration batches each layer × option is measured on.
-        evaluations: true-metric (validation split) evaluations of the searches 'evo', 'spdy'
-            and of ``train`` when ``--evaluations`` is given.
+        evaluations: the validation passes (full-pass equivalents) the searches 'evo', 'spdy'
+            and ``train`` may spend unless ``--evaluations`` says otherwise.
         offspring: 'evo': candidates per generation (λ of the (1+λ) search).
         stages: 'evo': the validation fractions of multi-stage selection; every offspring is
             scored on the first, the best half of them on the next, ..., the last is 1.0.
@@ -221,7 +221,7 @@ class AllocConfig:
             The result depends on this number, never on the executor.
     """
 
-    objective: str = "fisher"
+    objective: str = "normalized"
     fisher_probes: int = 4
     loss_batches: int = 2
     evaluations: int = 64
@@ -248,6 +248,9 @@ class AllocConfig:
 
 
 BN_MODES = ("relative", "reset", "off")
+# the words YAML reads as booleans, as values of eval.bn_reestimate: on = the default mode
+BN_SWITCHES = {"on": "relative", "true": "relative", "yes": "relative",
+               "off": "off", "false": "off", "no": "off"}
 
 
 @dataclass(frozen=True)
@@ -258,7 +261,8 @@ class EvalConfig:
         bn_reestimate: BatchNorm statistics after compression: 'relative' (move the pretrained
             statistics by the shift compression causes on the calibration data), 'reset'
             (re-estimate them from the calibration data alone) or 'off'; see
-            automl_compress/evaluate.py.
+            automl_compress/evaluate.py. The switch words on/true/yes mean 'relative' and
+            off/false/no mean 'off', quoted or not.
         bias_correction: fold ``(W − Ŵ)μ`` into biases.
         corrections: 'auto': every run compares bias correction on/off × the BN modes on the
             validation split with its starting plan and keeps the best (ties keep the values
@@ -274,11 +278,14 @@ class EvalConfig:
             raise ConfigError(
                 f"eval.corrections must be 'auto' or 'fixed', found {self.corrections!r}"
             )
-        if self.bn_reestimate not in BN_MODES:
+        mode = str(self.bn_reestimate).strip().lower()
+        mode = BN_SWITCHES.get(mode, mode)
+        if mode not in BN_MODES:
             raise ConfigError(
-                f"eval.bn_reestimate must be one of {list(BN_MODES)}, found "
+                f"eval.bn_reestimate must be one of {list(BN_MODES)} (or on/off), found "
                 f"{self.bn_reestimate!r}"
             )
+        object.__setattr__(self, "bn_reestimate", mode)
 
 
 @dataclass(frozen=True)
@@ -392,7 +399,8 @@ class AgentConfig:
         neutral_prior: action='coefficient': the initial policies' logit bonus for the neutral
             coefficient (0), so that training starts around the calibrated DP plan instead of
             uniformly random coefficients.
-        total_steps: environment steps of training, all controllers together.
+        total_steps: environment steps of training at most, all controllers together (training
+            also ends when its evaluations are spent).
         n_steps: rollout length per PPO update.
         batch_size: PPO minibatch size.
         n_epochs: PPO epochs per update.
@@ -404,7 +412,7 @@ class AgentConfig:
     """
 
     form: str = "hierarchical"
-    action: str = "budget"
+    action: str = "coefficient"
     layer_controller: str = "learned"
     channel_controller: str = "learned"
     total_steps: int = 16384
@@ -522,7 +530,19 @@ class Config:
 # Loading
 
 
+# YAML 1.1 (PyYAML) reads these words as booleans; a string field gets the switch word back
+_YAML_TRUE = ("true", "on", "yes")
+_YAML_FALSE = ("false", "off", "no")
+
+
 def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check and convert one YAML value to the field type ``tp`` (``where`` names the key).
+
+    YAML reads ``on/off/yes/no/true/false`` as booleans, so a string field that receives a
+    boolean gets ``'on'`` or ``'off'`` back, and the field's own validation maps those words onto
+    its choices (e.g. ``eval.bn_reestimate: off``); a boolean field accepts the same words
+    written as strings.
+    """
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if origin in (typing.Union, types.UnionType):
@@ -541,8 +561,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, where)
     if tp is bool:
+        if isinstance(value, str) and value.strip().lower() in _YAML_TRUE + _YAML_FALSE:
+            return value.strip().lower() in _YAML_TRUE
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, found {value!r}")
+            raise ConfigError(
+                f"{where} must be true or false (or on/off, yes/no), found {value!r}"
+            )
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -554,10 +578,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         return float(value)
     if tp is str:
         if isinstance(value, bool):
-            raise ConfigError(
-                f"{where} must be a string, found the YAML boolean {value!r}; quote the word "
-                "(YAML reads off/on/yes/no as booleans), e.g. 'off'"
-            )
+            return "on" if value else "off"
         if not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where} must be a string, found {value!r}")
         return str(value)

@@ -65,6 +65,39 @@ def allocation_image(plan: CompressionPlan, tables: Sequence[LayerTable], title:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def log_report(writer, runs: Sequence, step: int = 0) -> list[str]:
+    """Add the report's figures (:func:`automl_compress.report.report_figures`) as images.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter``.
+        runs: :class:`automl_compress.report.Run` records (``report.find_runs``).
+        step: the global step of the images.
+
+    Returns:
+        The image tags written (``report/curve/<task>``, ``report/allocation/<run>``).
+    """
+    from automl_compress.report import figure_rgb, report_figures
+
+    tags = []
+    for key, fig in report_figures(runs).items():
+        tag = f"report/{key}"
+        writer.add_image(tag, figure_rgb(fig), step, dataformats="HWC")
+        tags.append(tag)
+    writer.flush()
+    return tags
+
+
+def write_report_images(tb_dir: str | Path, runs: Sequence, step: int = 0) -> list[str]:
+    """:func:`log_report` into the TensorBoard run ``tb_dir/report``; returns the tags."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(Path(tb_dir) / "report"))
+    try:
+        return log_report(writer, runs, step)
+    finally:
+        writer.close()
+
+
 def plan_table(plan: CompressionPlan, tables: Sequence[LayerTable]) -> str:
     """A markdown table of a plan: layer, pattern, bit histogram, pruned share, error."""
     lines = ["| layer | pattern | rows | bits histogram | pruned | error |",

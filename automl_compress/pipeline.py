@@ -534,25 +534,58 @@ def run_evaluate(run_dir: Path, device: str | None = None) -> int:
     return 0
 
 
-def run_export(run_dir: Path) -> int:
-    """``automl-compress export RUN``: write compressed.safetensors and check it reloads exactly."""
-    from automl_compress.export import export_compressed, load_compressed
+EXPORT_FORMATS = ("packed", "state_dict")
 
+
+def run_export(run_dir: Path, fmt: str = "packed", out: Path | None = None) -> int:
+    """``automl-compress export RUN [--format F] [--out PATH]``: write the compressed model and
+    check that it reloads with the stitched model's outputs.
+
+    ``packed`` writes ``RUN/compressed.safetensors`` (packed integers, docs/export.md) and prints
+    its size beside results.json's ``size_bytes``; ``state_dict`` writes ``RUN/state_dict.pt``, the
+    dequantised float state dict of the user's own module classes.
+    """
+    import copy
+
+    from automl_compress.attention import fuse_attention
+    from automl_compress.export import export_compressed, export_state_dict, load_compressed
+
+    if fmt not in EXPORT_FORMATS:
+        raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, found {fmt!r}")
     cfg, plan = _load_run(run_dir)
     prepared = prepare(cfg, run_dir)
     model = stitched_model(prepared, plan)
-    path = Path(run_dir) / "compressed.safetensors"
-    sizes = export_compressed(path, model, prepared.db, plan)
-    reloaded = load_compressed(path, prepared.task)
+    if fmt == "state_dict":
+        path = Path(out) if out is not None else Path(run_dir) / "state_dict.pt"
+        n_bytes = export_state_dict(path, model)
+        reloaded = copy.deepcopy(fuse_attention(prepared.task.model))
+        reloaded.load_state_dict(torch.load(path, weights_only=True))
+        reloaded.eval()
+        summary = f"exported {path} ({n_bytes} bytes, float state dict of the model's own classes)"
+    else:
+        path = Path(out) if out is not None else Path(run_dir) / "compressed.safetensors"
+        sizes = export_compressed(path, model, prepared.db, plan, cost=cfg.cost)
+        reloaded = load_compressed(path, prepared.task)
+        summary = (
+            f"exported {path} ({sizes['file_bytes']} bytes = header {sizes['header_bytes']} + "
+            f"payload {sizes['payload_bytes']}; packed weights {sizes['packed_weight_bytes']})"
+        )
+        res_path = Path(run_dir) / "results.json"
+        if res_path.is_file():
+            counted = float(json.loads(res_path.read_text())["size_bytes"])
+            summary += (f"; results.json size_bytes {counted:.0f}, payload / size_bytes "
+                        f"{sizes['payload_bytes'] / counted:.3f}")
     batch = prepared.task.calib[0]
-    with torch.no_grad():
-        a = prepared.task.forward(model, batch)
-        b = prepared.task.forward(reloaded, batch)
+    fast = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)  # the same attention kernels on both sides
+    try:
+        with torch.no_grad():
+            a = prepared.task.forward(model, batch)
+            b = prepared.task.forward(reloaded, batch)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fast)
     same = _same_outputs(a, b)
-    print(
-        f"exported {path} ({sizes['file_bytes']} bytes, packed weights "
-        f"{sizes['packed_weight_bytes']} bytes); reloaded outputs identical: {same}"
-    )
+    print(f"{summary}; reloaded outputs identical: {same}")
     if not same:
         print("automl-compress: error: the reloaded model's outputs differ", file=sys.stderr)
         return 1

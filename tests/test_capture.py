@@ -245,8 +245,8 @@ def test_errors(gen):
         capture_hessians(lin, [torch.randn(2, 4)], include=("nothing",))
     seq = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
     with torch.no_grad():
-        seq[0].weight[0, 0] = float("inf")
-    with pytest.raises(NonFiniteError, match="'1'"):
+        seq[0].weight[0, 1] = float("-inf")
+    with pytest.raises(NonFiniteError, match=r"parameter 0\.weight\[0, 1\] is -Inf \(1 of 16"):
         capture_hessians(seq, [torch.randn(3, 4, generator=gen)])
     with pytest.raises(ShapeMismatchError):
         set_layer_weight_2d(lin, torch.zeros(4, 2))
@@ -275,3 +275,90 @@ def test_cuda_capture_matches_cpu(gen):
     gpu = capture_hessians(conv, xs, device="cuda")[""]
     assert gpu.H.is_cuda and conv.weight.device.type == "cpu"  # model moved back
     torch.testing.assert_close(gpu.H.cpu(), cpu.H, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Non-finite values name the culprit
+
+
+class _GroupedNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 8, 3, padding=1, groups=2)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv2(self.bn(self.conv1(x))))
+        return self.fc(x.mean(dim=(2, 3)))
+
+
+def _count_forwards(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda m, a: calls.append(1))
+    return calls
+
+
+def test_non_finite_weight_is_named_by_parameter_and_index_before_any_forward(gen):
+    net = _GroupedNet()
+    with torch.no_grad():
+        net.conv2.weight[3, 1, 0, 2] = float("nan")
+        net.conv2.weight[5, 0, 1, 1] = float("inf")
+    calls = _count_forwards(net)
+    with pytest.raises(NonFiniteError) as exc:
+        capture_hessians(net, [torch.randn(2, 2, 5, 5, generator=gen)])
+    msg = str(exc.value)
+    assert msg.startswith("parameter conv2.weight[3, 1, 0, 2] is NaN (2 of 144 values")
+    assert "re-load" in msg
+    assert calls == []  # found before any forward
+    net = _GroupedNet()
+    with torch.no_grad():
+        net.bn.running_var[2] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"buffer bn\.running_var\[2\] is NaN"):
+        capture_hessians(net, [torch.randn(2, 2, 5, 5, generator=gen)])
+
+
+class _Log(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+class _Sqrt(nn.Module):
+    """fc1 -> (functional sqrt in this forward) -> fc2."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(4, 4)
+        self.fc2 = nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(torch.sqrt(self.fc1(x)))
+
+
+def test_non_finite_activation_names_the_first_module_whose_output_went_non_finite(gen):
+    # encoder.layers.0.linear1 received NaN, but the log module produced it
+    net = nn.Sequential()
+    net.add_module("embed", nn.Linear(4, 4))
+    block = nn.Sequential()
+    block.add_module("log", _Log())
+    block.add_module("linear1", nn.Linear(4, 4))
+    net.add_module("block", block)
+    x = [torch.randn(8, 4, generator=gen)]
+    with pytest.raises(NonFiniteError) as exc:
+        capture_hessians(net, x)
+    msg = str(exc.value)
+    assert "layer 'block.linear1' received NaN or Inf inputs" in msg
+    assert "the first module whose output went non-finite is 'block.log' (_Log)" in msg
+    # an operation between modules: named through the enclosing module
+    with pytest.raises(NonFiniteError) as exc:
+        capture_hessians(_Sqrt(), x)
+    msg = str(exc.value)
+    assert "layer 'fc2' received" in msg
+    assert "the input of 'fc2' (Linear) is already non-finite" in msg
+    assert "forward of '<model>' (_Sqrt)" in msg
+    # bad calibration data
+    bad = torch.randn(8, 4, generator=gen)
+    bad[3, 1] = float("nan")
+    with pytest.raises(NonFiniteError, match=r"batch 1\): the calibration batch itself holds NaN"):
+        capture_hessians(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), [torch.ones(8, 4), bad])

@@ -1,6 +1,7 @@
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from automl_compress.cli import main
@@ -43,3 +44,28 @@ def test_console_script_module_runs():
     )
     assert proc.returncode == 0, proc.stderr
     assert "automl-compress" in proc.stdout
+
+
+def test_switch_word_override_from_the_command_line(capsys, tmp_path):
+    # YAML reads `off` as a boolean; the choice is still accepted (it used to ask for quotes)
+    code = main(["compress", "--config", str(tmp_path / "missing.yaml"), "--method", "dp",
+                 "--budget-bits", "3", "--out", str(tmp_path / "run"), "--print-config"])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval:\n  bias_correction: no\n")
+    code = main(["compress", "--config", str(cfg), "--method", "dp", "--budget-bits", "3",
+                 "--out", str(tmp_path / "run"), "--set", "eval.bn_reestimate=off",
+                 "--print-config"])
+    assert code == 0
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    assert resolved["eval"] == {"bn_reestimate": "off", "bias_correction": False}
+
+
+def test_report_and_export_help_name_the_formats(capsys):
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    out = capsys.readouterr().out
+    assert "state_dict" in out and "packed" in out
+    with pytest.raises(SystemExit):
+        main(["report", "--help"])
+    assert "--tb" in capsys.readouterr().out

@@ -37,12 +37,33 @@ def test_round_trip_through_yaml(tmp_path):
         ("device=tpu", "device"),
         ("menu.patterns=[dense, 3:2]", "N:M"),
         ("eval.bn_reestimate=sometimes", "eval.bn_reestimate must be one of"),
-        ("eval.bn_reestimate=off", "quote the word"),
+        ("eval.bn_reestimate=sometimes", "or on/off"),
+        ("eval.bias_correction=maybe", "must be true or false"),
+        ("solver.quant=off", "found 'off'"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
     with pytest.raises(ConfigError, match=needle.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, [override])
+
+
+@pytest.mark.parametrize(
+    "word, mode",
+    [("off", "off"), ("no", "off"), ("false", "off"), ("Off", "off"), ("'off'", "off"),
+     ("on", "relative"), ("yes", "relative"), ("true", "relative"), ("reset", "reset")],
+)
+def test_yaml_switch_words_are_accepted_where_a_string_choice_is_expected(tmp_path, word, mode):
+    # YAML reads off/on/yes/no/true/false as booleans: both from --set and from a file
+    assert load_config(None, [f"eval.bn_reestimate={word}"]).eval.bn_reestimate == mode
+    f = tmp_path / "c.yaml"
+    f.write_text(f"eval:\n  bn_reestimate: {word}\n")
+    assert load_config(f).eval.bn_reestimate == mode
+
+
+@pytest.mark.parametrize("word, value", [("off", False), ("'no'", False), ("'on'", True),
+                                         ("true", True), ("'YES'", True)])
+def test_boolean_fields_accept_the_same_words_quoted(word, value):
+    assert load_config(None, [f"eval.bias_correction={word}"]).eval.bias_correction is value
 
 
 def test_missing_and_invalid_files(tmp_path):

@@ -156,11 +156,12 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
         cfg: the resolved config (budget ``cfg.env.budget_bits``; ``env.budget_range`` trains
             one policy for the whole range).
         out: the run directory.
-        total_steps: env steps (default ``cfg.agent.total_steps``; with ``evaluations`` a cap).
+        total_steps: env steps at most (default ``cfg.agent.total_steps``).
         resume: continue from ``out/policy/checkpoint.json`` when present.
         progress: show the progress bar.
         evaluations: the validation passes training may spend (corrections choice and final
-            candidates included); training stops when they are spent.
+            candidates included; default ``cfg.alloc.evaluations``, the same budget ``evo`` and
+            ``spdy`` get); training stops when they are spent or after ``total_steps``.
 
     Returns:
         0 on success.
@@ -171,8 +172,9 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
     """
     t0 = time.perf_counter()
     out = Path(out)
-    default_steps = cfg.agent.total_steps * (100 if evaluations is not None else 1)
-    total = int(total_steps if total_steps is not None else default_steps)
+    total = int(total_steps if total_steps is not None else cfg.agent.total_steps)
+    if evaluations is None:
+        evaluations = cfg.alloc.evaluations
     if total < 1:
         raise ConfigError(f"--total-steps must be >= 1, found {total}")
     prepared = pipeline.prepare(cfg, out, progress=progress)

@@ -23,6 +23,7 @@ import torch
 
 from automl_compress.errors import InvalidInputError
 from automl_compress.solvers.checks import check_bits, check_n_m, check_sparsity
+from automl_compress.solvers.chita import chita_prune
 from automl_compress.solvers.exact_obs import exact_obs_prune
 from automl_compress.solvers.gptq import gptq_quantize
 from automl_compress.solvers.hessian import DEFAULT_DAMP
@@ -47,6 +48,7 @@ class PruneSolver(StrEnum):
 
     EXACT_OBS = "exact_obs"  #: exact greedy per row (OBC)
     SPARSEGPT = "sparsegpt"  #: fixed column order, masks chosen per block
+    CHITA = "chita"  #: ExactOBS's mask refined by IHT, swaps and a backsolve (docs/pruning.md)
 
 
 @dataclass(frozen=True)
@@ -139,6 +141,14 @@ def _sparsegpt(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult
                            row_batch=o.row_batch, damp=o.damp, dtype=o.dtype)
 
 
+def _chita(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
+    """ExactOBS's mask (same per-row counts) refined by CHITA; the weights are unquantized."""
+    return chita_prune(W, H, 0.0 if o.sparsity is None else o.sparsity, n_m=o.n_m,
+                       warm_start="exact_obs", allocation=o.allocation,
+                       kernel_area=o.kernel_area, damp=o.damp, row_batch=o.row_batch,
+                       dtype=o.dtype)
+
+
 def _sparsegpt_gptq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
     """SparseGPT's joint pass: later mask choices see earlier rounding and vice versa."""
     return sparsegpt_prune(W, H, 0.0 if o.sparsity is None else o.sparsity, n_m=o.n_m,
@@ -157,6 +167,7 @@ QUANT: dict[QuantSolver, QuantFn] = {
 PRUNE: dict[PruneSolver, PruneFn] = {
     PruneSolver.EXACT_OBS: _exact_obs,
     PruneSolver.SPARSEGPT: _sparsegpt,
+    PruneSolver.CHITA: _chita,
 }
 #: One-pass prune + quantize for (prune, quant) pairs that have one.
 JOINT: dict[tuple[PruneSolver, QuantSolver], PruneFn] = {

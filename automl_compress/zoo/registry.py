@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from automl_compress.attention import unfuse_task
 from automl_compress.config import TaskConfig
 from automl_compress.errors import TaskError
 from automl_compress.zoo.base import Task
@@ -119,7 +120,7 @@ def load_task(config: TaskConfig) -> Task:
                             "a torch.nn.Module (task.inputs is set, so task.name names a model)")
         batches = _call(_import_factory(config.inputs), config.inputs,
                         dict(config.inputs_options))
-        return task_from_model(name, model, batches, config.distance or "mse")
+        return unfuse_task(task_from_model(name, model, batches, config.distance or "mse"))
     if name in BUILTIN_TASKS:
         factory = _import_factory(BUILTIN_TASKS[name])
         options.setdefault("cache_dir", resolve_cache_dir(config.cache_dir))
@@ -141,4 +142,5 @@ def load_task(config: TaskConfig) -> Task:
 
 
 def _with_distance(task: Task, config: TaskConfig) -> Task:
-    return dataclasses.replace(task, distance=config.distance) if config.distance else task
+    task = dataclasses.replace(task, distance=config.distance) if config.distance else task
+    return unfuse_task(task)  # nn.MultiheadAttention -> Linear projections, on a copy

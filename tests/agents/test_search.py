@@ -46,11 +46,13 @@ def tables():
 
 @pytest.mark.parametrize("agent", [
     {"form": "hierarchical"},
+    {"form": "hierarchical", "channel_controller": "knapsack"},
+    {"form": "hierarchical", "action": "budget"},
     {"form": "flat"},
     {"form": "haq"},
-    {"form": "hierarchical", "channel_controller": "knapsack"},
-    {"form": "hierarchical", "channel_controller": "uniform"},
-    {"form": "hierarchical", "layer_controller": "dp"},
+    {"form": "hierarchical", "action": "budget", "channel_controller": "knapsack"},
+    {"form": "hierarchical", "action": "budget", "channel_controller": "uniform"},
+    {"form": "hierarchical", "action": "budget", "layer_controller": "dp"},
 ])
 def test_every_form_trains_and_keeps_a_within_budget_best(tables, agent):
     cfg = _cfg(**agent)

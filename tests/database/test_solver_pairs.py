@@ -104,3 +104,18 @@ def test_fast_mode_takes_over_above_the_configured_time():
     assert build.quant_solver(cfg, 64, 64) is QuantSolver.OBQ
     assert build.quant_solver(cfg, 4096, 4096) is QuantSolver.FAST
     assert build.quant_solver(SolverConfig(quant="obq"), 4096, 4096) is QuantSolver.OBQ
+
+
+@pytest.mark.parametrize("pattern", [{"n_m": (2, 4)}, {"sparsity": 0.5}])
+def test_chita_through_the_registry_refines_exact_obs(pattern):
+    """solver.prune 'chita' starts from ExactOBS's mask with the same per-row counts and never
+    ends above it on the pruning error (on N:M it must end strictly below on this layer)."""
+    L = make_layer(16, 32, seed=24)
+    W = L.W.double()
+    opts = SolveOptions(bits=4, **pattern)
+    eo = registry.prune(W, L.H, opts, PruneSolver.EXACT_OBS)
+    ch = registry.prune(W, L.H, opts, PruneSolver.CHITA)
+    assert torch.equal(ch.mask.sum(1), eo.mask.sum(1))
+    assert torch.all(ch.row_error <= eo.row_error + 1e-9)
+    if "n_m" in pattern:
+        assert ch.row_error.sum() < eo.row_error.sum()
