@@ -475,8 +475,9 @@ class ExecutorConfig:
             cluster through Ray Client.
         workers: evaluation actors (each holds the model once) and, with a local Ray, its CPUs.
         num_cpus: CPUs each solve task and each evaluation actor asks for.
-        num_gpus: GPUs each solve task and each evaluation actor asks for (0: CPU only; on a GPU
-            cluster 1, or a fraction such as 0.5 to share a GPU between two tasks).
+        num_gpus: GPUs each solve task and each evaluation actor asks for; null (the default):
+            1 when the run's device is cuda (or auto on a cluster that has GPUs), else 0; a
+            fraction such as 0.5 shares a GPU between two tasks.
         max_retries: how many times a solve task or an evaluation is resubmitted after its worker
             dies (each failure is reported); a solver error is not retried.
     """
@@ -485,7 +486,7 @@ class ExecutorConfig:
     address: str | None = None
     workers: int = 2
     num_cpus: float = 1.0
-    num_gpus: float = 0.0
+    num_gpus: float | None = None
     max_retries: int = 3
 
     def __post_init__(self) -> None:
@@ -495,9 +496,9 @@ class ExecutorConfig:
             )
         if self.workers < 1:
             raise ConfigError(f"executor.workers must be >= 1, found {self.workers}")
-        if self.num_cpus < 0 or self.num_gpus < 0 or self.num_cpus + self.num_gpus <= 0:
+        if self.num_cpus <= 0 or (self.num_gpus is not None and self.num_gpus < 0):
             raise ConfigError(
-                "executor.num_cpus and executor.num_gpus must be >= 0 and not both 0, found "
+                "executor.num_cpus must be > 0 and executor.num_gpus >= 0 (or null), found "
                 f"{self.num_cpus} and {self.num_gpus}"
             )
         if self.max_retries < 0:

@@ -131,25 +131,37 @@ class RayExecutor:
 
     # -- resources ---------------------------------------------------------------------------
 
-    def _task_resources(self) -> dict[str, float]:
-        return {"num_cpus": self.cfg.num_cpus, "num_gpus": self.cfg.num_gpus}
+    def num_gpus(self, device: str) -> float:
+        """GPUs per task: ``executor.num_gpus``, or (null) 1 when ``device`` is cuda, or auto on
+        a cluster with GPUs, else 0."""
+        if self.cfg.num_gpus is not None:
+            return self.cfg.num_gpus
+        has_gpus = ray.cluster_resources().get("GPU", 0.0) > 0
+        return 1.0 if device == "cuda" or (device == "auto" and has_gpus) else 0.0
 
-    def slots(self) -> int:
+    def _task_resources(self, device: str) -> dict[str, float]:
+        return {"num_cpus": self.cfg.num_cpus, "num_gpus": self.num_gpus(device)}
+
+    def slots(self, device: str) -> int:
         """How many solve tasks the cluster runs at once (its CPUs and GPUs over each task's
-        request; at least 1)."""
+        request; at least 1).
+
+        Raises:
+            ExecutorError: the tasks ask for GPUs and the cluster has none.
+        """
         res = ray.cluster_resources()
-        n = []
-        if self.cfg.num_cpus > 0:
-            n.append(res.get("CPU", 0.0) / self.cfg.num_cpus)
-        if self.cfg.num_gpus > 0:
+        n = [res.get("CPU", 0.0) / self.cfg.num_cpus]
+        gpus_per_task = self.num_gpus(device)
+        if gpus_per_task > 0:
             gpus = res.get("GPU", 0.0)
             if gpus <= 0:
                 raise ExecutorError(
-                    f"executor.num_gpus={self.cfg.num_gpus} asks every task for a GPU, but the Ray "
-                    f"cluster has none (resources {dict(res)}); set executor.num_gpus=0 or join "
+                    f"every task asks for {gpus_per_task} GPU (device {device!r}, "
+                    f"executor.num_gpus={self.cfg.num_gpus}), but the Ray cluster has none "
+                    f"(resources {dict(res)}); set executor.num_gpus=0 or --device cpu, or join "
                     "a cluster with GPUs"
                 )
-            n.append(gpus / self.cfg.num_gpus)
+            n.append(gpus / gpus_per_task)
         return max(1, int(min(n)))
 
     def _report(self, what: str, exc: BaseException, attempt: int) -> None:
@@ -179,12 +191,12 @@ class RayExecutor:
             ExecutorError: a unit's workers died more than ``executor.max_retries`` times.
         """
         works = iter(works)
-        window = 2 * self.slots()
+        window = 2 * self.slots(device)
         opened: dict[int, _OpenLayer] = {}
         inflight: dict[Any, tuple[int, Unit, int]] = {}
         counts = {"units": 0, "done": 0, "retried": 0}
         more, next_id = True, 0
-        remote = _solve.options(max_retries=0, **self._task_resources())
+        remote = _solve.options(max_retries=0, **self._task_resources(device))
 
         def submit(lid: int, unit: Unit, attempt: int) -> None:
             layer = opened[lid]
@@ -271,10 +283,13 @@ class RayExecutor:
         prepared.dense_stats()
         if prepared.task.validate is not None:
             prepared.dense_val()  # an ItemMetric learns its split's size on the first call
+        for info in prepared.db.order:
+            prepared.db.layer(info.name)  # in memory: the actors never read the database folder
         payload = ray.put(dataclasses.replace(prepared, executor=None))
         retries = self.cfg.max_retries
+        gpus = self.num_gpus(prepared.cfg.device)
         self._actors = [
-            _Scorer.options(num_cpus=self.cfg.num_cpus, max_restarts=retries,
+            _Scorer.options(num_cpus=self.cfg.num_cpus, num_gpus=gpus, max_restarts=retries,
                             max_task_retries=retries).remote(payload)
             for _ in range(self.cfg.workers)
         ]

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from automl_compress.config import ExecutorConfig
@@ -74,3 +76,14 @@ def get_executor(cfg: ExecutorConfig | None = None) -> Any:
         )
     module, name = EXECUTORS[cfg.kind].split(":")
     return getattr(importlib.import_module(module), name)(cfg)
+
+
+@contextmanager
+def open_executor(cfg: ExecutorConfig | None = None) -> Iterator[Any]:
+    """:func:`get_executor` for the length of a ``with`` block, closed on the way out (a Ray
+    executor stops its actors, and Ray itself if it started it)."""
+    ex = get_executor(cfg)
+    try:
+        yield ex
+    finally:
+        ex.close()

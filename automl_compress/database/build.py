@@ -486,32 +486,31 @@ def build_database(
     modules = dict(task.model.named_modules())
     bar = tqdm(total=len(db.order), initial=len(db.order) - len(todo), unit="layer",
                desc="build-db", disable=not progress, dynamic_ncols=True)
+    def write(sol: LayerSolutions, note: str | None = None) -> None:
+        db.write_layer(sol)
+        hessians.pop(sol.info.name, None)
+        if note is not None:
+            bar.set_postfix_str(note)
+        bar.update(1)
+        if on_layer_done is not None:
+            on_layer_done(sol.info.name)
+
+    def weight(info: LayerInfo) -> torch.Tensor:
+        return modules[info.name].weight.detach().flatten(1)
+
     try:
         if getattr(executor, "distributed", False):
-            def works() -> Iterator[LayerWork]:
-                for info in todo:
-                    W = modules[info.name].weight.detach().flatten(1)
-                    yield layer_work(info, W, hessians.pop(info.name), cfg.menu)
-
-            def write(sol: LayerSolutions) -> None:
-                db.write_layer(sol)
-                bar.update(1)
-                if on_layer_done is not None:
-                    on_layer_done(sol.info.name)
-
+            works = (layer_work(i, weight(i), hessians[i.name], cfg.menu) for i in todo)
             bar.set_description(f"build-db ({executor.kind})")
-            executor.solve_layers(works(), cfg.solver, cfg.device if device == "cpu" and
-                                  cfg.device == "auto" else device, write, bar.set_postfix_str)
-        for info in [] if getattr(executor, "distributed", False) else todo:
-            t0 = time.perf_counter()
-            W = modules[info.name].weight.detach().flatten(1)
-            sol = solve_layer(info, W, hessians[info.name], cfg.menu, cfg.solver, device)
-            db.write_layer(sol)
-            hessians.pop(info.name, None)
-            bar.set_postfix_str(f"{info.name} {time.perf_counter() - t0:.1f}s")
-            bar.update(1)
-            if on_layer_done is not None:
-                on_layer_done(info.name)
+            # 'auto' lets each worker use its own GPU when it has one
+            executor.solve_layers(works, cfg.solver, "auto" if cfg.device == "auto" else device,
+                                  write, bar.set_postfix_str)
+        else:
+            for info in todo:
+                t0 = time.perf_counter()
+                sol = solve_layer(info, weight(info), hessians[info.name], cfg.menu, cfg.solver,
+                                  device)
+                write(sol, f"{info.name} {time.perf_counter() - t0:.1f}s")
     finally:
         bar.close()
     db.mark_complete()

@@ -1,0 +1,153 @@
+"""The Ray executor on a local Ray (``ray.init(num_cpus=2)``): the same database as the serial
+build, a worker killed mid-build, a killed driver that resumes, and searches that give the same
+result and the same evaluation counts as local scoring. Skipped when Ray is not installed (the
+``distributed`` extra)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from _compress_task import make_task, tiny_config
+
+ray = pytest.importorskip("ray")
+
+from automl_compress import pipeline  # noqa: E402
+from automl_compress.config import ExecutorConfig  # noqa: E402
+from automl_compress.database.allocate import allocate_dp  # noqa: E402
+from automl_compress.database.build import build_database, solve_unit  # noqa: E402
+from automl_compress.distributed import RayExecutor, WorkerFailure  # noqa: E402
+from automl_compress.errors import ExecutorError  # noqa: E402
+from automl_compress.search import evo_search, spdy_search  # noqa: E402
+
+TESTS = str(Path(__file__).resolve().parent)
+RAY = ExecutorConfig(kind="ray", workers=2, max_retries=2)
+BUDGET = 3.0
+
+
+class Interrupt(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for the module; its workers import the tests' task module."""
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": path, "OMP_NUM_THREADS": "1"}})
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task()
+
+
+@pytest.fixture(scope="module")
+def serial(task, tmp_path_factory):
+    return build_database(task, tiny_config(), tmp_path_factory.mktemp("serial"), progress=False)
+
+
+def assert_same_database(a, b) -> None:
+    assert [i.name for i in a.order] == [i.name for i in b.order]
+    for info in a.order:
+        x, y = a.layer(info.name), b.layer(info.name)
+        np.testing.assert_array_equal(x.table.errors, y.table.errors)
+        np.testing.assert_array_equal(np.asarray(x.rtn_errors), np.asarray(y.rtn_errors))
+        assert x.options.keys() == y.options.keys()
+        for key, opt in x.options.items():
+            assert torch.equal(opt.codes, y.options[key].codes), (info.name, key)
+            assert torch.equal(opt.scale, y.options[key].scale), (info.name, key)
+
+
+def test_ray_build_gives_the_serial_tables(local_ray, task, serial, tmp_path):
+    ex = RayExecutor(RAY)
+    db = build_database(task, tiny_config(), tmp_path / "db", progress=False, executor=ex)
+    assert db.complete and not ex.failures
+    assert_same_database(db, serial)
+
+
+def test_a_worker_killed_mid_build_is_retried_and_reported(local_ray, task, serial, tmp_path):
+    marker = tmp_path / "killed"
+
+    def dies_once(*args):
+        if not marker.exists():
+            marker.write_text(str(os.getpid()))
+            os._exit(1)  # the worker process dies in the middle of the build
+        return solve_unit(*args)
+
+    ex = RayExecutor(RAY, solve=dies_once)
+    with pytest.warns(WorkerFailure, match="worker died"):
+        db = build_database(task, tiny_config(), tmp_path / "db", progress=False, executor=ex)
+    assert marker.exists() and len(ex.failures) == 1
+    assert_same_database(db, serial)
+
+
+def test_a_unit_whose_workers_keep_dying_names_the_layer(local_ray, task, tmp_path):
+    def always_dies(*args):
+        os._exit(1)
+
+    ex = RayExecutor(dataclasses.replace(RAY, max_retries=1), solve=always_dies)
+    with pytest.warns(WorkerFailure), pytest.raises(ExecutorError, match="re-run the same"):
+        build_database(task, tiny_config(), tmp_path / "db", progress=False, executor=ex)
+
+
+def test_a_killed_driver_resumes_with_the_layers_left(local_ray, task, serial, tmp_path):
+    root, seen = tmp_path / "db", []
+
+    def stop_after_two(name):
+        seen.append(name)
+        if len(seen) == 2:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        build_database(task, tiny_config(), root, progress=False, on_layer_done=stop_after_two,
+                       executor=RayExecutor(RAY))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert not manifest["complete"] and sorted(manifest["layers"]) == sorted(seen)
+    first = {n: (root / e["file"]).stat().st_mtime_ns for n, e in manifest["layers"].items()}
+    resumed = []
+    db = build_database(task, tiny_config(), root, progress=False, on_layer_done=resumed.append,
+                        executor=RayExecutor(RAY))
+    assert sorted(resumed) == sorted({"conv1", "conv2", "fc1", "fc2"} - set(seen))
+    for n, e in json.loads((root / "manifest.json").read_text())["layers"].items():
+        if n in first:
+            assert (root / e["file"]).stat().st_mtime_ns == first[n]  # not solved again
+    assert_same_database(db, serial)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    cfg = tiny_config("task.name=_compress_task:make_task", "alloc.objective=normalized")
+    return pipeline.prepare(cfg, tmp_path_factory.mktemp("search"), progress=False)
+
+
+def _search(prepared, method: str):
+    ev = pipeline.evaluator(prepared, budget=10)
+    tables, cost = prepared.tables, prepared.cfg.cost
+    if method == "evo":
+        start = allocate_dp(tables, BUDGET, cost)
+        return evo_search(tables, BUDGET, start, ev, cost, offspring=4, stages=(0.5, 1.0)), ev
+    return spdy_search(tables, BUDGET, ev, cost, inits=3, batch=2), ev
+
+
+@pytest.mark.parametrize("method", ["evo", "spdy"])
+def test_searches_on_ray_actors_match_local_results_and_counts(local_ray, prepared, method):
+    local, ev_local = _search(prepared, method)
+    ex = RayExecutor(RAY)
+    try:
+        remote, ev_ray = _search(dataclasses.replace(prepared, executor=ex), method)
+    finally:
+        ex.close()
+    assert ev_local.score_many is None and ev_ray.score_many is not None
+    assert remote.plan.key() == local.plan.key()
+    assert remote.metric_val == local.metric_val and remote.start_val == local.start_val
+    assert remote.spend == local.spend and ev_ray.calls == ev_local.calls
+    assert remote.history == local.history
+    assert ev_ray.cache == ev_local.cache  # every plan scored, at every fraction, the same
