@@ -59,9 +59,10 @@ def connect(cfg: ExecutorConfig) -> bool:
     """
     if ray.is_initialized():
         return False
-    kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": True}
-    if cfg.address is None:
-        kwargs["num_cpus"] = max(1, int(round(cfg.workers * max(cfg.num_cpus, 1.0))))
+    kwargs: dict[str, Any] = {}
+    if cfg.address is None:  # a local Ray of our own: no dashboard, ``workers`` slots
+        kwargs = {"include_dashboard": False,
+                  "num_cpus": max(1, int(round(cfg.workers * max(cfg.num_cpus, 1.0))))}
     try:
         ray.init(address=cfg.address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
