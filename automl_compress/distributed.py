@@ -7,12 +7,13 @@ serial build does, then, layer by layer in forward order, puts each (row group, 
 piece's weights and Hessian into the object store once and submits one Ray task per unit
 (:func:`~automl_compress.database.build.layer_units`: a piece at one pattern, with the
 bit-widths that share its pruning pass). Each task asks for ``executor.num_cpus`` CPUs and
-``executor.num_gpus`` GPUs and runs the same
+:meth:`RayExecutor.num_gpus` GPUs (1 on CUDA runs unless ``executor.num_gpus`` says) and runs the
+same
 :func:`~automl_compress.database.build.solve_unit` as the serial loop. When every unit of a layer
 is back, the driver assembles the layer (:func:`~automl_compress.database.build.assemble_layer`:
 the exact errors under the captured H) and writes it through the atomic, resumable store, so a
-killed driver (or cluster) resumes at the first unwritten layer. Layers are opened while fewer than
-twice as many tasks as the cluster has slots are in flight, so the object store holds a few
+killed driver (or cluster) resumes with the unwritten layers only. Layers are opened while fewer
+than twice as many tasks as the cluster has slots are in flight, so the object store holds a few
 layers' Hessians, not the model's. A task whose worker dies (crash, OOM kill, lost node) is
 resubmitted up to ``executor.max_retries`` times, each failure reported as a
 :class:`WorkerFailure` warning; an error raised by the solver itself is not retried.
@@ -20,8 +21,10 @@ resubmitted up to ``executor.max_retries`` times, each failure reported as a
 **Evaluations** (:meth:`RayExecutor.scorer`). ``executor.workers`` actors each receive the
 prepared task (model, database layers, dense statistics) once, through the object store, and
 score ``(plan, fraction, eval_cfg)`` items with the same
-:func:`~automl_compress.pipeline.validate_plan` as the local path. Every score of a run goes
-through them, so the values do not depend on where a plan was scored. Actors that die are
+:func:`~automl_compress.pipeline.validate_plan` as the local path. Batches of new plans
+(:meth:`~automl_compress.search.evaluator.Evaluator.many`) go to them and single scores stay in the
+driver; both run the same code on the same inputs, so a value does not depend on where its plan
+was scored. Actors that die are
 restarted by Ray (``max_restarts``, ``max_task_retries``) up to ``executor.max_retries`` times.
 """
 

@@ -12,8 +12,8 @@
 Both give the same database and the same search results: the same solver and evaluation code
 runs on the same inputs, and only the place it runs changes.
 
-An executor has three methods: ``solve_layers(works, cfg, device, write)`` (Ray only: the build
-calls its own loop for ``local``), ``scorer(prepared)`` (a function scoring a list of
+An executor has three methods: ``solve_layers(works, cfg, device, write, progress)`` (Ray only:
+the build calls its own loop for ``local``), ``scorer(prepared)`` (a function scoring a list of
 ``(plan, fraction, eval_cfg)`` at once, or None to score one by one) and ``close()``.
 """
 

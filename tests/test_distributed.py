@@ -98,6 +98,14 @@ def test_a_unit_whose_workers_keep_dying_names_the_layer(local_ray, task, tmp_pa
         build_database(task, tiny_config(), tmp_path / "db", progress=False, executor=ex)
 
 
+def test_gpu_tasks_on_a_cluster_without_gpus_name_the_resources(local_ray):
+    ex = RayExecutor(dataclasses.replace(RAY, num_gpus=None))
+    assert ex.num_gpus("cpu") == 0.0 and ex.num_gpus("auto") == 0.0 and ex.slots("cpu") == 2
+    assert ex.num_gpus("cuda") == 1.0
+    with pytest.raises(ExecutorError, match="has none"):
+        ex.slots("cuda")
+
+
 def test_a_killed_driver_resumes_with_the_layers_left(local_ray, task, serial, tmp_path):
     root, seen = tmp_path / "db", []
 
@@ -151,3 +159,21 @@ def test_searches_on_ray_actors_match_local_results_and_counts(local_ray, prepar
     assert remote.spend == local.spend and ev_ray.calls == ev_local.calls
     assert remote.history == local.history
     assert ev_ray.cache == ev_local.cache  # every plan scored, at every fraction, the same
+
+
+def test_cli_compress_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
+    from automl_compress.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task:\n  name: _compress_task:make_task\nmenu:\n  bits: [0, 2, 4, 8]\n"
+                   "  patterns: [dense, '2:4']\nsolver:\n  quant: gptq\n")
+    runs = {}
+    for kind in ("local", "ray"):
+        out = tmp_path / kind
+        assert main(["compress", "--config", str(cfg), "--method", "evo", "--budget-bits", "3",
+                     "--evaluations", "8", "--executor", kind, "--out", str(out)]) == 0
+        runs[kind] = json.loads((out / "results.json").read_text())
+        runs[kind]["plan"] = json.loads((out / "plan.json").read_text())["layers"]
+    for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples",
+                "plan", "history"):
+        assert runs["ray"][key] == runs["local"][key], key
