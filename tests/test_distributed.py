@@ -77,10 +77,12 @@ def test_a_worker_killed_mid_build_is_retried_and_reported(local_ray, task, seri
     marker = tmp_path / "killed"
 
     def dies_once(*args):
-        if not marker.exists():
-            marker.write_text(str(os.getpid()))
-            os._exit(1)  # the worker process dies in the middle of the build
-        return solve_unit(*args)
+        try:  # exactly one task, of the two running at once, gets to create the marker
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return solve_unit(*args)
+        os.close(fd)
+        os._exit(1)  # that task's worker process dies in the middle of the build
 
     ex = RayExecutor(RAY, solve=dies_once)
     with pytest.warns(WorkerFailure, match="worker died"):
