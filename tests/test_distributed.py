@@ -8,6 +8,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -130,6 +133,54 @@ def test_a_killed_driver_resumes_with_the_layers_left(local_ray, task, serial, t
         if n in first:
             assert (root / e["file"]).stat().st_mtime_ns == first[n]  # not solved again
     assert_same_database(db, serial)
+
+
+DRIVER = """
+import os, signal, sys
+from _compress_task import make_task, tiny_config
+from automl_compress.config import ExecutorConfig
+from automl_compress.database.build import build_database
+from automl_compress.distributed import RayExecutor
+
+seen = []
+
+def written(name):
+    seen.append(name)
+    print(name, flush=True)
+    if sys.argv[3] == "kill" and len(seen) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no atexit: the driver just dies
+
+ex = RayExecutor(ExecutorConfig(kind="ray", address=sys.argv[1]))
+build_database(make_task(), tiny_config(), sys.argv[2], progress=False, on_layer_done=written,
+               executor=ex)
+"""
+
+
+def test_a_sigkilled_driver_process_resumes_on_the_same_cluster(local_ray, tmp_path):
+    address = ray.get_runtime_context().gcs_address
+    path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
+    root = tmp_path / "db"
+
+    def driver(mode: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", DRIVER, address, str(root), mode], env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    layers = {"conv1", "conv2", "fc1", "fc2"}
+    killed = driver("kill")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    first = [w for w in killed.stdout.split() if w in layers]
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert len(first) == 2 and sorted(manifest["layers"]) == sorted(first)
+    assert not manifest["complete"]
+    mtimes = {n: (root / e["file"]).stat().st_mtime_ns for n, e in manifest["layers"].items()}
+    again = driver("resume")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert sorted(w for w in again.stdout.split() if w in layers) == sorted(layers - set(first))
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["complete"] and len(manifest["layers"]) == 4
+    for n, t in mtimes.items():
+        assert (root / manifest["layers"][n]["file"]).stat().st_mtime_ns == t
 
 
 @pytest.fixture(scope="module")
