@@ -156,6 +156,7 @@ build_database(make_task(), tiny_config(), sys.argv[2], progress=False, on_layer
 """
 
 
+@pytest.mark.slow
 def test_a_sigkilled_driver_process_resumes_on_the_same_cluster(local_ray, tmp_path):
     address = ray.get_runtime_context().gcs_address
     path = os.pathsep.join(p for p in (TESTS, os.environ.get("PYTHONPATH")) if p)
@@ -229,4 +230,22 @@ def test_cli_compress_with_executor_ray_writes_the_local_run(local_ray, tmp_path
         runs[kind]["plan"] = json.loads((out / "plan.json").read_text())["layers"]
     for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples",
                 "plan", "history"):
+        assert runs["ray"][key] == runs["local"][key], key
+
+
+def test_cli_train_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
+    from automl_compress.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("task:\n  name: _compress_task:make_task\nmenu:\n  bits: [0, 2, 4, 8]\n"
+                   "  patterns: [dense, '2:4']\nsolver:\n  quant: gptq\nagent:\n  n_steps: 32\n"
+                   "  batch_size: 16\n  n_epochs: 1\n  round_steps: 32\n  final_candidates: 3\n")
+    runs = {}
+    for kind in ("local", "ray"):
+        out = tmp_path / kind
+        assert main(["train", "--config", str(cfg), "--budget-bits", "3", "--total-steps", "64",
+                     "--evaluations", "12", "--executor", kind, "--out", str(out)]) == 0
+        runs[kind] = json.loads((out / "results.json").read_text())
+        runs[kind]["plan"] = json.loads((out / "plan.json").read_text())["layers"]
+    for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples", "plan"):
         assert runs["ray"][key] == runs["local"][key], key

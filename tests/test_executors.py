@@ -74,3 +74,21 @@ def test_cli_executor_flags_set_the_config(command, tmp_path, capsys):
     resolved = yaml.safe_load(capsys.readouterr().out)["executor"]
     assert resolved["kind"] == "ray" and resolved["address"] == "ray://head:10001"
     assert resolved["workers"] == 4 and resolved["max_retries"] == 5
+
+
+@pytest.mark.slow
+def test_an_unreachable_cluster_names_its_address():
+    pytest.importorskip("ray")
+    code = (
+        "from automl_compress.config import ExecutorConfig\n"
+        "from automl_compress.errors import ExecutorError\n"
+        "from automl_compress.executors import get_executor\n"
+        "try:\n"
+        "    get_executor(ExecutorConfig(kind='ray', address='ray://127.0.0.1:1'))\n"
+        "except ExecutorError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)  # Ray Client gives up after about 30 s
+    assert "cannot reach the Ray cluster at executor.address='ray://127.0.0.1:1'" in out.stdout, \
+        out.stderr[-2000:]
