@@ -29,6 +29,18 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> Non
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
 
 
+def _add_executor(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--executor", choices=("local", "ray"), default=None,
+                   help="where the layer solves and plan evaluations run (executor.kind; "
+                        "ray needs the distributed extra, docs/distributed.md)")
+    p.add_argument("--address", default=None, metavar="ADDR",
+                   help="executor=ray: the cluster, 'auto' or ray://HOST:10001 (executor.address;"
+                        " default: start a local Ray)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="executor=ray: evaluation actors, and CPUs of a local Ray "
+                        "(executor.workers)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="automl-compress",
@@ -38,11 +50,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build-db", help="solve every layer at every option once and cache it")
     _add_common(p)
+    _add_executor(p)
     p.add_argument("--out", required=True, help="run directory")
 
     p = sub.add_parser("compress", help="allocate (uniform, dp, rtn) or search (evo, spdy) "
                                          "without RL and write the plan")
     _add_common(p)
+    _add_executor(p)
     p.add_argument("--method", choices=("uniform", "dp", "rtn", "evo", "spdy"), required=True)
     p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
     p.add_argument("--evaluations", type=float, default=None,
@@ -51,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train the RL controllers and write the best plan")
     _add_common(p)
+    _add_executor(p)
     p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
     p.add_argument("--total-steps", type=int, default=None, help="environment steps")
     p.add_argument("--evaluations", type=float, default=None,
@@ -96,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range."""
+    """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range/
+    --executor/--address/--workers."""
     cfg = load_config(args.config, list(args.overrides))
     top: dict[str, Any] = {}
     if getattr(args, "device", None):
@@ -110,6 +126,11 @@ def resolve_config(args: argparse.Namespace) -> Config:
         env["budget_range"] = (float(args.budget_range[0]), float(args.budget_range[1]))
     if env:
         top["env"] = dataclasses.replace(cfg.env, **env)
+    executor = {k: v for k, v in (("kind", getattr(args, "executor", None)),
+                                  ("address", getattr(args, "address", None)),
+                                  ("workers", getattr(args, "workers", None))) if v is not None}
+    if executor:
+        top["executor"] = dataclasses.replace(cfg.executor, **executor)
     return dataclasses.replace(cfg, **top) if top else cfg
 
 

@@ -199,6 +199,9 @@ class AllocConfig:
         stages: 'evo': the validation fractions of multi-stage selection; every offspring is
             scored on the first, the best half of them on the next, ..., the last is 1.0.
         spdy_inits: 'spdy': random coefficient vectors tried before the local search.
+        spdy_batch: 'spdy': candidate coefficient vectors of the local search scored together
+            (one batch: in parallel with ``executor.kind=ray``); 1 is the sequential search.
+            The result depends on this number, never on the executor.
     """
 
     objective: str = "normalized"
@@ -208,13 +211,15 @@ class AllocConfig:
     offspring: int = 8
     stages: tuple[float, ...] = (0.25, 0.5, 1.0)
     spdy_inits: int = 8
+    spdy_batch: int = 1
 
     def __post_init__(self) -> None:
         if self.objective not in OBJECTIVES:
             raise ConfigError(
                 f"alloc.objective must be one of {list(OBJECTIVES)}, found {self.objective!r}"
             )
-        for key in ("fisher_probes", "loss_batches", "evaluations", "offspring", "spdy_inits"):
+        for key in ("fisher_probes", "loss_batches", "evaluations", "offspring", "spdy_inits",
+                    "spdy_batch"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"alloc.{key} must be >= 1, found {getattr(self, key)}")
         st = self.stages
@@ -436,6 +441,53 @@ class AgentConfig:
             raise ConfigError(f"agent.learning_rate must be in (0, 1), found {self.learning_rate}")
 
 
+EXECUTORS = ("local", "ray")
+
+
+@dataclass(frozen=True)
+class ExecutorConfig:
+    """Where the layer solves and the plan evaluations run (automl_compress/executors.py,
+    docs/distributed.md).
+
+    Attributes:
+        kind: 'local' (this process, serially: no Ray import) or 'ray' (Ray tasks for the
+            database's (layer, option) solves, a pool of evaluation actors for the searches;
+            needs ``pip install "automl-compress[distributed]"``).
+        address: the Ray cluster: null starts a local Ray on this machine with ``workers`` CPUs;
+            'auto' joins the cluster this machine belongs to; 'ray://HOST:10001' a remote
+            cluster through Ray Client.
+        workers: evaluation actors (each holds the model once) and, with a local Ray, its CPUs.
+        num_cpus: CPUs each solve task and each evaluation actor asks for.
+        num_gpus: GPUs each solve task and each evaluation actor asks for; null (the default):
+            1 when the run's device is cuda (or auto on a cluster that has GPUs), else 0; a
+            fraction such as 0.5 shares a GPU between two tasks.
+        max_retries: how many times a solve task or an evaluation is resubmitted after its worker
+            dies (each failure is reported); a solver error is not retried.
+    """
+
+    kind: str = "local"
+    address: str | None = None
+    workers: int = 2
+    num_cpus: float = 1.0
+    num_gpus: float | None = None
+    max_retries: int = 3
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTORS:
+            raise ConfigError(
+                f"executor.kind must be one of {list(EXECUTORS)}, found {self.kind!r}"
+            )
+        if self.workers < 1:
+            raise ConfigError(f"executor.workers must be >= 1, found {self.workers}")
+        if self.num_cpus <= 0 or (self.num_gpus is not None and self.num_gpus < 0):
+            raise ConfigError(
+                "executor.num_cpus must be > 0 and executor.num_gpus >= 0 (or null), found "
+                f"{self.num_cpus} and {self.num_gpus}"
+            )
+        if self.max_retries < 0:
+            raise ConfigError(f"executor.max_retries must be >= 0, found {self.max_retries}")
+
+
 @dataclass(frozen=True)
 class Config:
     """The whole run."""
@@ -449,6 +501,7 @@ class Config:
     alloc: AllocConfig = field(default_factory=AllocConfig)
     env: EnvConfig = field(default_factory=EnvConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
     seed: int = 0
     device: str = "auto"
 

@@ -86,3 +86,8 @@ class ObjectiveError(AutoMLCompressError):
 
 class TaskError(AutoMLCompressError):
     """A task (model, data, metric) that cannot be built, e.g. a missing optional package."""
+
+
+class ExecutorError(AutoMLCompressError):
+    """An executor that cannot run: Ray not installed, a cluster that cannot be reached, or a
+    task whose workers kept dying after every retry (docs/distributed.md)."""

@@ -74,6 +74,8 @@ class Prepared:
         raw_rtn_tables: the same layers' round-to-nearest tables (dense pattern only).
         db_dir: where the database lives.
         objective: the calibrated objective (``cfg.alloc.objective``).
+        executor: where plans are scored (automl_compress/executors.py); None or a local one:
+            in this process, one by one.
     """
 
     cfg: Config
@@ -83,6 +85,7 @@ class Prepared:
     raw_rtn_tables: list[LayerTable]
     db_dir: Path
     objective: Objective | None = None
+    executor: Any = field(default=None, repr=False)
     _dense_metric: float | None = field(default=None, repr=False)
     _dense_val: float | None = field(default=None, repr=False)
     _dense_stats: DenseStats | None = field(default=None, repr=False)
@@ -169,7 +172,8 @@ def load_objective(prepared: Prepared, name: str | None = None,
 
 
 def prepare(
-    cfg: Config, out_dir: str | Path, db_dir: str | Path | None = None, progress: bool = True
+    cfg: Config, out_dir: str | Path, db_dir: str | Path | None = None, progress: bool = True,
+    executor: Any = None,
 ) -> Prepared:
     """Load the task, build or reuse its layer database, compute or reuse its objective.
 
@@ -178,6 +182,8 @@ def prepare(
         out_dir: the run directory; the database goes to ``out_dir/db`` unless ``db_dir``.
         db_dir: a shared database folder (e.g. a cache reused across runs of the same setup).
         progress: show the build progress bar.
+        executor: where the layer solves and the plan evaluations run
+            (:func:`~automl_compress.executors.open_executor`); None: this process.
 
     Raises:
         DatabaseMismatchError: the database folder holds another setup's database.
@@ -188,9 +194,10 @@ def prepare(
     torch.manual_seed(cfg.seed)
     task = with_validation(load_task(cfg.task))
     root = Path(db_dir) if db_dir is not None else Path(out_dir) / "db"
-    db = build_database(task, cfg, root, device=resolve_device(cfg.device), progress=progress)
+    db = build_database(task, cfg, root, device=resolve_device(cfg.device), progress=progress,
+                        executor=executor)
     tables = db.tables()
-    prepared = Prepared(cfg, task, db, tables, _rtn_tables(db), root)
+    prepared = Prepared(cfg, task, db, tables, _rtn_tables(db), root, executor=executor)
     prepared.set_objective(load_objective(prepared, progress=progress))
     return prepared
 
@@ -242,14 +249,22 @@ def evaluator(prepared: Prepared, budget: float | None = None) -> Evaluator:
     """A counting, caching validation scorer for this task (``budget`` in full passes).
 
     A validation metric that is not an :class:`~automl_compress.zoo.base.ItemMetric` cannot
-    score a prefix of its split: every score is then a full pass.
+    score a prefix of its split: every score is then a full pass. With a distributed
+    ``prepared.executor`` (Ray), batches of plans (:meth:`Evaluator.many`) are scored by its pool
+    of actors, under the corrections in force when the batch is scored.
     """
     validate = prepared.task.validate
-    if isinstance(validate, ItemMetric):
-        if validate.sizes is None:
-            prepared.dense_val()  # learns the split's size
-        return Evaluator(lambda p, f: validate_plan(prepared, p, f), validate.items, budget)
-    return Evaluator(lambda p, f: validate_plan(prepared, p, 1.0), lambda f: 1, budget)
+    prefix = isinstance(validate, ItemMetric)
+    if prefix and validate.sizes is None:
+        prepared.dense_val()  # learns the split's size
+    many = None
+    scorer = prepared.executor.scorer(prepared) if prepared.executor is not None else None
+    if scorer is not None:
+        def many(plans, f):
+            return scorer([(p, f if prefix else 1.0, prepared.cfg.eval) for p in plans])
+    if prefix:
+        return Evaluator(lambda p, f: validate_plan(prepared, p, f), validate.items, budget, many)
+    return Evaluator(lambda p, f: validate_plan(prepared, p, 1.0), lambda f: 1, budget, many)
 
 
 def correction_choices(prepared: Prepared) -> list[EvalConfig]:
@@ -304,7 +319,7 @@ def search(prepared: Prepared, method: str, budget_bits: float,
                           prepared.cfg.seed)
     if method == "spdy":
         return spdy_search(prepared.tables, budget_bits, ev, cost, a.spdy_inits,
-                           prepared.cfg.seed)
+                           prepared.cfg.seed, batch=a.spdy_batch)
     raise ConfigError(f"search must be one of {SEARCHES}, found {method!r}")
 
 
@@ -430,9 +445,12 @@ def _print_summary(res: Mapping[str, Any], out: Path) -> None:
 
 
 def run_build_db(cfg: Config, out: Path) -> int:
-    """``automl-compress build-db``."""
+    """``automl-compress build-db`` (on ``cfg.executor``)."""
+    from automl_compress.executors import open_executor
+
     t0 = time.perf_counter()
-    prepared = prepare(cfg, out)
+    with open_executor(cfg.executor) as ex:
+        prepared = prepare(cfg, out, executor=ex)
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "config.yaml", dump_config(cfg))
     n = sum(t.info.numel for t in prepared.tables)
@@ -484,11 +502,15 @@ def resolved_config(prepared: Prepared) -> Config:
 
 
 def run_compress(cfg: Config, method: str, out: Path, evaluations: float | None = None) -> int:
-    """``automl-compress compress``: allocate or search, evaluate, write the run directory."""
+    """``automl-compress compress``: allocate or search (on ``cfg.executor``), evaluate, write
+    the run directory."""
+    from automl_compress.executors import open_executor
+
     t0 = time.perf_counter()
-    prepared = prepare(cfg, out)
-    print(describe(prepared.objective) if prepared.objective else "objective raw")
-    plan, selection = compress(prepared, method, cfg.env.budget_bits, evaluations)
+    with open_executor(cfg.executor) as ex:
+        prepared = prepare(cfg, out, executor=ex)
+        print(describe(prepared.objective) if prepared.objective else "objective raw")
+        plan, selection = compress(prepared, method, cfg.env.budget_bits, evaluations)
     value = evaluate_plan(prepared, plan)
     extra = {k: selection[k] for k in ("start_val", "history") if k in selection}
     res = write_run(out, resolved_config(prepared), prepared, plan, method, value,

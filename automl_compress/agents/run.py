@@ -169,15 +169,25 @@ def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resu
     Raises:
         InfeasibleBudgetError: a budget is below the feasible minimum.
         PolicyMismatchError: ``resume`` with a checkpoint of another menu / env spec.
+        ExecutorError: ``executor.kind=ray`` without Ray, or an unreachable cluster.
     """
+    from automl_compress.executors import open_executor
+
+    with open_executor(cfg.executor) as ex:
+        return _train(cfg, Path(out), total_steps, resume, progress, evaluations, ex)
+
+
+def _train(cfg: Config, out: Path, total_steps: int | None, resume: bool, progress: bool,
+           evaluations: float | None, executor: Any) -> int:
+    """:func:`run_train`'s body, on ``executor`` (the database build and the final candidates'
+    scores)."""
     t0 = time.perf_counter()
-    out = Path(out)
     total = int(total_steps if total_steps is not None else cfg.agent.total_steps)
     if evaluations is None:
         evaluations = cfg.alloc.evaluations
     if total < 1:
         raise ConfigError(f"--total-steps must be >= 1, found {total}")
-    prepared = pipeline.prepare(cfg, out, progress=progress)
+    prepared = pipeline.prepare(cfg, out, progress=progress, executor=executor)
     _check_budget(prepared, cfg)
     corrections = pipeline.choose_corrections(
         prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))

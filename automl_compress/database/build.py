@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -197,36 +197,126 @@ def _check_pattern(mask: torch.Tensor, pattern: str, n_blocks: int, name: str) -
         )
 
 
-def solve_layer(
-    info: LayerInfo,
-    W: torch.Tensor,
-    lh: Any,
-    menu: MenuConfig,
-    cfg: SolverConfig,
-    device: str | torch.device = "cpu",
-) -> LayerSolutions:
-    """Every option of the menu for one layer.
+RTN = "rtn"  # a unit's pattern for the round-to-nearest baseline (dense, every bit-width)
 
-    Each (row group, column block) piece is pruned once per sparse pattern (one pass serves every
-    bit-width of the pattern), then quantized at every bit-width.
 
-    Args:
+@dataclass(frozen=True)
+class Unit:
+    """One independent solve of a layer: one (row group, column block) piece at one pattern and
+    the bit-widths solved together (a sparse pattern's share one pruning pass; a dense or joint
+    option is one unit per bit-width). The serial loop and the Ray tasks solve the same units."""
+
+    piece: int
+    pattern: str
+    bits: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LayerWork:
+    """What solving one layer takes: its weights, its Hessian pieces and its menu.
+
+    Attributes:
         info: layer metadata.
-        W: (rows, cols) dense weights (``weight.flatten(1)``).
-        lh: the captured Hessian (see :func:`hessian_blocks`).
-        menu: bits × patterns.
-        cfg: solver settings.
-        device: where the solvers run.
+        W: (rows, cols) dense weights.
+        pieces: (row slice, column slice, H block) per piece (:func:`hessian_blocks`).
+        patterns: the layer's patterns, 'dense' first (:func:`layer_patterns`).
+        bits: every menu bit-width, ascending (0 included).
+        col_blocks: the distinct column ranges of the pieces, in order.
+        area: the kernel area N:M groups run over (1 for block-diagonal pieces).
     """
+
+    info: LayerInfo
+    W: torch.Tensor
+    pieces: list[tuple[slice, slice, torch.Tensor]]
+    patterns: tuple[str, ...]
+    bits: tuple[int, ...]
+    col_blocks: list[tuple[int, int]]
+    area: int
+
+    @property
+    def quant_bits(self) -> tuple[int, ...]:
+        return tuple(b for b in self.bits if b > 0)
+
+    def piece_inputs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(W block, H block) of piece ``k``: the inputs of its units."""
+        rs, cs, Hb = self.pieces[k]
+        return self.W[rs, cs].detach(), Hb
+
+
+def layer_work(info: LayerInfo, W: torch.Tensor, lh: Any, menu: MenuConfig) -> LayerWork:
+    """The pieces and menu of one layer (``lh``: the captured Hessian, see
+    :func:`hessian_blocks`)."""
     rows, cols = W.shape
-    bits = tuple(sorted(int(b) for b in menu.bits))
-    quant_bits = tuple(b for b in bits if b > 0)
-    patterns = layer_patterns(info, tuple(menu.patterns))
     pieces = list(hessian_blocks(lh, rows, cols))
     col_blocks = sorted({(c.start, c.stop) for _, c, _ in pieces})
-    blk_index = {cb: k for k, cb in enumerate(col_blocks)}
-    nb = len(col_blocks)
-    area = kernel_area(info) if nb == 1 else 1
+    area = kernel_area(info) if len(col_blocks) == 1 else 1
+    return LayerWork(info, W, pieces, layer_patterns(info, tuple(menu.patterns)),
+                     tuple(sorted(int(b) for b in menu.bits)), col_blocks, area)
+
+
+def layer_units(work: LayerWork, cfg: SolverConfig) -> list[Unit]:
+    """Every unit of a layer, piece by piece: round-to-nearest, then each pattern."""
+    qb = work.quant_bits
+    if not qb:
+        return []
+    units = []
+    for k, (rs, cs, _) in enumerate(work.pieces):
+        quant = quant_solver(cfg, rs.stop - rs.start, cs.stop - cs.start)
+        units.append(Unit(k, RTN, qb))
+        for p in work.patterns:
+            shared = p != "dense" and (PruneSolver(cfg.prune), quant) not in JOINT
+            units.extend([Unit(k, p, qb)] if shared else [Unit(k, p, (b,)) for b in qb])
+    return units
+
+
+PieceSolution = tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]
+"""(bits, uint8 codes, scale, zero, keep-mask or None) of one piece at one option, on the CPU."""
+
+
+def solve_unit(Wb: torch.Tensor, Hb: torch.Tensor, pattern: str, bits: tuple[int, ...],
+               cfg: SolverConfig, area: int = 1,
+               device: str | torch.device = "cpu") -> list[PieceSolution]:
+    """Solve one unit: a piece's (W, H) block at ``pattern`` (or :data:`RTN`) and ``bits``.
+
+    A sparse pattern is pruned once for all of ``bits`` (unless the solvers are one joint pass),
+    then quantized at each bit-width; the results come back as grid codes on the CPU.
+    """
+    Wb = Wb.detach().to(device=device, dtype=torch.float32)
+    Hd = Hb.to(device=device, dtype=torch.float64)
+    quant = quant_solver(cfg, *Wb.shape)
+    if pattern == RTN:
+        results = [(b, rtn_option(Wb, Hd, b, cfg)) for b in bits]
+    else:
+        prune_with = PruneSolver(cfg.prune)
+        opts = solve_options(pattern, bits[0], cfg, area)
+        shared = None
+        if not opts.dense and (prune_with, quant) not in JOINT:
+            shared = registry.prune(Wb, Hd, opts, prune_with)
+        results = [(b, registry.solve(Wb, Hd, solve_options(pattern, b, cfg, area), quant,
+                                      prune_with, shared)) for b in bits]
+    out = []
+    for b, res in results:
+        q, s, z = _codes(res, b)
+        mask = None
+        if res.mask is not None:
+            mask = res.mask.detach().cpu()
+            q = torch.where(mask, q, z.round().to(torch.uint8)[:, None].expand_as(q))
+        out.append((b, q, s, z, mask))
+    return out
+
+
+def assemble_layer(work: LayerWork,
+                   solved: Mapping[Unit, Sequence[PieceSolution]]) -> LayerSolutions:
+    """The layer's solutions and exact error table from the solutions of all its units.
+
+    Every stored error is recomputed here from the rebuilt weights under the undamped H.
+    """
+    info, W = work.info, work.W
+    rows, cols = W.shape
+    bits, quant_bits, patterns = work.bits, work.quant_bits, work.patterns
+    pieces = work.pieces
+    blk_index = {cb: k for k, cb in enumerate(work.col_blocks)}
+    nb = len(work.col_blocks)
     W64 = W.detach().to(torch.float64).cpu()
 
     def empty() -> dict[str, torch.Tensor]:
@@ -239,34 +329,16 @@ def solve_layer(
 
     acc = {(p, b): empty() for p in patterns for b in quant_bits}
     acc_rtn = {b: empty() for b in quant_bits}
-
-    def store(into: dict[str, torch.Tensor], res: SolveResult, b: int, rs: slice, cs: slice):
-        q, s, z = _codes(res, b)
+    for unit, sols in solved.items():
+        rs, cs, _ = pieces[unit.piece]
         k = blk_index[(cs.start, cs.stop)]
-        if res.mask is not None:
-            mask = res.mask.detach().cpu()
-            q = torch.where(mask, q, z.round().to(torch.uint8)[:, None].expand_as(q))
-            into["mask"][rs, cs] = mask
-        into["codes"][rs, cs] = q
-        into["scale"][rs, k] = s
-        into["zero"][rs, k] = z
-
-    prune_with = PruneSolver(cfg.prune)
-    for rs, cs, Hb in pieces:
-        Wb = W[rs, cs].detach().to(device=device, dtype=torch.float32)
-        Hd = Hb.to(device=device, dtype=torch.float64)
-        quant = quant_solver(cfg, *Wb.shape)
-        for b in quant_bits:
-            store(acc_rtn[b], rtn_option(Wb, Hd, b, cfg), b, rs, cs)
-        for p in patterns:
-            opts = solve_options(p, quant_bits[0], cfg, area) if quant_bits else None
-            shared = None
-            if opts is not None and not opts.dense and (prune_with, quant) not in JOINT:
-                shared = registry.prune(Wb, Hd, opts, prune_with)
-            for b in quant_bits:
-                res = registry.solve(Wb, Hd, solve_options(p, b, cfg, area), quant, prune_with,
-                                     shared)
-                store(acc[(p, b)], res, b, rs, cs)
+        for b, q, s, z, mask in sols:
+            into = acc_rtn[b] if unit.pattern == RTN else acc[(unit.pattern, b)]
+            if mask is not None:
+                into["mask"][rs, cs] = mask
+            into["codes"][rs, cs] = q
+            into["scale"][rs, k] = s
+            into["zero"][rs, k] = z
 
     def finished(a: dict[str, torch.Tensor], pattern: str) -> OptionSolution:
         dense = parse_pattern(pattern)[0] == "dense"
@@ -274,7 +346,7 @@ def solve_layer(
             _check_pattern(a["mask"], pattern, nb, info.name)
         return OptionSolution(a["codes"], a["scale"], a["zero"], None if dense else a["mask"])
 
-    blocks_t = torch.tensor(col_blocks, dtype=torch.int64).reshape(-1, 2)
+    blocks_t = torch.tensor(work.col_blocks, dtype=torch.int64).reshape(-1, 2)
 
     def errors_of(sol: OptionSolution) -> torch.Tensor:
         W_hat = sol.weight(blocks_t).to(torch.float64)
@@ -303,6 +375,36 @@ def solve_layer(
             errors[:, pi, bi] = errors_of(options[(p, b)]).numpy()
     table = LayerTable(info, bits, patterns, errors)
     return LayerSolutions(table, rtn_errors, options, rtn, blocks_t)
+
+
+def solve_layer(
+    info: LayerInfo,
+    W: torch.Tensor,
+    lh: Any,
+    menu: MenuConfig,
+    cfg: SolverConfig,
+    device: str | torch.device = "cpu",
+) -> LayerSolutions:
+    """Every option of the menu for one layer: its units (:func:`layer_units`) solved in turn,
+    then assembled (:func:`assemble_layer`).
+
+    Each (row group, column block) piece is pruned once per sparse pattern (one pass serves every
+    bit-width of the pattern), then quantized at every bit-width.
+
+    Args:
+        info: layer metadata.
+        W: (rows, cols) dense weights (``weight.flatten(1)``).
+        lh: the captured Hessian (see :func:`hessian_blocks`).
+        menu: bits × patterns.
+        cfg: solver settings.
+        device: where the solvers run.
+    """
+    work = layer_work(info, W, lh, menu)
+    solved = {}
+    for u in layer_units(work, cfg):
+        Wb, Hb = work.piece_inputs(u.piece)
+        solved[u] = solve_unit(Wb, Hb, u.pattern, u.bits, cfg, work.area, device)
+    return assemble_layer(work, solved)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -334,6 +436,7 @@ def build_database(
     device: str = "cpu",
     progress: bool = True,
     on_layer_done: Callable[[str], None] | None = None,
+    executor: Any = None,
 ) -> LayerDatabase:
     """Build (or finish, or just open) the database of ``task`` under ``root``.
 
@@ -344,6 +447,9 @@ def build_database(
         device: where capture and solvers run ('cpu' or 'cuda').
         progress: show a tqdm bar (layers done, time left).
         on_layer_done: called with each layer name after its file is written.
+        executor: where the solves run (automl_compress/executors.py): None or a local one,
+            this loop; a distributed one (Ray) solves the units as tasks, and this process
+            assembles and writes each layer as it completes (same tables).
 
     Returns:
         The complete database.
@@ -380,17 +486,31 @@ def build_database(
     modules = dict(task.model.named_modules())
     bar = tqdm(total=len(db.order), initial=len(db.order) - len(todo), unit="layer",
                desc="build-db", disable=not progress, dynamic_ncols=True)
+    def write(sol: LayerSolutions, note: str | None = None) -> None:
+        db.write_layer(sol)
+        hessians.pop(sol.info.name, None)
+        if note is not None:
+            bar.set_postfix_str(note)
+        bar.update(1)
+        if on_layer_done is not None:
+            on_layer_done(sol.info.name)
+
+    def weight(info: LayerInfo) -> torch.Tensor:
+        return modules[info.name].weight.detach().flatten(1)
+
     try:
-        for info in todo:
-            t0 = time.perf_counter()
-            W = modules[info.name].weight.detach().flatten(1)
-            sol = solve_layer(info, W, hessians[info.name], cfg.menu, cfg.solver, device)
-            db.write_layer(sol)
-            hessians.pop(info.name, None)
-            bar.set_postfix_str(f"{info.name} {time.perf_counter() - t0:.1f}s")
-            bar.update(1)
-            if on_layer_done is not None:
-                on_layer_done(info.name)
+        if getattr(executor, "distributed", False):
+            works = (layer_work(i, weight(i), hessians[i.name], cfg.menu) for i in todo)
+            bar.set_description(f"build-db ({executor.kind})")
+            # 'auto' lets each worker use its own GPU when it has one
+            executor.solve_layers(works, cfg.solver, "auto" if cfg.device == "auto" else device,
+                                  write, bar.set_postfix_str)
+        else:
+            for info in todo:
+                t0 = time.perf_counter()
+                sol = solve_layer(info, weight(info), hessians[info.name], cfg.menu, cfg.solver,
+                                  device)
+                write(sol, f"{info.name} {time.perf_counter() - t0:.1f}s")
     finally:
         bar.close()
     db.mark_complete()

@@ -14,7 +14,9 @@ knapsack_layer`) turns it into per-row bit-widths, so every genome is a feasible
   never exceeds the budget.
 - **Selection**: λ offspring per generation, scored on the first ``stages[0]`` of the validation
   split; the better half goes on to ``stages[1]``, and so on; the survivor of the last stage (the
-  whole split) replaces the parent only if it scores higher.
+  whole split) replaces the parent only if it scores higher. Each stage's candidates are scored
+  as one batch (:meth:`~automl_compress.search.evaluator.Evaluator.many`: in parallel on a Ray
+  executor, with the same result and the same counts as one by one).
 
 Why a short loop of our own and not nevergrad / cma / evotorch: their mutation operators act on
 unconstrained continuous or independent discrete variables, while this search needs mutations
@@ -174,7 +176,10 @@ def evo_search(
             if not kids:
                 break
             for s, frac in enumerate(stages):
-                scored = [(evaluator(p, frac), g, p) for g, p in kids]
+                values = evaluator.many([p for _, p in kids], frac)  # one batch per stage
+                if len(values) < len(kids):
+                    raise BudgetSpent(f"{evaluator.spent:.2f} of {evaluator.budget} spent")
+                scored = [(v, g, p) for v, (g, p) in zip(values, kids, strict=True)]
                 scored.sort(key=lambda x: -x[0])
                 last = s == len(stages) - 1
                 kids = [(g, p) for _, g, p in scored[: 1 if last else max(1, len(scored) // 2)]]

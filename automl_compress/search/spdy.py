@@ -14,6 +14,12 @@ realised by the exact within-layer knapsack. The search is over ``u = log10 m âˆ
 Coefficient vectors that give an already-scored plan cost no evaluation (the evaluator's cache);
 every ``ROUND`` of them in a row widen ``k`` by one, and ``MAX_REPEATS`` in a row end the search
 (the DP has no new plan near the best one).
+
+Batches (:meth:`~automl_compress.search.evaluator.Evaluator.many`, in parallel on a Ray executor):
+the ``inits`` random vectors are scored as one batch, and the local search draws ``batch`` new
+candidates from the same best vector before scoring them together, then takes them in order as
+the one-by-one search would. ``batch=1`` is the sequential search; the result depends on
+``batch``, never on the executor.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ MAX_REPEATS = 200  # consecutive candidates whose plan was already scored: the s
 def spdy_search(
     tables: Sequence[LayerTable], budget_bits: float, evaluator: Evaluator,
     cost: CostConfig | None = None, inits: int = 8, seed: int = 0,
-    candidates: Candidates | None = None,
+    candidates: Candidates | None = None, batch: int = 1,
 ) -> SearchResult:
     """SPDY coefficient search until the evaluator's budget is spent.
 
@@ -49,6 +55,7 @@ def spdy_search(
         inits: random coefficient vectors before the local search.
         seed: the RNG's seed.
         candidates: :func:`~automl_compress.database.allocate.dp_candidates` of the tables.
+        batch: local-search candidates drawn from one best vector and scored together.
 
     Returns:
         The best plan; never worse than the calibrated DP plan on the validation split.
@@ -70,38 +77,49 @@ def spdy_search(
     best = start_val = evaluator(best_plan, 1.0)
     history = [(evaluator.spent, best)]
 
-    def consider(u: np.ndarray, p: CompressionPlan | None = None) -> bool:
+    def consider(trial: list[tuple[np.ndarray, CompressionPlan]]) -> list[bool]:
+        """Score the candidates as one batch and take them in order; whether each improved.
+        Raises BudgetSpent after the ones that fit when the budget runs out."""
         nonlocal best, best_u, best_plan
-        p = plan_of(u) if p is None else p
-        v = evaluator(p, 1.0)
-        if v > best:
-            best, best_u, best_plan = v, u, p
-            history.append((evaluator.spent, best))
-            return True
-        return False
+        values = evaluator.many([p for _, p in trial], 1.0)
+        improved = []
+        for (u, p), v, spent in zip(trial, values, evaluator.spent_after, strict=False):
+            improved.append(v > best)
+            if v > best:
+                best, best_u, best_plan = v, u, p
+                history.append((spent, best))
+        if len(values) < len(trial):
+            raise BudgetSpent(f"{evaluator.spent:.2f} of {evaluator.budget} evaluations spent")
+        return improved
 
     k, misses, repeats = max(1, math.ceil(L / 10)), 0, 0
     try:
-        for _ in range(inits):
-            consider(rng.uniform(-1.0, 1.0, L))
+        inits_u = [rng.uniform(-1.0, 1.0, L) for _ in range(inits)]
+        consider([(u, plan_of(u)) for u in inits_u])
         while repeats < MAX_REPEATS:
-            u = best_u.copy()
-            idx = rng.choice(L, size=min(k, L), replace=False)
-            u[idx] = rng.uniform(-1.0, 1.0, len(idx))
-            p = plan_of(u)
-            if evaluator.known(p) is not None:
-                # the DP gave a plan already scored: perturb more coordinates next time
-                repeats += 1
-                if repeats % ROUND == 0 and k < L:
-                    k += 1
-                continue
-            repeats = 0
-            if consider(u, p):
-                misses = 0
-            else:
-                misses += 1
-                if misses >= ROUND and k > 1:
-                    k, misses = k - 1, 0
+            trial: list[tuple[np.ndarray, CompressionPlan]] = []
+            while len(trial) < batch and repeats < MAX_REPEATS:
+                u = best_u.copy()
+                idx = rng.choice(L, size=min(k, L), replace=False)
+                u[idx] = rng.uniform(-1.0, 1.0, len(idx))
+                p = plan_of(u)
+                if evaluator.known(p) is not None or any(p.key() == q.key() for _, q in trial):
+                    # the DP gave a plan already scored: perturb more coordinates next time
+                    repeats += 1
+                    if repeats % ROUND == 0 and k < L:
+                        k += 1
+                    continue
+                repeats = 0
+                trial.append((u, p))
+            if not trial:
+                break
+            for improved in consider(trial):
+                if improved:
+                    misses = 0
+                else:
+                    misses += 1
+                    if misses >= ROUND and k > 1:
+                        k, misses = k - 1, 0
     except BudgetSpent:
         pass
     return SearchResult(best_plan, best, start_val, evaluator.spend(), history)

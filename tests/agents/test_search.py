@@ -174,3 +174,21 @@ def test_config_typos_and_bad_values_are_named_errors():
         load_config(None, ["agent.layer_controller=dp", "agent.channel_controller=knapsack"])
     with pytest.raises(ConfigError, match="prune_fractions"):
         load_config(None, ["env.prune_fractions=[0.5, 0.0]"])
+
+
+def test_final_candidates_measured_as_one_batch_match_one_by_one():
+    def score(plan, fraction):
+        return float(plan.layers["l"].row_bits[0])
+
+    plans = [CompressionPlan({"l": LayerPlan("dense", (b,))}) for b in (2, 3, 2, 4, 5)]
+    batches = []
+
+    def many(ps, fraction):
+        batches.append(len(ps))
+        return [score(p, fraction) for p in ps]
+
+    one = MetricOracle(Evaluator(score, lambda f: 1, budget=3))
+    expected = [one.measure(p) for p in plans]
+    oracle = MetricOracle(Evaluator(score, lambda f: 1, budget=3, score_many=many))
+    assert oracle.measure_many(plans) == expected == [2.0, 3.0, 2.0, 4.0, None]
+    assert batches == [3] and oracle.evaluator.calls == one.evaluator.calls == 3

@@ -105,3 +105,29 @@ def test_cli_compress_evo_writes_validation_and_evaluations(tmp_path, capsys):
     assert res["metric_val"] >= res["start_val"]
     assert res["corrections"]["chosen_on"] == "validation"
     assert "val" in capsys.readouterr().out
+
+
+def test_evaluator_many_spends_exactly_what_one_by_one_scoring_spends():
+    def score(plan, fraction):
+        return float(plan.layers["l"].row_bits[0]) + fraction
+
+    plans = [CompressionPlan({"l": LayerPlan("dense", (b,))}) for b in (2, 3, 2, 4, 5, 6)]
+    batches = []
+
+    def many(ps, fraction):
+        batches.append(len(ps))
+        return [score(p, fraction) for p in ps]
+
+    one = Evaluator(score, lambda f: int(round(100 * f)), budget=2.0)
+    one(plans[1], 0.5)  # already cached: free in both
+    got = []
+    with pytest.raises(BudgetSpent):
+        for p in plans:
+            got.append(one(p, 0.5))
+    batch = Evaluator(score, lambda f: int(round(100 * f)), budget=2.0, score_many=many)
+    batch(plans[1], 0.5)
+    values = batch.many(plans, 0.5)
+    assert values == got and len(values) == 5  # stops where the loop raised
+    assert batches == [3]  # the three new plans that fit, scored together
+    assert (batch.calls, batch.samples, batch.cache) == (one.calls, one.samples, one.cache)
+    assert batch.spent_after == [1.0, 1.0, 1.0, 1.5, 2.0]
