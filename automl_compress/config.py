@@ -273,7 +273,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EnvConfig:
-    """The compression environment (issue 6; formula in automl_compress/envs/rewards.py).
+    """The compression environment (docs/env.md; formula in automl_compress/envs/rewards.py).
 
     Attributes:
         budget_bits: the budget in average bits per compressible weight (metadata included).
@@ -363,7 +363,7 @@ class EnvConfig:
 
 @dataclass(frozen=True)
 class AgentConfig:
-    """The controllers (issue 6).
+    """The controllers (docs/env.md §4).
 
     Attributes:
         form: 'hierarchical' (two SB3 models trained in alternation), 'flat' (one MaskablePPO on
