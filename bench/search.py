@@ -57,7 +57,8 @@ SEARCHES = ("evo", "spdy")
 #: A learned run stops when its evaluations are spent or after this many env steps per evaluation
 #: of its budget: a policy that only repeats plans already scored spends nothing (a repeated plan
 #: is free), so without a step cap such a run would never stop. Every run in docs/benchmarks.md
-#: stopped on its evaluations below this cap (at most 16,210 env steps at E = 64).
+#: stopped on its evaluations below this cap (at most 16,210 env steps at E = 64) except the three
+#: marked there.
 STEPS_PER_EVALUATION = 400
 
 
