@@ -13,10 +13,12 @@ fidelity to the dense model's outputs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -152,3 +154,21 @@ def fidelity_metric(dense: nn.Module, forward: Callable[[nn.Module, Any], Any], 
             model_device(model)))
 
     return ItemMetric(list(zip(batches, refs, strict=True)), score)
+
+
+_HF_OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+@contextlib.contextmanager
+def hf_offline() -> Iterator[None]:
+    """Set the Hugging Face offline variables for the duration of a load, then restore them."""
+    saved = {k: os.environ.get(k) for k in _HF_OFFLINE_VARS}
+    os.environ.update(_HF_OFFLINE_VARS)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

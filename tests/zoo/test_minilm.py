@@ -13,6 +13,7 @@ from automl_compress.capture import capture_hessians, select_layers
 from automl_compress.config import TaskConfig
 from automl_compress.zoo import load_task
 from automl_compress.zoo import minilm as minilm_mod
+from automl_compress.zoo.base import hf_offline
 
 pytestmark = [
     pytest.mark.models,
@@ -63,7 +64,7 @@ def test_sentences_real_and_splits_disjoint(task):
 def test_env_restored(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
-    with minilm_mod._offline_env():
+    with hf_offline():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and os.environ["TRANSFORMERS_OFFLINE"] == "1"
     assert os.environ["HF_HUB_OFFLINE"] == "0" and "TRANSFORMERS_OFFLINE" not in os.environ
 
@@ -85,7 +86,7 @@ def test_layers_and_capture(task):
 def test_matches_sentence_transformers(task):
     st = pytest.importorskip("sentence_transformers")
     sentences = minilm_mod.reference_sentences()[:6]
-    with minilm_mod._offline_env():
+    with hf_offline():
         ref_model = st.SentenceTransformer(str(minilm_mod.model_dir()), device="cpu")
     ref = torch.as_tensor(ref_model.encode(sentences, convert_to_numpy=True)).double()
     _, tokenizer = minilm_mod.load_minilm()
