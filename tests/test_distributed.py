@@ -215,37 +215,38 @@ def test_searches_on_ray_actors_match_local_results_and_counts(local_ray, prepar
     assert ev_ray.cache == ev_local.cache  # every plan scored, at every fraction, the same
 
 
-def test_cli_compress_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
+_CLI_TASK = ("task:\n  name: _compress_task:make_task\nmenu:\n  bits: [0, 2, 4, 8]\n"
+             "  patterns: [dense, '2:4']\nsolver:\n  quant: gptq\n")
+
+
+def _local_and_ray_runs(tmp_path, config: str, args: list[str]) -> dict:
+    """Run one CLI command with --executor local and ray; each run's results with its plan."""
     from automl_compress.cli import main
 
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("task:\n  name: _compress_task:make_task\nmenu:\n  bits: [0, 2, 4, 8]\n"
-                   "  patterns: [dense, '2:4']\nsolver:\n  quant: gptq\n")
+    cfg.write_text(config)
     runs = {}
     for kind in ("local", "ray"):
         out = tmp_path / kind
-        assert main(["compress", "--config", str(cfg), "--method", "evo", "--budget-bits", "3",
-                     "--evaluations", "8", "--executor", kind, "--out", str(out)]) == 0
+        assert main([args[0], "--config", str(cfg), *args[1:], "--executor", kind,
+                     "--out", str(out)]) == 0
         runs[kind] = json.loads((out / "results.json").read_text())
         runs[kind]["plan"] = json.loads((out / "plan.json").read_text())["layers"]
+    return runs
+
+
+def test_cli_compress_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
+    runs = _local_and_ray_runs(tmp_path, _CLI_TASK, ["compress", "--method", "evo",
+                                                     "--budget-bits", "3", "--evaluations", "8"])
     for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples",
                 "plan", "history"):
         assert runs["ray"][key] == runs["local"][key], key
 
 
 def test_cli_train_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
-    from automl_compress.cli import main
-
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text("task:\n  name: _compress_task:make_task\nmenu:\n  bits: [0, 2, 4, 8]\n"
-                   "  patterns: [dense, '2:4']\nsolver:\n  quant: gptq\nagent:\n  n_steps: 32\n"
-                   "  batch_size: 16\n  n_epochs: 1\n  round_steps: 32\n  final_candidates: 3\n")
-    runs = {}
-    for kind in ("local", "ray"):
-        out = tmp_path / kind
-        assert main(["train", "--config", str(cfg), "--budget-bits", "3", "--total-steps", "64",
-                     "--evaluations", "12", "--executor", kind, "--out", str(out)]) == 0
-        runs[kind] = json.loads((out / "results.json").read_text())
-        runs[kind]["plan"] = json.loads((out / "plan.json").read_text())["layers"]
+    config = _CLI_TASK + ("agent:\n  n_steps: 32\n  batch_size: 16\n  n_epochs: 1\n"
+                          "  round_steps: 32\n  final_candidates: 3\n")
+    runs = _local_and_ray_runs(tmp_path, config, ["train", "--budget-bits", "3", "--total-steps",
+                                                  "64", "--evaluations", "12"])
     for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples", "plan"):
         assert runs["ray"][key] == runs["local"][key], key
