@@ -181,6 +181,8 @@ class CostConfig:
 
 
 OBJECTIVES = ("raw", "normalized", "fisher", "loss")
+# alloc.objective = auto: the candidate whose DP plan scores best on the validation split
+AUTO = "auto"
 
 
 @dataclass(frozen=True)
@@ -190,7 +192,9 @@ class AllocConfig:
     Attributes:
         objective: the calibrated objective every allocator and the env's step reward minimise
             (automl_compress/objectives.py, docs/objectives.md): 'raw', 'normalized', 'fisher'
-            or 'loss'.
+            or 'loss'; 'auto' chooses among ``auto_objectives`` on the validation split (the DP
+            plan of each at the run's budget is scored; the choice's evaluations are counted).
+        auto_objectives: 'auto': the candidates, in order of preference on ties.
         fisher_probes: 'fisher': random probes back-propagated per calibration batch.
         loss_batches: 'loss': calibration batches each layer × option is measured on.
         evaluations: the validation passes (full-pass equivalents) the searches 'evo', 'spdy'
@@ -205,6 +209,7 @@ class AllocConfig:
     """
 
     objective: str = "normalized"
+    auto_objectives: tuple[str, ...] = ("normalized", "fisher")
     fisher_probes: int = 4
     loss_batches: int = 2
     evaluations: int = 64
@@ -214,10 +219,13 @@ class AllocConfig:
     spdy_batch: int = 1
 
     def __post_init__(self) -> None:
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"alloc.objective must be one of {list(OBJECTIVES)}, found {self.objective!r}"
-            )
+        if self.objective not in (*OBJECTIVES, AUTO):
+            raise ConfigError(f"alloc.objective must be one of {[*OBJECTIVES, AUTO]}, found "
+                              f"{self.objective!r}")
+        bad = [o for o in self.auto_objectives if o not in OBJECTIVES]
+        if not self.auto_objectives or bad:
+            raise ConfigError(f"alloc.auto_objectives must be a non-empty list of "
+                              f"{list(OBJECTIVES)}, found {list(self.auto_objectives)}")
         for key in ("fisher_probes", "loss_batches", "evaluations", "offspring", "spdy_inits",
                     "spdy_batch"):
             if getattr(self, key) < 1:

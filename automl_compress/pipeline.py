@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl_compress.config import BN_MODES, Config, EvalConfig, dump_config, load_config
+from automl_compress.config import AUTO, BN_MODES, Config, EvalConfig, dump_config, load_config
 from automl_compress.database.allocate import (
     allocate_dp,
     allocate_uniform,
@@ -54,9 +54,12 @@ from automl_compress.zoo.base import ItemMetric, Task, with_validation
 ALLOCATORS = ("uniform", "dp", "rtn")
 SEARCHES = ("evo", "spdy")
 METHODS = ALLOCATORS + SEARCHES
+# the methods that allocate across layers on the objective: alloc.objective=auto is chosen for them
+CALIBRATED = ("dp", *SEARCHES)
 RESULT_KEYS = (
     "method", "metric_name", "metric_dense", "metric", "metric_val", "metric_dense_val",
-    "budget_bits", "avg_bits", "size_bytes", "compression_ratio", "objective", "proxy_error",
+    "budget_bits", "avg_bits", "size_bytes", "compression_ratio", "objective", "objective_choice",
+    "proxy_error",
     "evaluations", "metric_calls", "forward_samples", "corrections", "wall_seconds", "layers",
 )
 
@@ -155,10 +158,12 @@ def _rtn_tables(db: LayerDatabase) -> list[LayerTable]:
 
 
 def objective_spec(cfg: Config, name: str | None = None) -> ObjectiveSpec:
-    """The objective a config asks for (``name`` overrides ``cfg.alloc.objective``)."""
+    """The objective a config asks for (``name`` overrides ``cfg.alloc.objective``; with
+    ``auto``, the first of ``alloc.auto_objectives`` until :func:`choose_objective` runs)."""
     a = cfg.alloc
     corrections = ("bias" if cfg.eval.bias_correction else "", cfg.eval.bn_reestimate)
-    return ObjectiveSpec(ObjectiveName(name or a.objective), a.fisher_probes, a.loss_batches,
+    name = name or (a.auto_objectives[0] if a.objective == AUTO else a.objective)
+    return ObjectiveSpec(ObjectiveName(name), a.fisher_probes, a.loss_batches,
                          cfg.capture.centered, cfg.seed, corrections)
 
 
@@ -283,6 +288,63 @@ def correction_choices(prepared: Prepared) -> list[EvalConfig]:
     return out
 
 
+def _label(c: EvalConfig) -> str:
+    return f"{'bias' if c.bias_correction else 'nobias'}+{c.bn_reestimate}"
+
+
+def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, Any]:
+    """Choose the objective (``alloc.objective = auto``) and the statistics corrections
+    (``eval.corrections = auto``) together, on the validation split.
+
+    Every candidate objective (``alloc.auto_objectives``; only for the methods in
+    :data:`CALIBRATED`, the others keep the loaded one) gives its plan at ``budget_bits`` (the
+    DP plan for the searches, the start they warm from), and every correction choice
+    (:func:`correction_choices`) scores it; the best pair becomes ``prepared``'s objective and
+    ``prepared.cfg.eval``. Ties keep the earlier candidate and the configured corrections; a pair
+    whose plan and corrections were scored already costs nothing.
+
+    Returns:
+        ``{"objective": {"name", "chosen_on", "scores"}, "corrections": {"bias_correction",
+        "bn_reestimate", "chosen_on", "scores", "evaluations"}, "evaluations"}`` with the
+        evaluations (full validation passes) the choice spent; 0 when there is nothing to
+        choose.
+    """
+    cfg = prepared.cfg
+    auto = cfg.alloc.objective == AUTO and method in CALIBRATED
+    names = list(dict.fromkeys(cfg.alloc.auto_objectives)) if auto else [None]
+    choices = correction_choices(prepared) if cfg.eval.corrections != "fixed" else [cfg.eval]
+    objectives = {n: load_objective(prepared, n, progress=False) for n in names if n is not None}
+    scores: dict[tuple[str | None, EvalConfig], float] = {}
+    seen: dict[tuple[tuple, EvalConfig], float] = {}
+    for name in names if len(names) * len(choices) > 1 else ():
+        if name is not None:
+            prepared.set_objective(objectives[name])
+        plan = allocate(prepared, method if method in ALLOCATORS else "dp", budget_bits)
+        for c in choices:
+            if (plan.key(), c) not in seen:
+                seen[(plan.key(), c)] = validate_plan(prepared, plan, 1.0, c)
+            scores[(name, c)] = seen[(plan.key(), c)]
+    # the first maximum: the earlier objective and the configured corrections on ties
+    best_name, best_eval = (max(scores, key=lambda k: scores[k]) if scores
+                            else (names[0], choices[0]))
+    if best_name is not None:
+        prepared.set_objective(objectives[best_name])
+    prepared.cfg = dataclasses.replace(cfg, eval=best_eval)
+    chosen_on = "validation" if scores else "config"
+    objective = {"name": str(prepared.objective.name) if prepared.objective else "raw",
+                 "chosen_on": chosen_on if auto else "config"}
+    if auto:
+        objective["scores"] = {n: max(v for (m, _), v in scores.items() if m == n)
+                               for n in names} if scores else {}
+    corrections = {"bias_correction": best_eval.bias_correction,
+                   "bn_reestimate": best_eval.bn_reestimate,
+                   "evaluations": len(seen), "chosen_on": chosen_on if len(choices) > 1
+                   else "config"}
+    if len(choices) > 1:
+        corrections["scores"] = {_label(c): v for (m, c), v in scores.items() if m == best_name}
+    return {"objective": objective, "corrections": corrections, "evaluations": len(seen)}
+
+
 def choose_corrections(prepared: Prepared, plan: CompressionPlan) -> dict[str, Any]:
     """With ``eval.corrections = auto``: the corrections that score ``plan`` best on the
     validation split (ties keep the configured ones) become ``prepared.cfg.eval``.
@@ -301,8 +363,7 @@ def choose_corrections(prepared: Prepared, plan: CompressionPlan) -> dict[str, A
     prepared.cfg = dataclasses.replace(prepared.cfg, eval=best)
     return {"bias_correction": best.bias_correction, "bn_reestimate": best.bn_reestimate,
             "evaluations": len(choices) if len(choices) > 1 else 0, "chosen_on": "validation",
-            "scores": {f"{'bias' if c.bias_correction else 'nobias'}+{c.bn_reestimate}": v
-                       for c, v in zip(choices, scores, strict=True)}}
+            "scores": {_label(c): v for c, v in zip(choices, scores, strict=True)}}
 
 
 def search(prepared: Prepared, method: str, budget_bits: float,
@@ -382,6 +443,8 @@ def results_dict(
         "size_bytes": size_bytes,
         "compression_ratio": 4.0 * n_params / size_bytes if size_bytes > 0 else float("inf"),
         "objective": str(prepared.objective.name) if prepared.objective else "raw",
+        "objective_choice": sel.get("objective_choice", {"name": cfg.alloc.objective,
+                                                         "chosen_on": "config"}),
         "proxy_error": plan_error(plan, tables),
         "evaluations": float(sel.get("evaluations", 0.0)),
         "metric_calls": int(sel.get("metric_calls", 0)),
@@ -467,30 +530,32 @@ def compress(prepared: Prepared, method: str, budget_bits: float,
     """A plan from an allocator or a search, and what selecting it spent on the validation
     split (the ``selection`` of :func:`results_dict`).
 
-    Allocators ('uniform', 'dp', 'rtn') spend only the choice of statistics corrections on their
-    plan; searches ('evo', 'spdy') choose the corrections on the calibrated DP plan, then search
-    with what is left of ``evaluations`` (default ``alloc.evaluations``).
+    Allocators ('uniform', 'dp', 'rtn') spend only the choice of the objective and the statistics
+    corrections (:func:`calibrate`) on their plan; searches ('evo', 'spdy') make that choice on the
+    calibrated DP plan, then search with what is left of ``evaluations`` (default
+    ``alloc.evaluations``).
     """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, found {method!r}")
+    calib = calibrate(prepared, method, budget_bits)
+    chosen = calib["evaluations"]
+    spent = {"corrections": calib["corrections"], "objective_choice": calib["objective"]}
     if method in ALLOCATORS:
         plan = allocate(prepared, method, budget_bits)
-        corr = choose_corrections(prepared, plan)
-        return plan, {"evaluations": corr["evaluations"], "metric_calls": corr["evaluations"],
-                      "forward_samples": 0, "corrections": corr}
-    if method not in SEARCHES:
-        raise ConfigError(f"method must be one of {METHODS}, found {method!r}")
+        return plan, {"evaluations": chosen, "metric_calls": chosen, "forward_samples": 0,
+                      **spent}
     total = float(evaluations if evaluations is not None else prepared.cfg.alloc.evaluations)
-    corr = choose_corrections(prepared, allocate(prepared, "dp", budget_bits))
-    left = total - corr["evaluations"]
+    left = total - chosen
     if left < 1:
         raise ConfigError(f"--evaluations {total:g} leaves nothing to search after choosing the "
-                          f"statistics corrections ({corr['evaluations']} evaluations); give at "
-                          f"least {corr['evaluations'] + 1}")
+                          f"objective and the statistics corrections ({chosen} evaluations); "
+                          f"give at least {chosen + 1}")
     res = search(prepared, method, budget_bits, left)
     spend = res.spend.as_dict()
     return res.plan, {"metric_val": res.metric_val, "start_val": res.start_val,
-                      "evaluations": spend["evaluations"] + corr["evaluations"],
-                      "metric_calls": spend["metric_calls"] + corr["evaluations"],
-                      "forward_samples": spend["forward_samples"], "corrections": corr,
+                      "evaluations": spend["evaluations"] + chosen,
+                      "metric_calls": spend["metric_calls"] + chosen,
+                      "forward_samples": spend["forward_samples"], **spent,
                       "history": res.history}
 
 

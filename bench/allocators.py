@@ -1,12 +1,14 @@
 """Allocator benchmark: rtn, uniform, dp under every objective, and the true-metric searches.
 
 For each config and budget: ``rtn`` and ``uniform`` (one width everywhere), ``dp`` under each
-calibrated objective (raw, normalized, fisher, loss), and the searches ``spdy`` and ``evo`` at
-each evaluation budget (under the default objective, warm-started from its DP plan). Every method
-chooses its statistics corrections on the validation split (counted in its evaluations), selects
-on the validation split only, and is reported on the test split. Rows: test metric, validation
-metric, avg_bits, validation evaluations spent (full-pass equivalents), wall time (allocation or
-search + evaluation; the database and objectives are built once per task and timed apart).
+calibrated objective (raw, normalized, fisher, loss, and ``auto``: the best of
+``alloc.auto_objectives`` on the validation split), and the searches ``spdy`` and ``evo`` at each
+evaluation budget (under the configured objective, ``--set alloc.objective=...``, warm-started from
+its DP plan). Every method chooses its statistics corrections (and ``auto`` its objective) on the
+validation split (counted in its evaluations), selects on the validation split only, and is
+reported on the test split. Rows: the objective used, test metric, validation metric, avg_bits,
+validation evaluations spent (full-pass equivalents), wall time (allocation or search +
+evaluation; the database and objectives are built once per task and timed apart).
 
 Usage (databases under WORK/db-<config>, results appended to WORK/<config>.json and resumed)::
 
@@ -19,6 +21,7 @@ Tasks whose optional packages are missing are reported and skipped.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import sys
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 from automl_compress import pipeline
-from automl_compress.config import load_config
+from automl_compress.config import AUTO, load_config
 from automl_compress.errors import InfeasibleBudgetError, TaskError
 from automl_compress.io import atomic_write_json
 from automl_compress.objectives import OBJECTIVE_VERSION, ObjectiveName, describe
@@ -86,8 +89,9 @@ def bench_config(path: str, overrides: list[str], budgets: list[float], evaluati
           f"{prepared.dense_val():.4f} val")
     for obj in objectives.values():
         print(f"- {describe(obj)}")
-    print("\n| budget | method | test | val | avg_bits | evaluations | corrections | wall s |")
-    print("|---:|---|---:|---:|---:|---:|---|---:|")
+    print("\n| budget | method | objective | test | val | avg_bits | evaluations | corrections "
+          "| wall s |")
+    print("|---:|---|---|---:|---:|---:|---:|---|---:|")
     have = {r["label"]: r for r in done["rows"]}
     jobs = []
     for budget in budgets:
@@ -95,17 +99,19 @@ def bench_config(path: str, overrides: list[str], budgets: list[float], evaluati
             if m in methods:
                 jobs.append((budget, m, None, default, f"{budget:g}/{m}"))
         if "dp" in methods:
-            for name in OBJECTIVES:
+            for name in (*OBJECTIVES, AUTO):
                 jobs.append((budget, "dp", None, name, f"{budget:g}/dp-{name}"))
         for m in ("spdy", "evo"):
             if m in methods:
                 for e in evaluations:
-                    jobs.append((budget, m, e, default, f"{budget:g}/{m}-{e}"))
+                    jobs.append((budget, m, e, default, f"{budget:g}/{m}-{e}/{default}"))
     for budget, method, evals, obj_name, label in jobs:
         row = have.get(label)
         if row is None:
-            prepared.cfg = base_cfg
-            prepared.set_objective(objectives[obj_name])
+            prepared.cfg = dataclasses.replace(
+                base_cfg, alloc=dataclasses.replace(base_cfg.alloc, objective=obj_name))
+            prepared.set_objective(objectives[obj_name if obj_name != AUTO
+                                              else base_cfg.alloc.auto_objectives[0]])
             try:
                 row = _row(prepared, method, budget, evals, label)
             except InfeasibleBudgetError as exc:
@@ -113,14 +119,15 @@ def bench_config(path: str, overrides: list[str], budgets: list[float], evaluati
                        "infeasible": exc.minimum}
             done["rows"].append(row)
             atomic_write_json(out_json, done)
-        name = label.split("/", 1)[1]
+        name = label.split("/", 1)[1].removesuffix(f"/{default}")
         if "infeasible" in row:
-            print(f"| {budget:g} | {name} | infeasible (min {row['infeasible']:.3f}) | | | | | |")
+            print(f"| {budget:g} | {name} | | infeasible (min {row['infeasible']:.3f}) | | | | | |")
             continue
         c = row["corrections"]
         corr = f"{'bias' if c['bias_correction'] else 'no bias'}, BN {c['bn_reestimate']}"
         others = ", ".join(f"{k} {v:.4f}" for k, v in (row.get("metrics") or {}).items())
-        print(f"| {budget:g} | {name} | {row['metric']:.4f} | {row['metric_val']:.4f} | "
+        print(f"| {budget:g} | {name} | {row['objective']} | {row['metric']:.4f} | "
+              f"{row['metric_val']:.4f} | "
               f"{row['avg_bits']:.3f} | {row['evaluations']:.0f} | {corr} | "
               f"{row['wall_seconds']:.1f} |" + (f" {others} |" if others else ""))
         sys.stdout.flush()
