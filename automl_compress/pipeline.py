@@ -14,7 +14,8 @@ import dataclasses
 import json
 import sys
 import time
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ from automl_compress.database.build import build_database
 from automl_compress.database.costs import kept_per_row
 from automl_compress.database.store import LayerDatabase
 from automl_compress.database.tables import LayerTable
-from automl_compress.errors import ConfigError, CorruptCacheError
+from automl_compress.errors import ConfigError, CorruptCacheError, ObjectiveError
 from automl_compress.evaluate import DenseStats, bn_layers, correct, dense_stats, metric
 from automl_compress.io import atomic_write_json, atomic_write_text
 from automl_compress.objectives import (
@@ -292,6 +293,28 @@ def _label(c: EvalConfig) -> str:
     return f"{'bias' if c.bias_correction else 'nobias'}+{c.bn_reestimate}"
 
 
+def _candidates(prepared: Prepared, names: Sequence[str | None],
+                ) -> tuple[dict[str, Objective], dict[str, str]]:
+    """The candidate objectives that can be computed for this model, and why the others cannot
+    (e.g. ``fisher`` for a forward that disables gradients: a warning, not an error, while one
+    candidate is left)."""
+    out: dict[str, Objective] = {}
+    skipped: dict[str, str] = {}
+    last: ObjectiveError | None = None
+    for name in names:
+        if name is None:
+            continue
+        try:
+            out[name] = load_objective(prepared, name, progress=False)
+        except ObjectiveError as exc:
+            last, skipped[name] = exc, str(exc)
+            warnings.warn(f"alloc.objective=auto: candidate {name!r} skipped: {exc}",
+                          stacklevel=3)
+    if last is not None and not out:
+        raise last
+    return out, skipped
+
+
 def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, Any]:
     """Choose the objective (``alloc.objective = auto``) and the statistics corrections
     (``eval.corrections = auto``) together, on the validation split.
@@ -313,7 +336,8 @@ def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, 
     auto = cfg.alloc.objective == AUTO and method in CALIBRATED
     names = list(dict.fromkeys(cfg.alloc.auto_objectives)) if auto else [None]
     choices = correction_choices(prepared) if cfg.eval.corrections != "fixed" else [cfg.eval]
-    objectives = {n: load_objective(prepared, n, progress=False) for n in names if n is not None}
+    objectives, skipped = _candidates(prepared, names)
+    names = [n for n in names if n is None or n in objectives]
     scores: dict[tuple[str | None, EvalConfig], float] = {}
     seen: dict[tuple[tuple, EvalConfig], float] = {}
     for name in names if len(names) * len(choices) > 1 else ():
@@ -336,6 +360,8 @@ def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, 
     if auto:
         objective["scores"] = {n: max(v for (m, _), v in scores.items() if m == n)
                                for n in names} if scores else {}
+        if skipped:
+            objective["skipped"] = skipped
     corrections = {"bias_correction": best_eval.bias_correction,
                    "bn_reestimate": best_eval.bn_reestimate,
                    "evaluations": len(seen), "chosen_on": chosen_on if len(choices) > 1

@@ -9,6 +9,7 @@ calibrated on). Builds in about a second.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 
 import torch
@@ -92,6 +93,16 @@ def make_task(
         validate=ItemMetric([(x[-600:-500], y[-600:-500]), (x[-500:-400], y[-500:-400])], _top1),
         distance="kl",
     )
+
+
+def make_no_grad_task() -> Task:
+    """:func:`make_task` whose forward disables gradients (so ``fisher`` cannot be computed)."""
+
+    def forward(model: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model(batch)
+
+    return dataclasses.replace(make_task(), forward=forward)
 
 
 def _top1(m: nn.Module, batch) -> torch.Tensor:

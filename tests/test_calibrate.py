@@ -100,6 +100,16 @@ def test_compress_dp_counts_the_choice_in_its_evaluations(fresh):
     assert plan.key() == pipeline.allocate(fresh, "dp", BUDGET).key()
 
 
+def test_auto_skips_an_objective_the_model_cannot_give_with_a_warning(tmp_path):
+    cfg = tiny_config("task.name=_compress_task:make_no_grad_task", "alloc.objective=auto")
+    prepared = pipeline.prepare(cfg, tmp_path, progress=False)
+    with pytest.warns(UserWarning, match="'fisher' skipped.*without gradients"):
+        out = pipeline.calibrate(prepared, "dp", BUDGET)
+    assert out["objective"]["name"] == "normalized"
+    assert "without gradients" in out["objective"]["skipped"]["fisher"]
+    assert out["evaluations"] == len(pipeline.correction_choices(prepared))
+
+
 @pytest.mark.parametrize("override", ["alloc.objective=best", "alloc.auto_objectives=[]",
                                       "alloc.auto_objectives=[auto]"])
 def test_bad_objective_settings_are_named(override):
