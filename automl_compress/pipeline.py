@@ -1,20 +1,17 @@
-"""The library functions behind ``build-db``, ``compress``, ``evaluate`` and ``export``.
+"""The library behind every command: a prepared task, its plans and their scores.
 
 ``prepare`` loads the task (with its validation split), builds (or reuses) its layer database and
-its calibrated objective; ``allocate`` runs a non-RL allocator and ``search`` a true-metric search;
-``evaluate_plan`` scores a plan on the test split and ``validate_plan`` on the validation split,
-both after statistics corrections; ``write_run`` writes a run directory (``config.yaml``,
-``plan.json``, ``results.json``; keys in docs/architecture.md). The RL side calls the same
-functions.
+its calibrated objective; ``check_budget`` says whether a method can reach a budget;
+``allocate`` runs a non-RL allocator, ``search`` a true-metric search, ``compress`` either after
+choosing the statistics corrections; ``evaluate_plan`` and ``validate_plan`` score a corrected
+plan on the test and validation splits. Inputs are arguments (budgets as floats), results are
+returned; printing and run directories belong to automl_compress/commands/. The RL side
+(automl_compress/agents/run.py) and the export check (automl_compress/roundtrip.py) build on it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
-import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,27 +20,23 @@ import numpy as np
 import torch
 from torch import nn
 
-from automl_compress.config import BN_MODES, Config, EvalConfig, dump_config, load_config
+from automl_compress.config import BN_MODES, Config, EvalConfig
 from automl_compress.database.allocate import (
     allocate_dp,
     allocate_uniform,
-    plan_avg_bits,
-    plan_bits,
-    plan_error,
+    min_feasible_avg_bits,
+    uniform_candidates,
 )
 from automl_compress.database.build import build_database
-from automl_compress.database.costs import kept_per_row
 from automl_compress.database.store import LayerDatabase
 from automl_compress.database.tables import LayerTable
-from automl_compress.errors import ConfigError, CorruptCacheError
+from automl_compress.errors import ConfigError, InfeasibleBudgetError
 from automl_compress.evaluate import DenseStats, bn_layers, correct, dense_stats, metric
-from automl_compress.io import atomic_write_json, atomic_write_text
 from automl_compress.objectives import (
     Objective,
     ObjectiveName,
     ObjectiveSpec,
     compute_objective,
-    describe,
     weigh,
 )
 from automl_compress.plan import CompressionPlan
@@ -54,11 +47,6 @@ from automl_compress.zoo.base import ItemMetric, Task, with_validation
 ALLOCATORS = ("uniform", "dp", "rtn")
 SEARCHES = ("evo", "spdy")
 METHODS = ALLOCATORS + SEARCHES
-RESULT_KEYS = (
-    "method", "metric_name", "metric_dense", "metric", "metric_val", "metric_dense_val",
-    "budget_bits", "avg_bits", "size_bytes", "compression_ratio", "objective", "proxy_error",
-    "evaluations", "metric_calls", "forward_samples", "corrections", "wall_seconds", "layers",
-)
 
 
 @dataclass
@@ -202,6 +190,32 @@ def prepare(
     return prepared
 
 
+def check_budget(prepared: Prepared, budget_bits: float, method: str = "dp") -> None:
+    """Raise unless the method can reach the budget; each command path checks it here once,
+    before spending anything (the allocators keep their own guards for direct calls).
+
+    Args:
+        prepared: the task and its layer tables.
+        budget_bits: average bits per compressible weight (metadata included).
+        method: 'uniform' and 'rtn' need one option everywhere ('rtn': dense); any other
+            method ('dp', the searches, RL) needs some plan.
+
+    Raises:
+        InfeasibleBudgetError: the budget is below the smallest one the method can reach.
+    """
+    cost = prepared.cfg.cost
+    if method not in ("uniform", "rtn"):
+        minimum = min_feasible_avg_bits(prepared.tables, cost)
+        if budget_bits < minimum - 1e-12:
+            raise InfeasibleBudgetError(budget_bits, minimum)
+        return
+    tables = prepared.rtn_tables if method == "rtn" else prepared.tables
+    avg = [c[2] for c in uniform_candidates(tables, cost)]
+    if avg and budget_bits < min(avg) - 1e-12:  # none: allocate_uniform names the menu
+        raise InfeasibleBudgetError(budget_bits, min(avg),
+                                    detail="uniform: one bit-width everywhere")
+
+
 def allocate(prepared: Prepared, method: str, budget_bits: float) -> CompressionPlan:
     """A plan from one of the non-RL allocators: 'uniform', 'dp' or 'rtn'.
 
@@ -331,153 +345,37 @@ def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] |
     return {k: float(v) for k, v in prepared.task.report(stitched_model(prepared, plan)).items()}
 
 
-def _layer_rows(prepared: Prepared, plan: CompressionPlan) -> list[dict[str, Any]]:
-    out = []
-    for t in prepared.tables_for(plan):
-        lp = plan.layers[t.info.name]
-        hist: dict[str, int] = {}
-        for b in lp.row_bits:
-            hist[str(b)] = hist.get(str(b), 0) + 1
-        kept = sum(kept_per_row(t.info.cols, lp.pattern) for b in lp.row_bits if b > 0)
-        out.append({
-            "name": t.info.name,
-            "rows": t.info.rows,
-            "cols": t.info.cols,
-            "bits_histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
-            "sparsity": 1.0 - kept / max(t.info.numel, 1),
-            "error": t.error_of(lp.pattern, np.asarray(lp.row_bits)),
-        })
-    return out
-
-
-def results_dict(
-    prepared: Prepared, plan: CompressionPlan, method: str, metric_value: float,
-    wall_seconds: float, selection: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The results.json content (keys in docs/architecture.md).
-
-    ``selection`` carries what choosing the plan spent on the validation split: ``metric_val``,
-    ``evaluations`` (full validation passes), ``metric_calls``, ``forward_samples`` and
-    ``corrections``; ``metric_val`` is measured here when absent.
-    """
-    cfg = prepared.cfg
-    sel = dict(selection or {})
-    tables = prepared.tables_for(plan)
-    n_params = sum(p.numel() for p in prepared.task.model.parameters())
-    compressible = sum(t.info.numel for t in tables)
-    bits = plan_bits(plan, tables, cfg.cost) + 32.0 * (n_params - compressible)
-    size_bytes = bits / 8.0
-    metric_val = sel.get("metric_val")
-    if metric_val is None:
-        metric_val = validate_plan(prepared, plan)
-    return {
-        "method": method,
-        "metric_name": prepared.task.metric_name,
-        "metric_dense": prepared.dense_metric(),
-        "metric": float(metric_value),
-        "metric_val": float(metric_val),
-        "metric_dense_val": prepared.dense_val(),
-        "budget_bits": float(plan.meta.get("budget_bits", cfg.env.budget_bits)),
-        "avg_bits": plan_avg_bits(plan, tables, cfg.cost),
-        "size_bytes": size_bytes,
-        "compression_ratio": 4.0 * n_params / size_bytes if size_bytes > 0 else float("inf"),
-        "objective": str(prepared.objective.name) if prepared.objective else "raw",
-        "proxy_error": plan_error(plan, tables),
-        "evaluations": float(sel.get("evaluations", 0.0)),
-        "metric_calls": int(sel.get("metric_calls", 0)),
-        "forward_samples": int(sel.get("forward_samples", 0)),
-        "corrections": sel.get("corrections", {
-            "bias_correction": cfg.eval.bias_correction, "bn_reestimate": cfg.eval.bn_reestimate,
-            "chosen_on": "config"}),
-        "wall_seconds": float(wall_seconds),
-        "layers": _layer_rows(prepared, plan),
-    }
-
-
-def write_run(
-    out_dir: str | Path,
-    cfg: Config,
-    prepared: Prepared,
-    plan: CompressionPlan,
-    method: str,
-    metric: float,
-    wall_seconds: float,
-    extra: Mapping[str, Any] | None = None,
-    selection: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write config.yaml, plan.json and results.json atomically; return the results.
-
-    ``selection``: see :func:`results_dict`. ``extra`` entries are appended after the stable keys
-    (never replacing them).
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "config.yaml", dump_config(cfg))
-    plan.save(out / "plan.json")
-    res = results_dict(prepared, plan, method, metric, wall_seconds, selection)
-    report = plan_report(prepared, plan)
-    if report is not None:
-        res["metrics"] = report
-    for k, v in (extra or {}).items():
-        res.setdefault(k, v)
-    atomic_write_json(out / "results.json", res)
-    return res
-
-
-def summary_line(res: Mapping[str, Any]) -> str:
-    """One line of a run's results: test and validation metric, size, what selection spent."""
-    return (
-        f"{res['method']}: {res['metric_name']} {res['metric']:.4f} test / "
-        f"{res['metric_val']:.4f} val (dense {res['metric_dense']:.4f} / "
-        f"{res['metric_dense_val']:.4f}), avg_bits {res['avg_bits']:.3f} (budget "
-        f"{res['budget_bits']:g}), {res['compression_ratio']:.2f}x smaller, {res['objective']} "
-        f"proxy {res['proxy_error']:.4g}, {res['evaluations']:g} evaluations, "
-        f"{res['wall_seconds']:.1f} s"
-    )
-
-
-def _print_summary(res: Mapping[str, Any], out: Path) -> None:
-    print(f"{summary_line(res)} -> {out}")
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI entry points (each returns an exit code)
-
-
-def run_build_db(cfg: Config, out: Path) -> int:
-    """``automl-compress build-db`` (on ``cfg.executor``)."""
-    from automl_compress.executors import open_executor
-
-    t0 = time.perf_counter()
-    with open_executor(cfg.executor) as ex:
-        prepared = prepare(cfg, out, executor=ex)
-    Path(out).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(out) / "config.yaml", dump_config(cfg))
-    n = sum(t.info.numel for t in prepared.tables)
-    print(
-        f"layer database: {len(prepared.tables)} layers, {n} compressible weights, menu bits "
-        f"{list(cfg.menu.bits)} x patterns {list(cfg.menu.patterns)}, "
-        f"{time.perf_counter() - t0:.1f} s -> {prepared.db_dir}"
-    )
-    return 0
-
-
 def compress(prepared: Prepared, method: str, budget_bits: float,
              evaluations: float | None = None) -> tuple[CompressionPlan, dict[str, Any]]:
-    """A plan from an allocator or a search, and what selecting it spent on the validation
-    split (the ``selection`` of :func:`results_dict`).
+    """A plan from an allocator or a search, and what selecting it spent on the validation split.
 
     Allocators ('uniform', 'dp', 'rtn') spend only the choice of statistics corrections on their
     plan; searches ('evo', 'spdy') choose the corrections on the calibrated DP plan, then search
-    with what is left of ``evaluations`` (default ``alloc.evaluations``).
+    with what is left of ``evaluations``. The chosen corrections become ``prepared.cfg.eval``.
+
+    Args:
+        prepared: the task, its tables and objective.
+        method: one of :data:`METHODS`.
+        budget_bits: average bits per compressible weight; checked once (:func:`check_budget`).
+        evaluations: 'evo'/'spdy': the full validation passes to spend, the corrections' choice
+            included (default ``alloc.evaluations``).
+
+    Returns:
+        The plan and its ``selection`` (``evaluations``, ``metric_calls``, ``forward_samples``,
+        ``corrections``; a search adds ``metric_val``, ``start_val``, ``history``).
+
+    Raises:
+        ConfigError: an unknown method, or ``evaluations`` that leave nothing to search.
+        InfeasibleBudgetError: the budget is below what the method can reach.
     """
+    if method not in METHODS:
+        raise ConfigError(f"method must be one of {METHODS}, found {method!r}")
+    check_budget(prepared, budget_bits, method)
     if method in ALLOCATORS:
         plan = allocate(prepared, method, budget_bits)
         corr = choose_corrections(prepared, plan)
         return plan, {"evaluations": corr["evaluations"], "metric_calls": corr["evaluations"],
                       "forward_samples": 0, "corrections": corr}
-    if method not in SEARCHES:
-        raise ConfigError(f"method must be one of {METHODS}, found {method!r}")
     total = float(evaluations if evaluations is not None else prepared.cfg.alloc.evaluations)
     corr = choose_corrections(prepared, allocate(prepared, "dp", budget_bits))
     left = total - corr["evaluations"]
@@ -500,125 +398,3 @@ def resolved_config(prepared: Prepared) -> Config:
     cfg = prepared.cfg
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corrections="fixed"))
 
-
-def run_compress(cfg: Config, method: str, out: Path, evaluations: float | None = None) -> int:
-    """``automl-compress compress``: allocate or search (on ``cfg.executor``), evaluate, write
-    the run directory."""
-    from automl_compress.executors import open_executor
-
-    t0 = time.perf_counter()
-    with open_executor(cfg.executor) as ex:
-        prepared = prepare(cfg, out, executor=ex)
-        print(describe(prepared.objective) if prepared.objective else "objective raw")
-        plan, selection = compress(prepared, method, cfg.env.budget_bits, evaluations)
-    value = evaluate_plan(prepared, plan)
-    extra = {k: selection[k] for k in ("start_val", "history") if k in selection}
-    res = write_run(out, resolved_config(prepared), prepared, plan, method, value,
-                    time.perf_counter() - t0, extra=extra, selection=selection)
-    _print_summary(res, Path(out))
-    return 0
-
-
-def _load_run(run_dir: Path, device: str | None = None) -> tuple[Config, CompressionPlan]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "plan.json").is_file():
-        raise CorruptCacheError(
-            f"{str(run_dir)!r} is not a run directory: expected config.yaml and plan.json "
-            "written by `automl-compress compress` or `train`"
-        )
-    cfg = load_config(run_dir / "config.yaml")
-    if device is not None:
-        cfg = dataclasses.replace(cfg, device=device)
-    return cfg, CompressionPlan.load(run_dir / "plan.json")
-
-
-def run_evaluate(run_dir: Path, device: str | None = None) -> int:
-    """``automl-compress evaluate RUN``: re-score the run's plan; update results.json."""
-    t0 = time.perf_counter()
-    cfg, plan = _load_run(run_dir, device)
-    prepared = prepare(cfg, run_dir)
-    value = evaluate_plan(prepared, plan)
-    path = Path(run_dir) / "results.json"
-    if path.is_file():
-        res = json.loads(path.read_text())
-        res["metric"] = value
-        res["metric_dense"] = prepared.dense_metric()
-        res["metric_val"] = validate_plan(prepared, plan)
-        res["metric_dense_val"] = prepared.dense_val()
-        report = plan_report(prepared, plan)
-        if report is not None:
-            res["metrics"] = report
-        atomic_write_json(path, res)
-    else:
-        method = str(plan.meta.get("method", "unknown"))
-        res = write_run(run_dir, cfg, prepared, plan, method, value, time.perf_counter() - t0)
-    _print_summary(res, Path(run_dir))
-    return 0
-
-
-EXPORT_FORMATS = ("packed", "state_dict")
-
-
-def run_export(run_dir: Path, fmt: str = "packed", out: Path | None = None) -> int:
-    """``automl-compress export RUN [--format F] [--out PATH]``: write the compressed model and
-    check that it reloads with the stitched model's outputs.
-
-    ``packed`` writes ``RUN/compressed.safetensors`` (packed integers, docs/export.md) and prints
-    its size beside results.json's ``size_bytes``; ``state_dict`` writes ``RUN/state_dict.pt``, the
-    dequantised float state dict of the user's own module classes.
-    """
-    import copy
-
-    from automl_compress.attention import fuse_attention
-    from automl_compress.export import export_compressed, export_state_dict, load_compressed
-
-    if fmt not in EXPORT_FORMATS:
-        raise ConfigError(f"export format must be one of {EXPORT_FORMATS}, found {fmt!r}")
-    cfg, plan = _load_run(run_dir)
-    prepared = prepare(cfg, run_dir)
-    model = stitched_model(prepared, plan)
-    if fmt == "state_dict":
-        path = Path(out) if out is not None else Path(run_dir) / "state_dict.pt"
-        n_bytes = export_state_dict(path, model)
-        reloaded = copy.deepcopy(fuse_attention(prepared.task.model))
-        reloaded.load_state_dict(torch.load(path, weights_only=True))
-        reloaded.eval()
-        summary = f"exported {path} ({n_bytes} bytes, float state dict of the model's own classes)"
-    else:
-        path = Path(out) if out is not None else Path(run_dir) / "compressed.safetensors"
-        sizes = export_compressed(path, model, prepared.db, plan, cost=cfg.cost)
-        reloaded = load_compressed(path, prepared.task)
-        summary = (
-            f"exported {path} ({sizes['file_bytes']} bytes = header {sizes['header_bytes']} + "
-            f"payload {sizes['payload_bytes']}; packed weights {sizes['packed_weight_bytes']})"
-        )
-        res_path = Path(run_dir) / "results.json"
-        if res_path.is_file():
-            counted = float(json.loads(res_path.read_text())["size_bytes"])
-            summary += (f"; results.json size_bytes {counted:.0f}, payload / size_bytes "
-                        f"{sizes['payload_bytes'] / counted:.3f}")
-    batch = prepared.task.calib[0]
-    fast = torch.backends.mha.get_fastpath_enabled()
-    torch.backends.mha.set_fastpath_enabled(False)  # the same attention kernels on both sides
-    try:
-        with torch.no_grad():
-            a = prepared.task.forward(model, batch)
-            b = prepared.task.forward(reloaded, batch)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fast)
-    same = _same_outputs(a, b)
-    print(f"{summary}; reloaded outputs identical: {same}")
-    if not same:
-        print("automl-compress: error: the reloaded model's outputs differ", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _same_outputs(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
-    if isinstance(a, Mapping):
-        return all(_same_outputs(a[k], b[k]) for k in a)
-    if isinstance(a, (tuple, list)):
-        return all(_same_outputs(x, y) for x, y in zip(a, b, strict=True))
-    return a == b

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from automl_compress import pipeline
+from automl_compress.commands import rundir
 from automl_compress.config import load_config
 from automl_compress.errors import InfeasibleBudgetError, TaskError
 from automl_compress.io import atomic_write_json
@@ -42,7 +43,7 @@ def _row(prepared: pipeline.Prepared, method: str, budget: float, evaluations: f
     plan, sel = pipeline.compress(prepared, method, budget, evaluations)
     test = pipeline.evaluate_plan(prepared, plan)
     wall = time.perf_counter() - t0
-    res = pipeline.results_dict(prepared, plan, method, test, wall, sel)
+    res = rundir.results_dict(prepared, plan, method, test, wall, sel)
     report = pipeline.plan_report(prepared, plan)
     return {"label": label, "budget": budget, "method": method, "objective": res["objective"],
             "metric": test, "metric_val": res["metric_val"], "avg_bits": res["avg_bits"],
