@@ -22,7 +22,7 @@ EXPORT_FORMATS = ("packed", "state_dict")
 
 
 def export_plan(prepared: Prepared, plan: CompressionPlan, fmt: str,
-                path: str | Path) -> tuple[dict[str, int], bool]:
+                path: str | Path) -> tuple[dict[str, Any], bool]:
     """Write the plan's compressed model to ``path`` and check that it reloads.
 
     Args:
@@ -33,9 +33,9 @@ def export_plan(prepared: Prepared, plan: CompressionPlan, fmt: str,
         path: the file to write.
 
     Returns:
-        The sizes in bytes ('packed': ``file_bytes``, ``header_bytes``, ``payload_bytes``,
-        ``packed_weight_bytes``; 'state_dict': ``file_bytes``) and whether the reloaded model's
-        outputs on the first calibration batch match the stitched model's.
+        The sizes ('packed': :func:`~automl_compress.export.export_compressed`'s, in bytes;
+        'state_dict': ``file_bytes``) and whether the reloaded model's outputs on the first
+        calibration batch match the stitched model's.
 
     Raises:
         ConfigError: an unknown format.
