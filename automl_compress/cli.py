@@ -1,10 +1,13 @@
-"""``automl-compress``: a thin command line over the library (docs/architecture.md)."""
+"""``automl-compress``: the argument parser and the dispatch to automl_compress/commands/.
+
+Each subcommand is one module of :mod:`automl_compress.commands` (docs/architecture.md); this
+module only parses the command line, resolves the config and maps errors to exit codes.
+"""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,75 +137,51 @@ def resolve_config(args: argparse.Namespace) -> Config:
     return dataclasses.replace(cfg, **top) if top else cfg
 
 
-def _info() -> int:
-    import numpy
-    import torch
-
-    from automl_compress import __version__
-
-    print(f"automl-compress {__version__}")
-    print(f"python {platform.python_version()} on {platform.platform()}")
-    print(f"torch {torch.__version__}, cuda available: {torch.cuda.is_available()}")
-    if torch.cuda.is_available():
-        print(f"gpu: {torch.cuda.get_device_name(0)}")
-    print(f"numpy {numpy.__version__}")
-    for mod in ("gymnasium", "stable_baselines3", "sb3_contrib", "tensorboard", "safetensors"):
-        try:
-            m = __import__(mod)
-            print(f"{mod} {getattr(m, '__version__', '?')}")
-        except ImportError:
-            print(f"{mod} not installed")
-    return 0
-
-
-def _report(args: argparse.Namespace) -> int:
-    from automl_compress.report import write_report
-
-    runs = write_report(args.runs, args.out, args.title)
-    methods = sorted({r.method for r in runs})
-    print(f"report of {len(runs)} run(s), methods {', '.join(methods)} -> {args.out}")
-    if args.tb:
-        from automl_compress.logs import write_report_images
-
-        tags = write_report_images(args.tb, runs)
-        print(f"{len(tags)} TensorBoard images -> {Path(args.tb) / 'report'}")
-    return 0
-
-
 def _dispatch(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand (automl_compress/commands/); its exit code."""
     if args.command == "info":
-        return _info()
-    if args.command == "report":
-        return _report(args)
-    if args.command in ("evaluate", "export"):
-        from automl_compress import pipeline
+        from automl_compress.commands import info
 
-        if args.command == "evaluate":
-            return pipeline.run_evaluate(Path(args.run), device=args.device)
-        out = Path(args.out) if args.out else None
-        return pipeline.run_export(Path(args.run), fmt=args.fmt, out=out)
+        return info.run()
+    if args.command == "report":
+        from automl_compress.commands import report
+
+        return report.run(args.runs, args.out, args.title, tb=args.tb)
+    if args.command == "evaluate":
+        from automl_compress.commands import evaluate
+
+        return evaluate.run(Path(args.run), device=args.device)
+    if args.command == "export":
+        from automl_compress.commands import export
+
+        return export.run(Path(args.run), fmt=args.fmt,
+                          out=Path(args.out) if args.out else None)
     cfg = resolve_config(args)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    out = Path(args.out)
+    return _dispatch_config(args, cfg, Path(args.out))
+
+
+def _dispatch_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:
+    """Run a subcommand that takes a config (build-db, compress, train, apply)."""
     if args.command == "build-db":
-        from automl_compress import pipeline
+        from automl_compress.commands import build_db
 
-        return pipeline.run_build_db(cfg, out)
+        return build_db.run(cfg, out)
     if args.command == "compress":
-        from automl_compress import pipeline
+        from automl_compress.commands import compress
 
-        return pipeline.run_compress(cfg, args.method, out, evaluations=args.evaluations)
-    from automl_compress.agents import run as agent_run
-
+        return compress.run(cfg, args.method, out, evaluations=args.evaluations)
     if args.command == "train":
-        return agent_run.run_train(cfg, out, total_steps=args.total_steps, resume=args.resume,
-                                   evaluations=args.evaluations)
-    return agent_run.run_apply(
-        cfg, out, policy_dir=Path(args.policy), finetune_steps=args.finetune_steps,
-        evaluations=args.evaluations,
-    )
+        from automl_compress.commands import train
+
+        return train.run(cfg, out, total_steps=args.total_steps, resume=args.resume,
+                         evaluations=args.evaluations)
+    from automl_compress.commands import apply
+
+    return apply.run(cfg, out, policy_dir=Path(args.policy), finetune_steps=args.finetune_steps,
+                     evaluations=args.evaluations)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import torch
 
-from automl_compress import pipeline
+from automl_compress import pipeline, selection
+from automl_compress.commands import rundir
 from automl_compress.config import AUTO, load_config
 from automl_compress.errors import InfeasibleBudgetError, TaskError
 from automl_compress.io import atomic_write_json
@@ -42,10 +43,10 @@ OBJECTIVES = [o.value for o in ObjectiveName]
 def _row(prepared: pipeline.Prepared, method: str, budget: float, evaluations: float | None,
          label: str) -> dict:
     t0 = time.perf_counter()
-    plan, sel = pipeline.compress(prepared, method, budget, evaluations)
+    plan, sel = selection.compress(prepared, method, budget, evaluations)
     test = pipeline.evaluate_plan(prepared, plan)
     wall = time.perf_counter() - t0
-    res = pipeline.results_dict(prepared, plan, method, test, wall, sel)
+    res = rundir.results_dict(prepared, plan, method, test, wall, sel)
     report = pipeline.plan_report(prepared, plan)
     return {"label": label, "budget": budget, "method": method, "objective": res["objective"],
             "metric": test, "metric_val": res["metric_val"], "avg_bits": res["avg_bits"],

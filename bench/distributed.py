@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from automl_compress import pipeline
+from automl_compress import pipeline, selection
 from automl_compress.config import Config, ExecutorConfig, load_config
 from automl_compress.database.allocate import allocate_dp
 from automl_compress.database.build import build_database
@@ -102,7 +102,7 @@ def bench_build(cfg_path: str, out: Path, workers: int) -> dict[str, Any]:
 
 def timed_evo(prepared: pipeline.Prepared, evaluations: float) -> dict[str, Any]:
     a, cost, budget = prepared.cfg.alloc, prepared.cfg.cost, prepared.cfg.env.budget_bits
-    ev = pipeline.evaluator(prepared, evaluations)
+    ev = selection.evaluator(prepared, evaluations)
     start = allocate_dp(prepared.tables, budget, cost)
     t0 = time.perf_counter()
     res = evo_search(prepared.tables, budget, start, ev, cost, a.offspring, a.stages,

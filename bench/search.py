@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from automl_compress import pipeline
+from automl_compress import pipeline, selection
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
 from automl_compress.config import Config, load_config
@@ -85,9 +85,8 @@ def learned(prepared: pipeline.Prepared, cfg: Config, evaluations: float,
     """Train one learned form within ``evaluations`` and return its row and the search."""
     t0 = time.perf_counter()
     prepared.cfg = cfg
-    corr = pipeline.choose_corrections(prepared, pipeline.allocate(prepared, "dp",
-                                                                   cfg.env.budget_bits))
-    ev = pipeline.evaluator(prepared, evaluations - corr["evaluations"])
+    corr = selection.calibrate(prepared, "dp", cfg.env.budget_bits)
+    ev = selection.evaluator(prepared, evaluations - corr["evaluations"])
     cap = int(STEPS_PER_EVALUATION * evaluations)
     search = Search(prepared.tables, prepared.cfg, metric_dense=prepared.dense_val(),
                     progress=Progress(cap), evaluator=ev, models=models)
@@ -102,7 +101,7 @@ def non_learned(prepared: pipeline.Prepared, cfg: Config, method: str,
                 evaluations: float | None) -> dict[str, Any]:
     t0 = time.perf_counter()
     prepared.cfg = cfg
-    plan, sel = pipeline.compress(prepared, method, cfg.env.budget_bits, evaluations)
+    plan, sel = selection.compress(prepared, method, cfg.env.budget_bits, evaluations)
     return _row(prepared, plan, sel, t0)
 
 

@@ -20,7 +20,7 @@ from _compress_task import make_task, tiny_config
 
 ray = pytest.importorskip("ray")
 
-from automl_compress import pipeline  # noqa: E402
+from automl_compress import pipeline, selection  # noqa: E402
 from automl_compress.config import ExecutorConfig  # noqa: E402
 from automl_compress.database.allocate import allocate_dp  # noqa: E402
 from automl_compress.database.build import build_database, solve_unit  # noqa: E402
@@ -191,7 +191,7 @@ def prepared(tmp_path_factory):
 
 
 def _search(prepared, method: str):
-    ev = pipeline.evaluator(prepared, budget=10)
+    ev = selection.evaluator(prepared, budget=10)
     tables, cost = prepared.tables, prepared.cfg.cost
     if method == "evo":
         start = allocate_dp(tables, BUDGET, cost)

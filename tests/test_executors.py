@@ -23,9 +23,9 @@ def test_a_local_build_imports_no_ray(tmp_path):
     code = (
         "import sys\n"
         "from _compress_task import tiny_config\n"
-        "from automl_compress import pipeline\n"
+        "from automl_compress.commands import build_db\n"
         "cfg = tiny_config('task.name=_compress_task:make_task', 'alloc.objective=normalized')\n"
-        f"assert pipeline.run_build_db(cfg, {str(tmp_path / 'run')!r}) == 0\n"
+        f"assert build_db.run(cfg, {str(tmp_path / 'run')!r}) == 0\n"
         "assert 'ray' not in sys.modules, 'the local executor imported ray'\n"
         "assert 'automl_compress.distributed' not in sys.modules\n"
     )

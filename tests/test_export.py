@@ -217,6 +217,7 @@ def _installed(name: str) -> bool:
 def test_exported_file_agrees_with_results_size_bytes(name, tmp_path, one_thread):
     """results.json's size_bytes and the file: within 5 % after the stated header."""
     from automl_compress import pipeline
+    from automl_compress.commands import rundir
     from automl_compress.config import load_config
 
     options, extra = ZOO[name]
@@ -226,7 +227,7 @@ def test_exported_file_agrees_with_results_size_bytes(name, tmp_path, one_thread
     cfg = load_config(None, overrides)
     prepared = pipeline.prepare(cfg, tmp_path, progress=False)
     plan = pipeline.allocate(prepared, "dp", 3.0)
-    res = pipeline.results_dict(prepared, plan, "dp", 0.0, 0.0)
+    res = rundir.results_dict(prepared, plan, "dp", 0.0, 0.0)
     sizes = export_compressed(tmp_path / "c.safetensors", pipeline.stitched_model(prepared, plan),
                               prepared.db, plan, cost=cfg.cost)
     ratio = sizes["payload_bytes"] / res["size_bytes"]

@@ -1,112 +1,94 @@
-"""End to end through the CLI: build-db, compress, evaluate, export on a tiny real task."""
+"""The library's budget check: one function, called once per command path, before anything is
+spent on the validation split."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
-import torch
+from _compress_task import tiny_config
 
-from automl_compress.cli import main
-from automl_compress.export import load_compressed, read_plan
-from automl_compress.pipeline import RESULT_KEYS
-from automl_compress.plan import CompressionPlan
+from automl_compress import pipeline, selection
+from automl_compress.database.allocate import (
+    allocate_dp,
+    allocate_uniform,
+    min_feasible_avg_bits,
+    uniform_candidates,
+)
+from automl_compress.errors import ConfigError, InfeasibleBudgetError
 
-TESTS = Path(__file__).resolve().parent
+TASK = "_compress_task:make_task"
 
-CONFIG = """\
-task:
-  name: "_compress_task:make_task"
-menu:
-  bits: [0, 2, 4, 8]
-  patterns: [dense, "2:4", "50%"]
-solver:
-  quant: gptq
-device: cpu
-"""
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """The tiny task with no 0-bit option, so the smallest feasible budget is above zero."""
+    cfg = tiny_config(f"task.name={TASK}", "menu.bits=[2, 4, 8]")
+    return pipeline.prepare(cfg, tmp_path_factory.mktemp("budget"), progress=False)
 
 
 @pytest.fixture()
-def config(tmp_path):
-    path = tmp_path / "tiny.yaml"
-    path.write_text(CONFIG)
-    return path
+def counted(monkeypatch):
+    """Counts the calls of pipeline.check_budget (and of validate_plan, what a check guards)."""
+    calls = {"check_budget": 0, "validate_plan": 0}
+    check, validate = pipeline.check_budget, pipeline.validate_plan
+
+    def check_budget(*args, **kwargs):
+        calls["check_budget"] += 1
+        return check(*args, **kwargs)
+
+    def validate_plan(*args, **kwargs):
+        calls["validate_plan"] += 1
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "check_budget", check_budget)
+    monkeypatch.setattr(pipeline, "validate_plan", validate_plan)
+    return calls
 
 
-def test_compress_evaluate_export_in_process(config, tmp_path, capsys):
-    run = tmp_path / "run"
-    assert main(["build-db", "--config", str(config), "--out", str(run)]) == 0
-    assert (run / "db" / "manifest.json").is_file()
-    code = main(["compress", "--config", str(config), "--method", "dp", "--budget-bits", "3",
-                 "--out", str(run)])
-    assert code == 0, capsys.readouterr().err
-    res = json.loads((run / "results.json").read_text())
-    assert tuple(res) == (*RESULT_KEYS, "metrics")  # the task's secondary metrics come last
-    assert res["method"] == "dp" and res["metric_name"] == "top1"
-    assert set(res["metrics"]) == {"top3"} and res["metrics"]["top3"] >= res["metric"]
-    assert res["budget_bits"] == 3.0 and 0 < res["avg_bits"] <= 3.0
-    assert 0.0 <= res["metric"] <= 1.0 and res["metric_dense"] > 0.5
-    n_params = sum(l["rows"] * l["cols"] for l in res["layers"])
-    assert res["compression_ratio"] > 32 / 3.0 * 0.5  # biases/BN at 32 bits dilute the ratio
-    assert res["size_bytes"] > res["avg_bits"] * n_params / 8
-    assert [l["name"] for l in res["layers"]] == ["conv1", "conv2", "fc1", "fc2"]
-    for layer in res["layers"]:
-        assert sum(layer["bits_histogram"].values()) == layer["rows"]
-        assert 0.0 <= layer["sparsity"] < 1.0 and layer["error"] >= 0.0
-    assert res["proxy_error"] == pytest.approx(sum(l["error"] for l in res["layers"]))
-    plan = CompressionPlan.load(run / "plan.json")
-    assert plan.meta["method"] == "dp"
-    assert (run / "config.yaml").is_file()
-
-    capsys.readouterr()
-    assert main(["evaluate", str(run)]) == 0
-    again = json.loads((run / "results.json").read_text())
-    assert again["metric"] == pytest.approx(res["metric"])
-    assert again["metrics"] == pytest.approx(res["metrics"])
-
-    assert main(["export", str(run)]) == 0
-    assert "identical: True" in capsys.readouterr().out
-    path = run / "compressed.safetensors"
-    assert read_plan(path).to_dict() == plan.to_dict()
-    sys.path.insert(0, str(TESTS))
-    from _compress_task import make_task
-
-    task = make_task()
-    model = load_compressed(path, task)
-    x = torch.cat(list(task.calib))
-    acc = float(task.evaluate(model))
-    assert acc == pytest.approx(res["metric"])
-    assert model(x).shape == (len(x), 10)
+def test_check_budget_accepts_the_minimum_and_names_it_below(prepared):
+    minimum = min_feasible_avg_bits(prepared.tables, prepared.cfg.cost)
+    assert minimum > 1.0
+    pipeline.check_budget(prepared, minimum)
+    with pytest.raises(InfeasibleBudgetError, match="smallest feasible budget") as info:
+        pipeline.check_budget(prepared, minimum - 0.01)
+    assert info.value.minimum == pytest.approx(minimum)
+    assert info.value.budget == pytest.approx(minimum - 0.01)
 
 
-def test_infeasible_budget_is_a_clear_error(config, tmp_path, capsys):
-    code = main(["compress", "--config", str(config), "--method", "dp", "--budget-bits", "1",
-                 "--set", "menu.bits=[2, 4, 8]", "--out", str(tmp_path / "run")])
-    assert code == 2
-    err = capsys.readouterr().err
-    assert "infeasible" in err and "smallest feasible budget" in err
-    assert not (tmp_path / "run" / "results.json").exists()
+def _message(fn, *args, **kwargs) -> str:
+    with pytest.raises(InfeasibleBudgetError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
 
 
-def test_console_script_compress_rtn_subprocess(config, tmp_path):
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
-    run = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "automl_compress.cli", "compress", "--config", str(config),
-         "--method", "rtn", "--budget-bits", "4.5", "--out", str(run)],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
-    assert proc.returncode == 0, proc.stderr
-    res = json.loads((run / "results.json").read_text())
-    assert res["method"] == "rtn" and res["avg_bits"] <= 4.5
-    plan = CompressionPlan.load(run / "plan.json")
-    widths = {b for lp in plan.layers.values() for b in lp.row_bits}
-    assert len(widths) == 1 and widths <= {2, 4, 8}  # one width everywhere, the widest that fits
-    assert res["avg_bits"] > 2.0
-    assert all(lp.pattern == "dense" for lp in plan.layers.values())
-    assert "rtn: top1" in proc.stdout
+@pytest.mark.parametrize("method", ["uniform", "rtn"])
+def test_uniform_and_rtn_need_one_option_everywhere(prepared, method):
+    tables = prepared.rtn_tables if method == "rtn" else prepared.tables
+    minimum = min(c[2] for c in uniform_candidates(tables, prepared.cfg.cost))
+    pipeline.check_budget(prepared, minimum, method)
+    got = _message(pipeline.check_budget, prepared, minimum - 0.01, method)
+    assert "uniform: one bit-width everywhere" in got
+    # the same words as the allocator's own guard (what `compress` printed before the check)
+    assert got == _message(allocate_uniform, tables, minimum - 0.01, prepared.cfg.cost)
+
+
+def test_the_dp_check_says_what_the_allocator_says(prepared):
+    low = min_feasible_avg_bits(prepared.tables, prepared.cfg.cost) - 0.01
+    assert _message(pipeline.check_budget, prepared, low) == \
+        _message(allocate_dp, prepared.tables, low, prepared.cfg.cost)
+
+
+def test_compress_checks_the_budget_once(prepared, counted):
+    plan, sel = selection.compress(prepared, "dp", 3.0)
+    assert counted["check_budget"] == 1
+    assert plan.meta["method"] == "dp" and sel["corrections"]["chosen_on"] == "validation"
+
+
+def test_an_infeasible_search_spends_no_evaluation(prepared, counted):
+    with pytest.raises(InfeasibleBudgetError):
+        selection.compress(prepared, "evo", 1.0, evaluations=20)
+    assert counted == {"check_budget": 1, "validate_plan": 0}
+
+
+def test_an_unknown_method_is_named_before_the_budget(prepared):
+    with pytest.raises(ConfigError, match="method must be one of"):
+        selection.compress(prepared, "annealing", 0.5)

@@ -16,6 +16,7 @@ from _compress_task import TinyNet, tiny_config
 
 from automl_compress import pipeline
 from automl_compress.cli import main
+from automl_compress.commands import rundir
 from automl_compress.errors import InvalidInputError
 from automl_compress.plan import CompressionPlan
 from automl_compress.report import build_report, find_runs, report_figures
@@ -38,8 +39,8 @@ def sweep(tmp_path_factory):
             plan = pipeline.allocate(prepared, method, budget)
             value = pipeline.evaluate_plan(prepared, plan)
             sel = {"metric_val": value - 0.01, "evaluations": 12} if method == "dp" else None
-            pipeline.write_run(root / f"{method}_{budget:g}", cfg, prepared, plan, method, value,
-                               1.0, selection=sel)
+            rundir.write_run(root / f"{method}_{budget:g}", cfg, prepared, plan, method, value,
+                             1.0, selection=sel)
     return root
 
 

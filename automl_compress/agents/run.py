@@ -1,33 +1,29 @@
-"""``automl-compress train`` and ``automl-compress apply``.
+"""The library behind ``train`` and ``apply``: train a policy, or apply a trained one.
 
-``run_train``: prepare the task and its layer database (built or reused under ``RUN/db``), choose
-the statistics corrections on the calibrated DP plan, train the controllers
-(:class:`~automl_compress.agents.hierarchical.Search`) with episode rewards from the validation
-split, evaluate the final candidates there, and write ``plan.json`` / ``results.json`` (method
-``rl``: the best plan on the validation split, reported on the test split) / ``policy/`` /
-``tb/``. A checkpoint (``policy/`` zips + manifest + ``policy/checkpoint.json``
-with the step count and the best plan) is written every ``agent.checkpoint_every`` steps, at the
-end of every controller turn and on Ctrl-C; ``--resume`` continues from it.
-
-``run_apply``: load a trained policy (its manifest must fit the configured menu and env spec),
-optionally fine-tune it on the configured model, roll it out and write the run.
+:func:`start_training` checks the budget, chooses the objective and the statistics corrections on
+the calibrated DP plan (:func:`~automl_compress.selection.calibrate`) and reads a checkpoint to
+resume from; :meth:`Training.run` trains the controllers
+(:class:`~automl_compress.agents.hierarchical.Search`) on validation-split rewards, checkpointing
+(``policy/`` zips + manifest + ``checkpoint.json``) every ``agent.checkpoint_every`` steps, after
+every controller turn and on KeyboardInterrupt. :func:`open_policy` reads a trained policy for a
+target config; :func:`apply_policy` optionally fine-tunes it and rolls it out. Both return a
+:class:`PolicyRun` (method ``rl``); the run directory and the printing are the commands'
+(automl_compress/commands/). The budget is the prepared config's ``env.budget_bits``, the one the
+controllers' envs read.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import signal
-import threading
 import time
 import warnings
-from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from automl_compress import pipeline
+from automl_compress import pipeline, selection
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
 from automl_compress.agents.transfer import (
@@ -37,36 +33,30 @@ from automl_compress.agents.transfer import (
     save_policy,
 )
 from automl_compress.config import Config, dump_config
-from automl_compress.database.allocate import min_feasible_avg_bits
-from automl_compress.errors import ConfigError, InfeasibleBudgetError, PolicyMismatchError
+from automl_compress.errors import ConfigError, PolicyMismatchError
 from automl_compress.io import atomic_write_json
 from automl_compress.plan import CompressionPlan
 
 CHECKPOINT = "checkpoint.json"
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """While training, SIGTERM (a plain ``kill``) raises KeyboardInterrupt so a checkpoint is
-    written; the previous handler is restored afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+@dataclass
+class PolicyRun:
+    """What training or applying a policy produced, ready for the run directory.
 
-    def handler(signum, frame):
-        raise KeyboardInterrupt
+    Attributes:
+        plan: the run's plan (``meta["method"] == "rl"``).
+        selection: what choosing it spent on the validation split (``results_dict``'s).
+        extra: the results.json entries after the stable keys.
+        steps: env steps taken in all (resumed ones included; 0 for a zero-shot rollout).
+        wall_before: seconds a resumed run had spent before this process.
+    """
 
-    previous = signal.signal(signal.SIGTERM, handler)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-def _check_budget(prepared: pipeline.Prepared, cfg: Config) -> None:
-    minimum = min_feasible_avg_bits(prepared.tables, cfg.cost)
-    if cfg.env.budget_bits < minimum - 1e-12:
-        raise InfeasibleBudgetError(cfg.env.budget_bits, minimum)
+    plan: CompressionPlan
+    selection: dict[str, Any]
+    extra: dict[str, Any]
+    steps: int
+    wall_before: float = 0.0
 
 
 def load_models(policy_dir: str | Path, names: list[str]) -> dict[str, Any]:
@@ -94,8 +84,7 @@ def load_models(policy_dir: str | Path, names: list[str]) -> dict[str, Any]:
 
 def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
                 zero_shot: bool = False) -> tuple[CompressionPlan, float | None]:
-    """The run's plan and its validation metric (None for a zero-shot rollout, which is not
-    scored: it spends no evaluations)."""
+    """The run's plan and its validation metric (None for an unscored zero-shot rollout)."""
     if zero_shot:
         s = search.rollout(True, cfg.env.budget_bits, measure=False)
         best_plan, value = s.plan, None
@@ -109,177 +98,228 @@ def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
     return CompressionPlan(best_plan.layers, meta=meta), value
 
 
-def _selection(search: Search, corrections: dict[str, Any],
+def _selection(search: Search, calibration: dict[str, Any],
                metric_val: float | None) -> dict[str, Any]:
     o = search.oracle
     spent = o.evaluations if o is not None else 0.0
-    return {"metric_val": metric_val, "evaluations": spent + corrections["evaluations"],
+    return {"metric_val": metric_val, "evaluations": spent + calibration["evaluations"],
             "metric_calls": (o.evaluator.calls if o is not None else 0)
-            + corrections["evaluations"],
-            "forward_samples": o.samples if o is not None else 0, "corrections": corrections}
+            + calibration["evaluations"],
+            "forward_samples": o.samples if o is not None else 0,
+            "corrections": calibration["corrections"],
+            "objective_choice": calibration["objective"]}
 
 
-def _print_against_baselines(prepared: pipeline.Prepared, res: dict[str, Any], out: Path,
-                             extra: str) -> None:
-    """The run's line, then dp and uniform at the same budget (what the search bought)."""
-    print(f"{pipeline.summary_line(res)}, {extra} -> {out}")
-    budget = float(res["budget_bits"])
-    for method in ("dp", "uniform"):
-        try:
-            plan = pipeline.allocate(prepared, method, budget)
-        except InfeasibleBudgetError:
-            print(f"  {method:>7}: infeasible at {budget:g} bits")
-            continue
-        test = pipeline.evaluate_plan(prepared, plan)
-        val = pipeline.validate_plan(prepared, plan)
-        print(f"  {method:>7}: {res['metric_name']} {test:.4f} test / {val:.4f} val, avg_bits "
-              f"{pipeline.plan_avg_bits(plan, prepared.tables_for(plan), prepared.cfg.cost):.3f}"
-              f" (same objective and corrections)")
-
-
-def _training_budget(evaluations: float | None, corrections: dict[str, Any]) -> float | None:
+def _training_budget(evaluations: float | None, calibration: dict[str, Any]) -> float | None:
     if evaluations is None:
         return None
-    left = float(evaluations) - corrections["evaluations"]
+    left = float(evaluations) - calibration["evaluations"]
     if left < 2:
         raise ConfigError(f"--evaluations {evaluations:g} leaves nothing for training after "
-                          f"choosing the statistics corrections ({corrections['evaluations']} "
-                          "evaluations); give more")
+                          f"choosing the objective and the statistics corrections "
+                          f"({calibration['evaluations']} evaluations); give more")
     return left
 
 
-def run_train(cfg: Config, out: str | Path, total_steps: int | None = None, resume: bool = False,
-              progress: bool = True, evaluations: float | None = None) -> int:
-    """``automl-compress train``: search with the RL controllers and write the run directory.
+def _calibrate_at_budget(prepared: pipeline.Prepared) -> dict[str, Any]:
+    """Check the budget once; choose the objective and the corrections on the DP plan there
+    (:func:`~automl_compress.selection.calibrate`)."""
+    budget = float(prepared.cfg.env.budget_bits)
+    pipeline.check_budget(prepared, budget)
+    return selection.calibrate(prepared, "dp", budget)
+
+
+def training_steps(cfg: Config, total_steps: int | None = None) -> int:
+    """The env steps a training run takes at most.
 
     Args:
-        cfg: the resolved config (budget ``cfg.env.budget_bits``; ``env.budget_range`` trains
-            one policy for the whole range).
-        out: the run directory.
-        total_steps: env steps at most (default ``cfg.agent.total_steps``).
-        resume: continue from ``out/policy/checkpoint.json`` when present.
-        progress: show the progress bar.
-        evaluations: the validation passes training may spend (corrections choice and final
-            candidates included; default ``cfg.alloc.evaluations``, the same budget ``evo`` and
-            ``spdy`` get); training stops when they are spent or after ``total_steps``.
+        cfg: the run config.
+        total_steps: the steps asked for (default ``cfg.agent.total_steps``).
 
     Returns:
-        0 on success.
+        The step count.
 
     Raises:
-        InfeasibleBudgetError: a budget is below the feasible minimum.
-        PolicyMismatchError: ``resume`` with a checkpoint of another menu / env spec.
-        ExecutorError: ``executor.kind=ray`` without Ray, or an unreachable cluster.
+        ConfigError: fewer than one step.
     """
-    from automl_compress.executors import open_executor
-
-    with open_executor(cfg.executor) as ex:
-        return _train(cfg, Path(out), total_steps, resume, progress, evaluations, ex)
-
-
-def _train(cfg: Config, out: Path, total_steps: int | None, resume: bool, progress: bool,
-           evaluations: float | None, executor: Any) -> int:
-    """:func:`run_train`'s body, on ``executor`` (the database build and the final candidates'
-    scores)."""
-    t0 = time.perf_counter()
     total = int(total_steps if total_steps is not None else cfg.agent.total_steps)
-    if evaluations is None:
-        evaluations = cfg.alloc.evaluations
     if total < 1:
         raise ConfigError(f"--total-steps must be >= 1, found {total}")
-    prepared = pipeline.prepare(cfg, out, progress=progress, executor=executor)
-    _check_budget(prepared, cfg)
-    corrections = pipeline.choose_corrections(
-        prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))
-    cfg = prepared.cfg
-    policy_dir, tb_dir = out / "policy", out / "tb"
+    return total
+
+
+@dataclass
+class Training:
+    """An RL search ready to :meth:`run`: budget checked, corrections chosen, checkpoint read.
+
+    Attributes:
+        prepared: the task, with the chosen corrections in ``prepared.cfg.eval``.
+        calibration: :func:`~automl_compress.selection.calibrate`'s record (objective,
+            corrections and the evaluations they spent).
+        policy_dir: where the policy and its checkpoints are written.
+        total_steps: env steps at most, resumed ones included.
+        evaluations: validation passes left after the calibration (None: only
+            ``total_steps``).
+        state: the checkpoint resumed from (empty for a new search).
+        models: the checkpoint's SB3 models (None for a new search).
+        started: ``time.perf_counter()`` at the run's start (its wall time counts from there).
+    """
+
+    prepared: pipeline.Prepared
+    calibration: dict[str, Any]
+    policy_dir: Path
+    total_steps: int
+    evaluations: float | None
+    state: dict[str, Any] = field(default_factory=dict)
+    models: dict[str, Any] | None = None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def resumed_steps(self) -> int | None:
+        """The checkpoint's step count, or None when the search starts anew."""
+        return int(self.state["steps"]) if self.state else None
+
+    def run(self, tb_dir: str | Path | None, progress: bool = True) -> PolicyRun:
+        """Train until ``total_steps`` or the evaluations are spent; return the best plan.
+
+        Args:
+            tb_dir: the TensorBoard folder (None: no TensorBoard).
+            progress: show the progress bar.
+
+        Returns:
+            The run's plan, selection and extra results entries.
+
+        Raises:
+            KeyboardInterrupt: re-raised after a checkpoint is written.
+        """
+        cfg, prepared, state, t0 = self.prepared.cfg, self.prepared, self.state, self.started
+        done = int(state.get("steps", 0))
+        prog = Progress(self.total_steps, done, show=progress)
+        ev = selection.evaluator(prepared, self.evaluations)
+        ev.calls, ev.samples = int(state.get("metric_calls", 0)), int(state.get("samples", 0))
+        search = Search(prepared.tables, cfg, metric_dense=prepared.dense_val(),
+                        tb_dir=None if tb_dir is None else Path(tb_dir), progress=prog,
+                        models=self.models, purge_step=done or None, evaluator=ev)
+        if state.get("tracker"):
+            search.tracker.restore(state["tracker"])
+        wall0 = float(state.get("wall_seconds", 0.0))
+        if search.writer is not None:
+            search.writer.config(dump_config(cfg))
+
+        def checkpoint() -> None:
+            save_policy(self.policy_dir, search.models, cfg, prog.steps)
+            atomic_write_json(self.policy_dir / CHECKPOINT, {
+                "steps": prog.steps, "total_steps": self.total_steps,
+                "tracker": search.tracker.state(), "metric_calls": ev.calls,
+                "samples": ev.samples, "wall_seconds": wall0 + time.perf_counter() - t0})
+
+        try:
+            search.train(self.total_steps, checkpoint)
+            plan, value_val = _final_plan(search, cfg, {"env_steps": prog.steps})
+            checkpoint()
+        except KeyboardInterrupt:
+            checkpoint()
+            raise
+        finally:
+            prog.close()
+            search.close()
+        extra = {"env_steps": prog.steps, "episodes": search.tracker.episodes,
+                 "form": cfg.agent.form, "action": cfg.agent.action,
+                 "layer_controller": cfg.agent.layer_controller,
+                 "channel_controller": cfg.agent.channel_controller,
+                 "budget_range": list(cfg.env.budget_range)}
+        return PolicyRun(plan, _selection(search, self.calibration, value_val), extra,
+                         prog.steps, wall0)
+
+
+def start_training(prepared: pipeline.Prepared, policy_dir: str | Path, total_steps: int,
+                   evaluations: float | None = None, resume: bool = False,
+                   started: float | None = None) -> Training:
+    """Check the budget, choose the corrections and read the checkpoint of a training run.
+
+    Args:
+        prepared: the prepared task (budget ``prepared.cfg.env.budget_bits``;
+            ``env.budget_range`` trains one policy for the whole range).
+        policy_dir: the run's policy folder (checkpoints are read from and written there).
+        total_steps: env steps at most (:func:`training_steps`).
+        evaluations: the validation passes training may spend, the corrections' choice and the
+            final candidates included (None: ``cfg.alloc.evaluations``, the budget ``evo`` and
+            ``spdy`` get).
+        resume: continue from ``policy_dir/checkpoint.json`` when present.
+        started: ``time.perf_counter()`` at the run's start (default: now).
+
+    Returns:
+        The search, ready to :meth:`Training.run`.
+
+    Raises:
+        InfeasibleBudgetError: the budget is below the feasible minimum.
+        ConfigError: ``evaluations`` leave nothing for training.
+        PolicyMismatchError: ``resume`` with a checkpoint of another menu / env spec.
+    """
+    if evaluations is None:
+        evaluations = prepared.cfg.alloc.evaluations
+    calibration = _calibrate_at_budget(prepared)
+    policy_dir = Path(policy_dir)
     state: dict[str, Any] = {}
     models = None
     if resume and (policy_dir / CHECKPOINT).is_file():
-        check_manifest(read_manifest(policy_dir), cfg)
+        check_manifest(read_manifest(policy_dir), prepared.cfg)
         state = json.loads((policy_dir / CHECKPOINT).read_text())
-        models = load_models(policy_dir, controller_names(cfg))
-        print(f"resuming from step {state['steps']} of {total}")
-    elif resume:
-        print(f"no checkpoint in {policy_dir}; starting a new search")
-    done = int(state.get("steps", 0))
-    prog = Progress(total, done, show=progress)
-    ev = pipeline.evaluator(prepared, _training_budget(evaluations, corrections))
-    ev.calls, ev.samples = int(state.get("metric_calls", 0)), int(state.get("samples", 0))
-    search = Search(prepared.tables, cfg, metric_dense=prepared.dense_val(), tb_dir=tb_dir,
-                    progress=prog, models=models, purge_step=done or None, evaluator=ev)
-    if state.get("tracker"):
-        search.tracker.restore(state["tracker"])
-    wall0 = float(state.get("wall_seconds", 0.0))
-    if search.writer is not None:
-        search.writer.config(dump_config(cfg))
-
-    def checkpoint() -> None:
-        save_policy(policy_dir, search.models, cfg, prog.steps)
-        atomic_write_json(policy_dir / CHECKPOINT, {
-            "steps": prog.steps, "total_steps": total, "tracker": search.tracker.state(),
-            "metric_calls": ev.calls, "samples": ev.samples,
-            "wall_seconds": wall0 + time.perf_counter() - t0})
-
-    try:
-        with _terminate_as_interrupt():
-            search.train(total, checkpoint)
-            plan, value_val = _final_plan(search, cfg, {"env_steps": prog.steps})
-            checkpoint()
-    except KeyboardInterrupt:
-        checkpoint()
-        raise
-    finally:
-        prog.close()
-        search.close()
-    extra = {"env_steps": prog.steps, "episodes": search.tracker.episodes,
-             "form": cfg.agent.form, "action": cfg.agent.action,
-             "layer_controller": cfg.agent.layer_controller,
-             "channel_controller": cfg.agent.channel_controller,
-             "budget_range": list(cfg.env.budget_range)}
-    res = pipeline.write_run(out, pipeline.resolved_config(prepared), prepared, plan, "rl",
-                             pipeline.evaluate_plan(prepared, plan),
-                             wall0 + time.perf_counter() - t0, extra=extra,
-                             selection=_selection(search, corrections, value_val))
-    _print_against_baselines(prepared, res, out, f"{prog.steps} env steps")
-    return 0
+        models = load_models(policy_dir, controller_names(prepared.cfg))
+    return Training(prepared, calibration, policy_dir, int(total_steps),
+                    _training_budget(evaluations, calibration), state, models,
+                    time.perf_counter() if started is None else started)
 
 
-def _policy_folder(policy: str | Path) -> Path:
+def policy_folder(policy: str | Path) -> Path:
+    """The policy folder of a train run directory (``RUN/policy``), or ``policy`` itself."""
     p = Path(policy)
     return p / "policy" if (p / "policy").is_dir() else p
 
 
-def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: int = 0,
-              progress: bool = True, evaluations: float | None = None) -> int:
-    """``automl-compress apply``: compress the configured model with a trained policy.
+@dataclass(frozen=True)
+class PolicySource:
+    """A trained policy read for a target model by :func:`open_policy`.
 
-    Zero-shot (no fine-tuning): one deterministic rollout at ``cfg.env.budget_bits``, with the
-    statistics corrections the policy's training run chose; it spends no validation evaluations
-    (its validation metric is reported, not used). Fine-tuned: the corrections are chosen on
-    this model's validation split, the controllers train ``finetune_steps`` more steps (or until
-    ``evaluations`` are spent) and the plan is chosen like ``train``'s.
+    Attributes:
+        folder: the policy folder.
+        manifest: its manifest (docs/env.md §6).
+        cfg: the target config with the policy's controllers (and, zero-shot, the corrections
+            its training run chose).
+        zero_shot: no fine-tuning: one deterministic rollout, no validation evaluations.
+    """
+
+    folder: Path
+    manifest: dict[str, Any]
+    cfg: Config
+    zero_shot: bool
+
+
+def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
+                evaluations: float | None = None) -> PolicySource:
+    """Read a trained policy and fit the target config to it.
+
+    Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the statistics corrections
+    the policy's training run chose. A budget outside the policy's trained range warns.
 
     Args:
         cfg: the resolved config of the target model (its menu and env spec must match the
-            policy's; the controllers' form is taken from the policy's manifest).
-        out: the run directory.
-        policy_dir: a train run directory (or its ``policy/`` folder).
-        finetune_steps: env steps of fine-tuning on the target model (0 = zero-shot).
-        progress: show the progress bar.
-        evaluations: fine-tuning's validation budget (corrections and final candidates
-            included).
+            policy's; the controllers' form is taken from the manifest).
+        policy: a train run directory (or its ``policy/`` folder).
+        finetune_steps: env steps of fine-tuning (0 = zero-shot unless ``evaluations``).
+        evaluations: fine-tuning's validation budget.
+
+    Returns:
+        The policy and the fitted config.
 
     Raises:
+        ConfigError: negative ``finetune_steps``.
         PolicyMismatchError: the policy's feature spec, menu or env spec does not fit.
-        InfeasibleBudgetError: the budget is below the feasible minimum.
     """
-    t0 = time.perf_counter()
-    out = Path(out)
     if finetune_steps < 0:
         raise ConfigError(f"--finetune-steps must be >= 0, found {finetune_steps}")
     zero_shot = finetune_steps == 0 and evaluations is None
-    pdir = _policy_folder(policy_dir)
+    pdir = policy_folder(policy)
     manifest = read_manifest(pdir)
     ctrl = manifest.get("controllers", {})
     try:
@@ -287,6 +327,9 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
         if zero_shot and manifest.get("eval"):
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
                 cfg.eval, corrections="fixed", **manifest["eval"]))
+        if zero_shot and manifest.get("objective"):
+            cfg = dataclasses.replace(cfg, alloc=dataclasses.replace(
+                cfg.alloc, objective=manifest["objective"]))
     except (TypeError, ConfigError) as exc:
         raise PolicyMismatchError(f"the policy manifest's controllers {ctrl!r} are not valid "
                                   f"here ({exc}); re-train the policy") from None
@@ -296,20 +339,49 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
         warnings.warn(f"--budget-bits {cfg.env.budget_bits:g} is outside the range the policy "
                       f"was trained for ({rng[0]:g}-{rng[1]:g}); the plan is an extrapolation",
                       stacklevel=2)
-    prepared = pipeline.prepare(cfg, out, progress=progress)
-    _check_budget(prepared, cfg)
-    corrections = pipeline.choose_corrections(
-        prepared, pipeline.allocate(prepared, "dp", cfg.env.budget_bits))
-    cfg = dataclasses.replace(cfg, eval=prepared.cfg.eval)
-    models = load_models(pdir, controller_names(cfg))
+    return PolicySource(pdir, manifest, cfg, zero_shot)
+
+
+def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_steps: int = 0,
+                 evaluations: float | None = None, tb_dir: str | Path | None = None,
+                 save_dir: str | Path | None = None, progress: bool = True) -> PolicyRun:
+    """Compress the prepared model with a trained policy.
+
+    Zero-shot: one deterministic rollout at the budget with the policy's corrections; it spends
+    no validation evaluations. Fine-tuned: the corrections are chosen on this model's validation
+    split, the controllers train ``finetune_steps`` more steps (or until ``evaluations`` are
+    spent) and the plan is chosen like training's.
+
+    Args:
+        prepared: the target task, prepared with ``source.cfg``.
+        source: the policy (:func:`open_policy`).
+        finetune_steps: env steps of fine-tuning.
+        evaluations: fine-tuning's validation budget (corrections and final candidates
+            included).
+        tb_dir: the TensorBoard folder (None: none).
+        save_dir: where a fine-tuned policy is saved (None: not saved).
+        progress: show the progress bar (never for a zero-shot rollout).
+
+    Returns:
+        The run's plan, selection and extra results entries.
+
+    Raises:
+        InfeasibleBudgetError: the budget is below the feasible minimum.
+        PolicyMismatchError: the policy's spaces do not fit this model's env.
+    """
+    zero_shot = source.zero_shot
+    calibration = _calibrate_at_budget(prepared)
+    cfg = dataclasses.replace(source.cfg, eval=prepared.cfg.eval)
+    models = load_models(source.folder, controller_names(cfg))
     steps = finetune_steps if finetune_steps > 0 else (cfg.agent.total_steps * 100
                                                        if evaluations is not None else 1)
     prog = Progress(steps, 0, show=progress and not zero_shot)
-    ev = pipeline.evaluator(prepared, None if zero_shot else
-                            _training_budget(evaluations, corrections))
+    ev = selection.evaluator(prepared, None if zero_shot else
+                            _training_budget(evaluations, calibration))
     try:
         search = Search(prepared.tables, cfg, metric_dense=prepared.dense_val(),
-                        tb_dir=out / "tb", progress=prog, models=models, evaluator=ev)
+                        tb_dir=None if tb_dir is None else Path(tb_dir), progress=prog,
+                        models=models, evaluator=ev)
     except ValueError as exc:
         raise PolicyMismatchError(f"the policy's spaces do not fit this model's env: {exc}") \
             from None
@@ -318,22 +390,19 @@ def run_apply(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_ste
             search.writer.config(dump_config(cfg))
         if not zero_shot:
             search.train(steps)
-        plan, value_val = _final_plan(search, cfg, {"policy": str(pdir),
+        plan, value_val = _final_plan(search, cfg, {"policy": str(source.folder),
                                                     "finetune_steps": finetune_steps},
                                       zero_shot=zero_shot)
-        if not zero_shot:
-            save_policy(out / "policy", search.models, cfg, prog.steps)
+        if not zero_shot and save_dir is not None:
+            save_policy(Path(save_dir), search.models, cfg, prog.steps)
     finally:
         prog.close()
         search.close()
-    extra = {"policy": str(pdir), "policy_model_family": manifest.get("model_family"),
+    extra = {"policy": str(source.folder),
+             "policy_model_family": source.manifest.get("model_family"),
              "finetune_steps": int(finetune_steps), "zero_shot": zero_shot,
              "env_steps": prog.steps if not zero_shot else 0,
              "episodes": search.tracker.episodes, "form": cfg.agent.form,
              "action": cfg.agent.action}
-    res = pipeline.write_run(out, pipeline.resolved_config(prepared), prepared, plan, "rl",
-                             pipeline.evaluate_plan(prepared, plan), time.perf_counter() - t0,
-                             extra=extra, selection=_selection(search, corrections, value_val))
-    label = "zero-shot" if zero_shot else f"fine-tuned {prog.steps} steps"
-    _print_against_baselines(prepared, res, out, label)
-    return 0
+    return PolicyRun(plan, _selection(search, calibration, value_val), extra,
+                     prog.steps if not zero_shot else 0)

@@ -77,6 +77,7 @@ def manifest_of(cfg: Config, trained_steps: int) -> dict[str, Any]:
         "budget_range": list(cfg.env.budget_range),
         "eval": {"bias_correction": cfg.eval.bias_correction,
                  "bn_reestimate": cfg.eval.bn_reestimate},
+        "objective": cfg.alloc.objective,
         "trained_steps": int(trained_steps),
         "algorithms": {n: ALGORITHMS[n] for n in names},
         "files": {n: f"{n}.zip" for n in names},

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from _compress_task import tiny_config
 
-from automl_compress import pipeline
+from automl_compress import pipeline, selection
 from automl_compress.cli import main
 from automl_compress.database.allocate import allocate_dp, plan_avg_bits
 from automl_compress.plan import CompressionPlan, LayerPlan
@@ -27,7 +27,7 @@ def prepared(tmp_path_factory):
 
 @pytest.mark.parametrize("method", ["evo", "spdy"])
 def test_search_within_budget_and_never_worse_than_its_start(prepared, method):
-    ev = pipeline.evaluator(prepared, budget=12)
+    ev = selection.evaluator(prepared, budget=12)
     tables, cost = prepared.tables, prepared.cfg.cost
     start = allocate_dp(tables, BUDGET, cost)
     if method == "evo":
@@ -80,13 +80,15 @@ def test_mutations_keep_the_budget_and_every_layer_in_range(prepared):
 
 def test_correction_choice_is_made_on_validation_and_counted(prepared):
     plan = allocate_dp(prepared.tables, BUDGET, prepared.cfg.cost)
-    saved = prepared.cfg
+    saved, choices = prepared.cfg, selection.correction_choices(prepared)
     try:
-        out = pipeline.choose_corrections(prepared, plan)
+        out = selection.calibrate(prepared, "dp", BUDGET)["corrections"]
         scores = out["scores"]
         assert out["chosen_on"] == "validation" and out["evaluations"] == len(scores) > 1
         key = f"{'bias' if out['bias_correction'] else 'nobias'}+{out['bn_reestimate']}"
         assert scores[key] == max(scores.values())
+        assert scores == pytest.approx({k: pipeline.validate_plan(prepared, plan, 1.0, c)
+                                        for k, c in zip(scores, choices, strict=True)})
         assert prepared.cfg.eval.bn_reestimate == out["bn_reestimate"]
     finally:
         prepared.cfg = saved

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from automl_compress.agents.run import run_apply, run_train
 from automl_compress.cli import main
+from automl_compress.commands import apply as apply_cmd
+from automl_compress.commands import train as train_cmd
 from automl_compress.config import load_config
 from automl_compress.errors import PolicyMismatchError
 from automl_compress.plan import CompressionPlan
@@ -77,7 +78,7 @@ def test_train_tensorboard_tags(train_run):
 def test_apply_on_the_wider_sibling(train_run, tmp_path):
     cfg = load_config(ROOT / "configs/digits_wide.yaml", ["env.budget_bits=3.0"])
     out = tmp_path / "wide"
-    assert run_apply(cfg, out, policy_dir=train_run, finetune_steps=0, progress=False) == 0
+    assert apply_cmd.run(cfg, out, policy_dir=train_run, finetune_steps=0, progress=False) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["method"] == "rl" and res["zero_shot"] is True
     assert res["avg_bits"] <= 3.0 + 1e-9
@@ -89,20 +90,20 @@ def test_apply_on_the_wider_sibling(train_run, tmp_path):
 def test_apply_with_an_incompatible_menu_is_named_error(train_run, tmp_path):
     cfg = load_config(ROOT / "configs/digits_wide.yaml", ["menu.bits=[0, 2, 4, 8]"])
     with pytest.raises(PolicyMismatchError, match="menu.bits"):
-        run_apply(cfg, tmp_path / "x", policy_dir=train_run, progress=False)
+        apply_cmd.run(cfg, tmp_path / "x", policy_dir=train_run, progress=False)
 
 
 def test_apply_from_a_folder_without_policy_is_named_error(tmp_path):
     cfg = load_config(ROOT / "configs/digits_wide.yaml")
     with pytest.raises(PolicyMismatchError, match="manifest.json"):
-        run_apply(cfg, tmp_path / "x", policy_dir=tmp_path, progress=False)
+        apply_cmd.run(cfg, tmp_path / "x", policy_dir=tmp_path, progress=False)
 
 
 def test_train_rejects_bad_steps(tmp_path):
     from automl_compress.errors import ConfigError
 
     with pytest.raises(ConfigError, match="total-steps"):
-        run_train(load_config(ROOT / "configs/digits.yaml"), tmp_path, total_steps=0)
+        train_cmd.run(load_config(ROOT / "configs/digits.yaml"), tmp_path, total_steps=0)
 
 
 @pytest.mark.slow
@@ -140,3 +141,15 @@ def test_killed_train_leaves_a_checkpoint_and_resume_finishes(tmp_path):
     assert f"resuming from step {stopped}" in done.stdout
     res = json.loads((run / "results.json").read_text())
     assert res["env_steps"] >= stopped + 128 and res["avg_bits"] <= 3.0 + 1e-9
+
+
+def test_sigterm_is_an_interrupt_only_while_training():
+    import os
+    import signal
+    import time
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), train_cmd.terminate_as_interrupt():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)  # the handler interrupts the sleep
+    assert signal.getsignal(signal.SIGTERM) is before

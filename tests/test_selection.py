@@ -1,4 +1,4 @@
-"""pipeline.calibrate: the objective (alloc.objective=auto) and the statistics corrections chosen
+"""selection.calibrate: the objective (alloc.objective=auto) and the statistics corrections chosen
 together on the validation split, every scored pair counted, nothing scored twice."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 from _compress_task import tiny_config
 
-from automl_compress import pipeline
+from automl_compress import pipeline, selection
 from automl_compress.config import load_config
 from automl_compress.errors import ConfigError
 
@@ -37,7 +37,7 @@ def _brute_force(prepared, names, budget):
     for name in names:
         prepared.set_objective(pipeline.load_objective(prepared, name, progress=False))
         plan = pipeline.allocate(prepared, "dp", budget)
-        for c in pipeline.correction_choices(prepared):
+        for c in selection.correction_choices(prepared):
             scores[(name, c)] = pipeline.validate_plan(prepared, plan, 1.0, c)
             plans.add((plan.key(), c))
     return scores, len(plans)
@@ -46,10 +46,10 @@ def _brute_force(prepared, names, budget):
 def test_auto_chooses_the_best_objective_and_corrections_on_validation(fresh):
     names = fresh.cfg.alloc.auto_objectives
     scores, distinct = _brute_force(fresh, names, BUDGET)
-    out = pipeline.calibrate(fresh, "dp", BUDGET)
+    out = selection.calibrate(fresh, "dp", BUDGET)
     best = max(scores.values())
     chosen = (out["objective"]["name"],
-              next(c for c in pipeline.correction_choices(fresh)
+              next(c for c in selection.correction_choices(fresh)
                    if (c.bias_correction, c.bn_reestimate)
                    == (out["corrections"]["bias_correction"],
                        out["corrections"]["bn_reestimate"])))
@@ -71,8 +71,8 @@ def test_objectives_with_the_same_plan_are_scored_once(fresh):
         fresh.set_objective(pipeline.load_objective(fresh, name, progress=False))
         plans.add(pipeline.allocate(fresh, "dp", top).key())
     assert len(plans) < len(names)  # raw and normalized agree here (fisher may drop dead rows)
-    out = pipeline.calibrate(fresh, "dp", top)
-    assert out["evaluations"] == len(plans) * len(pipeline.correction_choices(fresh))
+    out = selection.calibrate(fresh, "dp", top)
+    assert out["evaluations"] == len(plans) * len(selection.correction_choices(fresh))
 
 
 def test_fixed_settings_spend_no_evaluations(fresh):
@@ -80,7 +80,7 @@ def test_fixed_settings_spend_no_evaluations(fresh):
         fresh.cfg, alloc=dataclasses.replace(fresh.cfg.alloc, objective="fisher"),
         eval=dataclasses.replace(fresh.cfg.eval, corrections="fixed"))
     fresh.set_objective(pipeline.load_objective(fresh, progress=False))
-    out = pipeline.calibrate(fresh, "dp", BUDGET)
+    out = selection.calibrate(fresh, "dp", BUDGET)
     assert out["evaluations"] == 0
     assert out["objective"] == {"name": "fisher", "chosen_on": "config"}
     assert out["corrections"]["chosen_on"] == "config"
@@ -88,14 +88,14 @@ def test_fixed_settings_spend_no_evaluations(fresh):
 
 def test_auto_objective_is_not_chosen_for_uniform(fresh):
     loaded = fresh.objective.name
-    out = pipeline.calibrate(fresh, "uniform", BUDGET)
+    out = selection.calibrate(fresh, "uniform", BUDGET)
     assert out["objective"]["chosen_on"] == "config" and fresh.objective.name == loaded
-    assert out["evaluations"] == len(pipeline.correction_choices(fresh))
+    assert out["evaluations"] == len(selection.correction_choices(fresh))
 
 
 def test_compress_dp_counts_the_choice_in_its_evaluations(fresh):
-    plan, sel = pipeline.compress(fresh, "dp", BUDGET)
-    assert sel["evaluations"] == sel["metric_calls"] > len(pipeline.correction_choices(fresh))
+    plan, sel = selection.compress(fresh, "dp", BUDGET)
+    assert sel["evaluations"] == sel["metric_calls"] > len(selection.correction_choices(fresh))
     assert sel["objective_choice"]["name"] == str(fresh.objective.name)
     assert plan.key() == pipeline.allocate(fresh, "dp", BUDGET).key()
 
@@ -104,10 +104,10 @@ def test_auto_skips_an_objective_the_model_cannot_give_with_a_warning(tmp_path):
     cfg = tiny_config("task.name=_compress_task:make_no_grad_task", "alloc.objective=auto")
     prepared = pipeline.prepare(cfg, tmp_path, progress=False)
     with pytest.warns(UserWarning, match="'fisher' skipped.*without gradients"):
-        out = pipeline.calibrate(prepared, "dp", BUDGET)
+        out = selection.calibrate(prepared, "dp", BUDGET)
     assert out["objective"]["name"] == "normalized"
     assert "without gradients" in out["objective"]["skipped"]["fisher"]
-    assert out["evaluations"] == len(pipeline.correction_choices(prepared))
+    assert out["evaluations"] == len(selection.correction_choices(prepared))
 
 
 @pytest.mark.parametrize("override", ["alloc.objective=best", "alloc.auto_objectives=[]",

@@ -1,0 +1,51 @@
+"""``automl-compress apply``: compress the configured model with a trained policy (zero-shot or
+fine-tuned) and write the run directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from automl_compress import pipeline
+from automl_compress.agents import run as agent_run
+from automl_compress.commands import rundir
+from automl_compress.config import Config
+
+
+def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: int = 0,
+        progress: bool = True, evaluations: float | None = None) -> int:
+    """Apply the policy at ``cfg.env.budget_bits``, write the run directory (a fine-tuned policy
+    under ``out/policy``) and print the run's line beside dp and uniform at the same budget.
+
+    Args:
+        cfg: the resolved config of the target model (its menu and env spec must match the
+            policy's; the controllers' form is taken from the policy's manifest).
+        out: the run directory (the database goes to ``out/db``).
+        policy_dir: a train run directory (or its ``policy/`` folder).
+        finetune_steps: env steps of fine-tuning on the target model (0 = zero-shot).
+        progress: show the progress bar.
+        evaluations: fine-tuning's validation budget (corrections and final candidates
+            included).
+
+    Returns:
+        0 on success.
+
+    Raises:
+        ConfigError: negative ``finetune_steps``.
+        PolicyMismatchError: the policy's feature spec, menu or env spec does not fit.
+        InfeasibleBudgetError: the budget is below the feasible minimum.
+    """
+    t0 = time.perf_counter()
+    out = Path(out)
+    source = agent_run.open_policy(cfg, policy_dir, finetune_steps, evaluations)
+    prepared = pipeline.prepare(source.cfg, out, progress=progress)
+    result = agent_run.apply_policy(prepared, source, finetune_steps, evaluations,
+                                    tb_dir=out / "tb", save_dir=out / "policy",
+                                    progress=progress)
+    res = rundir.write_run(out, pipeline.resolved_config(prepared), prepared, result.plan, "rl",
+                           pipeline.evaluate_plan(prepared, result.plan),
+                           time.perf_counter() - t0, extra=result.extra,
+                           selection=result.selection)
+    label = "zero-shot" if source.zero_shot else f"fine-tuned {result.steps} steps"
+    rundir.print_against_baselines(prepared, res, out, label)
+    return 0

@@ -1,0 +1,46 @@
+"""``automl-compress compress``: a plan from an allocator (uniform, dp, rtn) or a search (evo,
+spdy), scored on the test split and written to the run directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from automl_compress import pipeline, selection
+from automl_compress.commands import rundir
+from automl_compress.config import Config
+from automl_compress.executors import open_executor
+from automl_compress.objectives import describe
+
+
+def run(cfg: Config, method: str, out: str | Path, evaluations: float | None = None) -> int:
+    """Prepare the task (on ``cfg.executor``), compress it at ``cfg.env.budget_bits``, evaluate
+    the plan, write the run directory and print its summary line.
+
+    Args:
+        cfg: the resolved config.
+        method: one of :data:`automl_compress.pipeline.METHODS`.
+        out: the run directory (the database goes to ``out/db``).
+        evaluations: 'evo'/'spdy': the validation passes to spend (default
+            ``alloc.evaluations``).
+
+    Returns:
+        0 on success.
+
+    Raises:
+        InfeasibleBudgetError: the budget is below what the method can reach.
+        ConfigError: an unknown method, or too few ``evaluations``.
+        ExecutorError: ``executor.kind=ray`` without Ray, or an unreachable cluster.
+    """
+    t0 = time.perf_counter()
+    with open_executor(cfg.executor) as ex:
+        prepared = pipeline.prepare(cfg, out, executor=ex)
+        print(describe(prepared.objective) if prepared.objective else "objective raw")
+        plan, sel = selection.compress(prepared, method, float(cfg.env.budget_bits),
+                                            evaluations)
+    value = pipeline.evaluate_plan(prepared, plan)
+    extra = {k: sel[k] for k in ("start_val", "history") if k in sel}
+    res = rundir.write_run(out, pipeline.resolved_config(prepared), prepared, plan, method, value,
+                           time.perf_counter() - t0, extra=extra, selection=sel)
+    rundir.print_summary(res, out)
+    return 0

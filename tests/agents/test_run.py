@@ -1,0 +1,74 @@
+"""The train/apply library (automl_compress/agents/run.py) without training: the budget checked
+once, the corrections chosen, the evaluation budget split, the arguments checked up front."""
+
+from __future__ import annotations
+
+import pytest
+from _compress_task import tiny_config
+
+from automl_compress import pipeline
+from automl_compress.agents import run as agent_run
+from automl_compress.errors import ConfigError, InfeasibleBudgetError, PolicyMismatchError
+
+TASK = "_compress_task:make_task"
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    cfg = tiny_config(f"task.name={TASK}", "menu.bits=[2, 4, 8]", "env.budget_bits=3.0")
+    return pipeline.prepare(cfg, tmp_path_factory.mktemp("run"), progress=False)
+
+
+def test_start_training_checks_the_budget_once_and_splits_the_evaluations(prepared, tmp_path,
+                                                                          monkeypatch):
+    calls = []
+    check = pipeline.check_budget
+    monkeypatch.setattr(pipeline, "check_budget", lambda p, b: calls.append(b) or check(p, b))
+    training = agent_run.start_training(prepared, tmp_path / "policy", 64, evaluations=20,
+                                        resume=True)
+    assert calls == [3.0]
+    assert training.resumed_steps is None and training.models is None  # no checkpoint there
+    spent = training.calibration["evaluations"]
+    assert spent > 0 and training.evaluations == pytest.approx(20 - spent)
+    chosen = training.calibration["corrections"]
+    assert prepared.cfg.eval.bias_correction == chosen["bias_correction"]
+    assert training.total_steps == 64
+
+
+def test_start_training_below_the_minimum_raises_before_any_evaluation(prepared, tmp_path,
+                                                                        monkeypatch):
+    import dataclasses
+
+    def no_validation(*args, **kwargs):
+        raise AssertionError("validated a plan for an infeasible budget")
+
+    monkeypatch.setattr(pipeline, "validate_plan", no_validation)
+    low = dataclasses.replace(prepared, cfg=dataclasses.replace(
+        prepared.cfg, env=dataclasses.replace(prepared.cfg.env, budget_bits=1.0)))
+    with pytest.raises(InfeasibleBudgetError, match="infeasible"):
+        agent_run.start_training(low, tmp_path / "policy", 64)
+
+
+def test_too_few_evaluations_for_training_are_named(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="leaves nothing for training"):
+        agent_run.start_training(prepared, tmp_path / "policy", 64, evaluations=2)
+
+
+def test_training_steps_default_and_minimum(prepared):
+    assert agent_run.training_steps(prepared.cfg) == prepared.cfg.agent.total_steps
+    assert agent_run.training_steps(prepared.cfg, 7) == 7
+    with pytest.raises(ConfigError, match="total-steps"):
+        agent_run.training_steps(prepared.cfg, 0)
+
+
+def test_open_policy_checks_its_arguments_before_reading(prepared, tmp_path):
+    with pytest.raises(ConfigError, match="finetune-steps"):
+        agent_run.open_policy(prepared.cfg, tmp_path, finetune_steps=-1)
+    with pytest.raises(PolicyMismatchError, match="manifest.json"):
+        agent_run.open_policy(prepared.cfg, tmp_path)
+
+
+def test_policy_folder_of_a_run_or_itself(tmp_path):
+    assert agent_run.policy_folder(tmp_path) == tmp_path
+    (tmp_path / "policy").mkdir()
+    assert agent_run.policy_folder(tmp_path) == tmp_path / "policy"
