@@ -5,12 +5,12 @@ Imported only when a run asks for Ray (:func:`automl_compress.executors.get_exec
 **Database build** (:meth:`RayExecutor.solve_layers`). The driver captures the Hessians as the
 serial build does, then, layer by layer in forward order, puts each (row group, column block)
 piece's weights and Hessian into the object store once and submits one Ray task per unit
-(:func:`~automl_compress.database.build.layer_units`: a piece at one pattern, with the
+(:func:`~automl_compress.database.work.layer_units`: a piece at one pattern, with the
 bit-widths that share its pruning pass). Each task asks for ``executor.num_cpus`` CPUs and
 :meth:`RayExecutor.num_gpus` GPUs (1 on CUDA runs unless ``executor.num_gpus`` says) and runs the
 same
-:func:`~automl_compress.database.build.solve_unit` as the serial loop. When every unit of a layer
-is back, the driver assembles the layer (:func:`~automl_compress.database.build.assemble_layer`:
+:func:`~automl_compress.database.solve_unit` as the serial loop. When every unit of a layer
+is back, the driver assembles the layer (:func:`~automl_compress.database.solve.assemble_layer`:
 the exact errors under the captured H) and writes it through the atomic, resumable store, so a
 killed driver (or cluster) resumes with the unwritten layers only. Layers are opened while fewer
 than twice as many tasks as the cluster has slots are in flight, so the object store holds a few
@@ -41,9 +41,9 @@ import torch
 from ray.util import ActorPool
 
 from automl_compress.config import EvalConfig, ExecutorConfig, SolverConfig
-from automl_compress.database import build
-from automl_compress.database.build import LayerWork, Unit
+from automl_compress.database.solve import assemble_layer, solve_unit
 from automl_compress.database.store import LayerSolutions
+from automl_compress.database.work import LayerWork, Unit, layer_units
 from automl_compress.errors import ExecutorError
 from automl_compress.plan import CompressionPlan
 
@@ -119,7 +119,7 @@ class RayExecutor:
     Args:
         cfg: the executor settings (address, workers, resources per task, retries).
         solve: the unit solver the tasks run (default
-            :func:`~automl_compress.database.build.solve_unit`; tests wrap it).
+            :func:`~automl_compress.database.solve_unit`; tests wrap it).
     """
 
     kind = "ray"
@@ -127,7 +127,7 @@ class RayExecutor:
 
     def __init__(self, cfg: ExecutorConfig, solve: Callable[..., Any] | None = None) -> None:
         self.cfg = cfg
-        self.solve = solve or build.solve_unit
+        self.solve = solve or solve_unit
         self.failures: list[str] = []
         self._started = connect(cfg)
         self._actors: list[Any] | None = None
@@ -183,7 +183,7 @@ class RayExecutor:
         layer (in the order they finish).
 
         Args:
-            works: the layers to solve (:func:`~automl_compress.database.build.layer_work`);
+            works: the layers to solve (:func:`~automl_compress.database.work.layer_work`);
                 consumed lazily, as the window of tasks in flight allows.
             cfg: solver settings.
             device: where the solvers run on the workers ('auto': a GPU when the worker has
@@ -211,7 +211,7 @@ class RayExecutor:
 
         def finish(lid: int) -> None:
             layer = opened.pop(lid)
-            write(build.assemble_layer(layer.work, layer.solved))
+            write(assemble_layer(layer.work, layer.solved))
 
         def status() -> None:
             if progress is not None:
@@ -230,7 +230,7 @@ class RayExecutor:
                     for k in range(len(work.pieces)):
                         Wb, Hb = work.piece_inputs(k)
                         refs.append((ray.put(Wb.contiguous()), ray.put(Hb)))
-                    units = build.layer_units(work, cfg)
+                    units = layer_units(work, cfg)
                     opened[lid] = _OpenLayer(work, refs, units)
                     counts["units"] += len(units)
                     for u in units:
