@@ -230,8 +230,8 @@ class _Steps:
 
 
 def _active_set(A, AW, V, keep, k, kimp):
-    """Unstructured: the support plus the best outside coordinates by g_j² / A_jj, ``ceil(kimp ·
-    k_r)`` coordinates of row r in all."""
+    """Unstructured: the support plus the best outside coordinates by g_j² / A_jj, in all
+    ``ceil(kimp · k_r)`` coordinates of row r."""
     g = V @ A - AW
     score = (g * g / torch.diagonal(A)).masked_fill(keep, torch.inf)
     ka = torch.clamp(torch.ceil(kimp * k.to(A.dtype)).long(), max=A.shape[0])
