@@ -59,6 +59,73 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _NESTED_FLAG = "_automl_compress_use_nested_tensor"
 
 
+def _causal_hint(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
+                 need_weights: bool, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
+    """The masks after the ``is_causal`` hint: dropped where scaled_dot_product_attention applies
+    the causal mask itself, and no longer causal once merged with a padding mask."""
+    if is_causal and attn_mask is None:
+        raise RuntimeError(
+            "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+            "module method `generate_square_subsequent_mask` to create this mask."
+        )
+    if is_causal and key_padding_mask is None and not need_weights:
+        return None, is_causal
+    if key_padding_mask is not None:
+        is_causal = False  # the merged mask below is no longer causal
+    return attn_mask, is_causal
+
+
+def _checked_attn_mask(attn_mask: torch.Tensor, tgt_len: int, src_len: int,
+                       bsz_heads: int) -> torch.Tensor:
+    """A 2-D (L, S) mask as (1, L, S), a 3-D (N·heads, L, S) one as it is; anything else raises."""
+    if attn_mask.dim() == 2:
+        if attn_mask.shape != (tgt_len, src_len):
+            raise RuntimeError(
+                f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
+                f"{(tgt_len, src_len)}."
+            )
+        return attn_mask.unsqueeze(0)
+    if attn_mask.dim() == 3:
+        if attn_mask.shape != (bsz_heads, tgt_len, src_len):
+            raise RuntimeError(
+                f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
+                f"{(bsz_heads, tgt_len, src_len)}."
+            )
+        return attn_mask
+    raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+
+
+def _pad_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
+               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Both masks with one more key position (unmasked) for an appended key."""
+    if attn_mask is not None:
+        attn_mask = F.pad(attn_mask, (0, 1))
+    if key_padding_mask is not None:
+        key_padding_mask = F.pad(key_padding_mask, (0, 1))
+    return attn_mask, key_padding_mask
+
+
+def _append_zero(x: torch.Tensor) -> torch.Tensor:
+    """(N·heads, S, head_dim) keys or values with a zero one appended (``add_zero_attn``)."""
+    return torch.cat([x, x.new_zeros((x.shape[0], 1, x.shape[2]))], dim=1)
+
+
+def _merge_padding(key_padding_mask: torch.Tensor, attn_mask: torch.Tensor | None, bsz: int,
+                   src_len: int, num_heads: int) -> torch.Tensor:
+    """The (N, S) padding mask per head, (N·heads, 1, S), added to ``attn_mask``."""
+    if key_padding_mask.shape != (bsz, src_len):
+        raise RuntimeError(
+            f"expecting key_padding_mask shape of {(bsz, src_len)}, but got "
+            f"{key_padding_mask.shape}"
+        )
+    key_padding_mask = (
+        key_padding_mask.view(bsz, 1, 1, src_len)
+        .expand(-1, num_heads, -1, -1)
+        .reshape(bsz * num_heads, 1, src_len)
+    )
+    return key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+
+
 class UnfusedMultiheadAttention(nn.Module):
     """An exact stand-in for one ``nn.MultiheadAttention`` with ``nn.Linear`` projections.
 
@@ -162,121 +229,86 @@ class UnfusedMultiheadAttention(nn.Module):
         attn_mask: torch.Tensor | None, average_attn_weights: bool, is_causal: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """``F.multi_head_attention_forward`` on sequence-first inputs (L, N, E) or (L, E)."""
-        num_heads, head_dim = self.num_heads, self.head_dim
         is_batched = F._mha_shape_check(query, key, value, key_padding_mask, attn_mask,
-                                        num_heads)
+                                        self.num_heads)
         if not is_batched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
             if key_padding_mask is not None:
                 key_padding_mask = key_padding_mask.unsqueeze(0)
         tgt_len, bsz, embed_dim = query.shape
-        src_len = key.shape[0]
         if embed_dim != self.embed_dim:
             raise UnsupportedLayerError(
                 f"attention expects embedding width {self.embed_dim}, found {embed_dim}"
             )
-        if is_causal and attn_mask is None:
-            raise RuntimeError(
-                "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
-                "module method `generate_square_subsequent_mask` to create this mask."
-            )
-        if is_causal and key_padding_mask is None and not need_weights:
-            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
-        else:
-            if key_padding_mask is not None:
-                is_causal = False  # the merged mask below is no longer causal
+        attn_mask, is_causal = _causal_hint(attn_mask, key_padding_mask, need_weights, is_causal)
         # (L, N, E) each: the three projections, as ordinary Linear layers
-        q = self.q_proj(query)
-        k = self.k_proj(key)
-        v = self.v_proj(value)
+        q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if attn_mask is not None:
-            if attn_mask.dim() == 2:
-                if attn_mask.shape != (tgt_len, src_len):
-                    raise RuntimeError(
-                        f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
-                        f"{(tgt_len, src_len)}."
-                    )
-                attn_mask = attn_mask.unsqueeze(0)
-            elif attn_mask.dim() == 3:
-                if attn_mask.shape != (bsz * num_heads, tgt_len, src_len):
-                    raise RuntimeError(
-                        f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                        f"{(bsz * num_heads, tgt_len, src_len)}."
-                    )
-            else:
-                raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
+            attn_mask = _checked_attn_mask(attn_mask, tgt_len, key.shape[0], bsz * self.num_heads)
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
             v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
-            if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
-            if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        # (N·heads, L, head_dim)
-        q = q.view(tgt_len, bsz * num_heads, head_dim).transpose(0, 1)
-        k = k.view(k.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
-        v = v.view(v.shape[0], bsz * num_heads, head_dim).transpose(0, 1)
+            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+        q, k, v = (self._split_heads(x, bsz) for x in (q, k, v))  # (N·heads, L, head_dim)
         if self.add_zero_attn:
-            zeros = (bsz * num_heads, 1, head_dim)
-            k = torch.cat([k, torch.zeros(zeros, dtype=k.dtype, device=k.device)], dim=1)
-            v = torch.cat([v, torch.zeros(zeros, dtype=v.dtype, device=v.device)], dim=1)
-            if attn_mask is not None:
-                attn_mask = F.pad(attn_mask, (0, 1))
-            if key_padding_mask is not None:
-                key_padding_mask = F.pad(key_padding_mask, (0, 1))
-        src_len = k.size(1)
+            k, v = _append_zero(k), _append_zero(v)
+            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
         if key_padding_mask is not None:
-            if key_padding_mask.shape != (bsz, src_len):
-                raise RuntimeError(
-                    f"expecting key_padding_mask shape of {(bsz, src_len)}, but got "
-                    f"{key_padding_mask.shape}"
-                )
-            key_padding_mask = (
-                key_padding_mask.view(bsz, 1, 1, src_len)
-                .expand(-1, num_heads, -1, -1)
-                .reshape(bsz * num_heads, 1, src_len)
-            )
-            attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
+            attn_mask = _merge_padding(key_padding_mask, attn_mask, bsz, k.shape[1],
+                                       self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
-        if need_weights:
-            B, Nt, E = q.shape
-            q_scaled = q * math.sqrt(1.0 / float(E))
-            if is_causal and attn_mask is None:
-                raise RuntimeError("FIXME: is_causal not implemented for need_weights")
-            if attn_mask is not None:
-                weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
-            else:
-                weights = torch.bmm(q_scaled, k.transpose(-2, -1))
-            weights = F.softmax(weights, dim=-1)
-            if dropout_p > 0.0:
-                weights = F.dropout(weights, p=dropout_p)
-            out = torch.bmm(weights, v)
-            out = out.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
-            out = self.out_proj(out).view(tgt_len, bsz, -1)
-            weights = weights.view(bsz, num_heads, tgt_len, src_len)
-            if average_attn_weights:
-                weights = weights.mean(dim=1)
-            if not is_batched:
-                out, weights = out.squeeze(1), weights.squeeze(0)
-            elif self.batch_first:
-                out = out.transpose(1, 0)
-            return out, weights
+        if not need_weights:
+            out, weights = self._sdpa(q, k, v, attn_mask, dropout_p, is_causal, bsz), None
+        elif is_causal and attn_mask is None:
+            raise RuntimeError("FIXME: is_causal not implemented for need_weights")
+        else:
+            out, weights = self._with_weights(q, k, v, attn_mask, dropout_p, bsz,
+                                              average_attn_weights)
+        out = self.out_proj(out).view(tgt_len, bsz, -1)
+        if not is_batched:
+            return out.squeeze(1), None if weights is None else weights.squeeze(0)
+        return (out.transpose(1, 0) if self.batch_first else out), weights
+
+    def _split_heads(self, x: torch.Tensor, bsz: int) -> torch.Tensor:
+        """(L, N, E) → (N·heads, L, head_dim)."""
+        return x.view(x.shape[0], bsz * self.num_heads, self.head_dim).transpose(0, 1)
+
+    def _with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      attn_mask: torch.Tensor | None, dropout_p: float, bsz: int,
+                      average_attn_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention with its weights (explicit softmax): the (L·N, E) input of ``out_proj`` and
+        the (N, heads, L, S) weights, averaged over heads when ``average_attn_weights``."""
+        B, Nt, E = q.shape
+        q_scaled = q * math.sqrt(1.0 / float(E))
+        if attn_mask is not None:
+            weights = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
+        else:
+            weights = torch.bmm(q_scaled, k.transpose(-2, -1))
+        weights = F.softmax(weights, dim=-1)
+        if dropout_p > 0.0:
+            weights = F.dropout(weights, p=dropout_p)
+        out = torch.bmm(weights, v)
+        out = out.transpose(0, 1).reshape(Nt * bsz, self.embed_dim)
+        weights = weights.view(bsz, self.num_heads, Nt, k.shape[1])
+        if average_attn_weights:
+            weights = weights.mean(dim=1)
+        return out, weights
+
+    def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              attn_mask: torch.Tensor | None, dropout_p: float, is_causal: bool,
+              bsz: int) -> torch.Tensor:
+        """Attention by ``F.scaled_dot_product_attention``: the (L·N, E) input of ``out_proj``."""
+        tgt_len, src_len = q.shape[1], k.shape[1]
         if attn_mask is not None:
             if attn_mask.size(0) == 1 and attn_mask.dim() == 3:
                 attn_mask = attn_mask.unsqueeze(0)
             else:
-                attn_mask = attn_mask.view(bsz, num_heads, -1, src_len)
-        q = q.view(bsz, num_heads, tgt_len, head_dim)
-        k = k.view(bsz, num_heads, src_len, head_dim)
-        v = v.view(bsz, num_heads, src_len, head_dim)
+                attn_mask = attn_mask.view(bsz, self.num_heads, -1, src_len)
+        q = q.view(bsz, self.num_heads, tgt_len, self.head_dim)
+        k = k.view(bsz, self.num_heads, src_len, self.head_dim)
+        v = v.view(bsz, self.num_heads, src_len, self.head_dim)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask, dropout_p, is_causal)
-        out = out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, embed_dim)
-        out = self.out_proj(out).view(tgt_len, bsz, -1)
-        if not is_batched:
-            out = out.squeeze(1)
-        elif self.batch_first:
-            out = out.transpose(1, 0)
-        return out, None
+        return out.permute(2, 0, 1, 3).reshape(bsz * tgt_len, self.embed_dim)
 
     def to_multihead_attention(self) -> nn.MultiheadAttention:
         """An ``nn.MultiheadAttention`` holding this module's (possibly compressed) weights."""

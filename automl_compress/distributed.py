@@ -5,12 +5,12 @@ Imported only when a run asks for Ray (:func:`automl_compress.executors.get_exec
 **Database build** (:meth:`RayExecutor.solve_layers`). The driver captures the Hessians as the
 serial build does, then, layer by layer in forward order, puts each (row group, column block)
 piece's weights and Hessian into the object store once and submits one Ray task per unit
-(:func:`~automl_compress.database.build.layer_units`: a piece at one pattern, with the
+(:func:`~automl_compress.database.work.layer_units`: a piece at one pattern, with the
 bit-widths that share its pruning pass). Each task asks for ``executor.num_cpus`` CPUs and
 :meth:`RayExecutor.num_gpus` GPUs (1 on CUDA runs unless ``executor.num_gpus`` says) and runs the
 same
-:func:`~automl_compress.database.build.solve_unit` as the serial loop. When every unit of a layer
-is back, the driver assembles the layer (:func:`~automl_compress.database.build.assemble_layer`:
+:func:`~automl_compress.database.solve_unit` as the serial loop. When every unit of a layer
+is back, the driver assembles the layer (:func:`~automl_compress.database.solve.assemble_layer`:
 the exact errors under the captured H) and writes it through the atomic, resumable store, so a
 killed driver (or cluster) resumes with the unwritten layers only. Layers are opened while fewer
 than twice as many tasks as the cluster has slots are in flight, so the object store holds a few
@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,9 +41,9 @@ import torch
 from ray.util import ActorPool
 
 from automl_compress.config import EvalConfig, ExecutorConfig, SolverConfig
-from automl_compress.database import build
-from automl_compress.database.build import LayerWork, Unit
+from automl_compress.database.solve import assemble_layer, solve_unit
 from automl_compress.database.store import LayerSolutions
+from automl_compress.database.work import LayerWork, Unit, layer_units
 from automl_compress.errors import ExecutorError
 from automl_compress.plan import CompressionPlan
 
@@ -100,6 +100,114 @@ class _OpenLayer:
     solved: dict[Unit, Any] = field(default_factory=dict)
 
 
+class _UnitQueue:
+    """The units of a database build as Ray tasks: layers opened in forward order while fewer
+    than twice the cluster's slots are in flight, each layer written once all its units are back,
+    dead workers' units resubmitted (:meth:`RayExecutor.solve_layers`).
+
+    Attributes:
+        opened: the layers with units in flight, by a running id.
+        inflight: task ref → (layer id, unit, attempt).
+        counts: units submitted, done and retried (for the status line).
+    """
+
+    def __init__(self, ex: RayExecutor, works: Iterator[LayerWork], cfg: SolverConfig,
+                 device: str, write: Callable[[LayerSolutions], None],
+                 progress: Callable[[str], None] | None) -> None:
+        self.ex, self.works, self.cfg, self.device = ex, works, cfg, device
+        self.write, self.progress = write, progress
+        self.window = 2 * ex.slots(device)
+        self.opened: dict[int, _OpenLayer] = {}
+        self.inflight: dict[Any, tuple[int, Unit, int]] = {}
+        self.counts = {"units": 0, "done": 0, "retried": 0}
+        self.more, self.next_id = True, 0
+        self.remote = _solve.options(max_retries=0, **ex._task_resources(device))
+
+    def fill(self) -> None:
+        """Open layers while the window has room and layers are left."""
+        while self.more and len(self.inflight) < self.window:
+            work = next(self.works, None)
+            if work is None:
+                self.more = False
+                break
+            self._open(work)
+
+    def _open(self, work: LayerWork) -> None:
+        lid, self.next_id = self.next_id, self.next_id + 1
+        refs = []
+        for k in range(len(work.pieces)):
+            Wb, Hb = work.piece_inputs(k)
+            refs.append((ray.put(Wb.contiguous()), ray.put(Hb)))
+        units = layer_units(work, self.cfg)
+        self.opened[lid] = _OpenLayer(work, refs, units)
+        self.counts["units"] += len(units)
+        for u in units:
+            self._submit(lid, u, 0)
+        if not units:
+            self._finish(lid)
+
+    def _submit(self, lid: int, unit: Unit, attempt: int) -> None:
+        layer = self.opened[lid]
+        w_ref, h_ref = layer.refs[unit.piece]
+        ref = self.remote.remote(self.ex.solve, w_ref, h_ref, unit.pattern, unit.bits, self.cfg,
+                                 layer.work.area, self.device)
+        self.inflight[ref] = (lid, unit, attempt)
+
+    def _finish(self, lid: int) -> None:
+        layer = self.opened.pop(lid)
+        self.write(assemble_layer(layer.work, layer.solved))
+
+    def status(self) -> None:
+        if self.progress is not None:
+            c = self.counts
+            self.progress(f"units {c['done']}/{c['units']}, {len(self.inflight)} in flight"
+                          + (f", {c['retried']} retried" if c["retried"] else ""))
+
+    def collect(self) -> None:
+        """Wait for one task and take its result (or resubmit it when its worker died).
+
+        Raises:
+            ExecutorError: a unit's workers died more than ``executor.max_retries`` times.
+        """
+        done, _ = ray.wait(list(self.inflight), num_returns=1)
+        for ref in done:
+            lid, unit, attempt = self.inflight.pop(ref)
+            try:
+                result = ray.get(ref)
+            except ray.exceptions.RayTaskError:
+                raise  # the solver's own error (a named exception): not a worker failure
+            except ray.exceptions.RayError as exc:
+                self._retry(lid, unit, attempt, exc)
+                continue
+            layer = self.opened[lid]
+            layer.solved[unit] = result
+            self.counts["done"] += 1
+            if len(layer.solved) == len(layer.units):
+                self._finish(lid)
+
+    def _retry(self, lid: int, unit: Unit, attempt: int, exc: BaseException) -> None:
+        what = (f"layer {self.opened[lid].work.info.name!r}, piece {unit.piece}, "
+                f"{unit.pattern} at bits {list(unit.bits)}")
+        max_retries = self.ex.cfg.max_retries
+        if attempt >= max_retries:
+            raise ExecutorError(
+                f"{what}: its worker died {attempt + 1} times "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0]}); expected "
+                f"it to finish within executor.max_retries={max_retries} retries. Finished "
+                "layers are kept: re-run the same command to resume, with more memory per task "
+                "(executor.num_cpus / num_gpus) if the workers ran out of it"
+            ) from None
+        self.counts["retried"] += 1
+        # the warning points where solve_layers was called: _retry, collect, solve_layers
+        self.ex._report(what, exc, attempt + 1, stacklevel=4)
+        self._submit(lid, unit, attempt + 1)
+
+    def cancel(self) -> None:
+        """Cancel every task still in flight."""
+        for ref in self.inflight:
+            ray.cancel(ref, force=True)
+
+
 @ray.remote
 class _Scorer:
     """An evaluation actor: holds one prepared task and scores plans on its validation split."""
@@ -119,7 +227,7 @@ class RayExecutor:
     Args:
         cfg: the executor settings (address, workers, resources per task, retries).
         solve: the unit solver the tasks run (default
-            :func:`~automl_compress.database.build.solve_unit`; tests wrap it).
+            :func:`~automl_compress.database.solve_unit`; tests wrap it).
     """
 
     kind = "ray"
@@ -127,7 +235,7 @@ class RayExecutor:
 
     def __init__(self, cfg: ExecutorConfig, solve: Callable[..., Any] | None = None) -> None:
         self.cfg = cfg
-        self.solve = solve or build.solve_unit
+        self.solve = solve or solve_unit
         self.failures: list[str] = []
         self._started = connect(cfg)
         self._actors: list[Any] | None = None
@@ -168,11 +276,12 @@ class RayExecutor:
             n.append(gpus / gpus_per_task)
         return max(1, int(min(n)))
 
-    def _report(self, what: str, exc: BaseException, attempt: int) -> None:
+    def _report(self, what: str, exc: BaseException, attempt: int, stacklevel: int = 2) -> None:
+        """Record and warn about a dead worker (``stacklevel``: the warning's, from the caller)."""
         msg = (f"{what}: the worker died ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                f"resubmitted (retry {attempt} of {self.cfg.max_retries})")
         self.failures.append(msg)
-        warnings.warn(msg, WorkerFailure, stacklevel=3)
+        warnings.warn(msg, WorkerFailure, stacklevel=stacklevel + 1)
 
     # -- the database build ------------------------------------------------------------------
 
@@ -183,7 +292,7 @@ class RayExecutor:
         layer (in the order they finish).
 
         Args:
-            works: the layers to solve (:func:`~automl_compress.database.build.layer_work`);
+            works: the layers to solve (:func:`~automl_compress.database.work.layer_work`);
                 consumed lazily, as the window of tasks in flight allows.
             cfg: solver settings.
             device: where the solvers run on the workers ('auto': a GPU when the worker has
@@ -194,84 +303,17 @@ class RayExecutor:
         Raises:
             ExecutorError: a unit's workers died more than ``executor.max_retries`` times.
         """
-        works = iter(works)
-        window = 2 * self.slots(device)
-        opened: dict[int, _OpenLayer] = {}
-        inflight: dict[Any, tuple[int, Unit, int]] = {}
-        counts = {"units": 0, "done": 0, "retried": 0}
-        more, next_id = True, 0
-        remote = _solve.options(max_retries=0, **self._task_resources(device))
-
-        def submit(lid: int, unit: Unit, attempt: int) -> None:
-            layer = opened[lid]
-            w_ref, h_ref = layer.refs[unit.piece]
-            ref = remote.remote(self.solve, w_ref, h_ref, unit.pattern, unit.bits, cfg,
-                                layer.work.area, device)
-            inflight[ref] = (lid, unit, attempt)
-
-        def finish(lid: int) -> None:
-            layer = opened.pop(lid)
-            write(build.assemble_layer(layer.work, layer.solved))
-
-        def status() -> None:
-            if progress is not None:
-                progress(f"units {counts['done']}/{counts['units']}, {len(inflight)} in flight"
-                         + (f", {counts['retried']} retried" if counts["retried"] else ""))
-
+        queue = _UnitQueue(self, iter(works), cfg, device, write, progress)
         try:
             while True:
-                while more and len(inflight) < window:
-                    work = next(works, None)
-                    if work is None:
-                        more = False
-                        break
-                    lid, next_id = next_id, next_id + 1
-                    refs = []
-                    for k in range(len(work.pieces)):
-                        Wb, Hb = work.piece_inputs(k)
-                        refs.append((ray.put(Wb.contiguous()), ray.put(Hb)))
-                    units = build.layer_units(work, cfg)
-                    opened[lid] = _OpenLayer(work, refs, units)
-                    counts["units"] += len(units)
-                    for u in units:
-                        submit(lid, u, 0)
-                    if not units:
-                        finish(lid)
-                status()
-                if not inflight:
+                queue.fill()
+                queue.status()
+                if not queue.inflight:
                     break
-                done, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in done:
-                    lid, unit, attempt = inflight.pop(ref)
-                    try:
-                        result = ray.get(ref)
-                    except ray.exceptions.RayTaskError:
-                        raise  # the solver's own error (a named exception): not a worker failure
-                    except ray.exceptions.RayError as exc:
-                        what = (f"layer {opened[lid].work.info.name!r}, piece {unit.piece}, "
-                                f"{unit.pattern} at bits {list(unit.bits)}")
-                        if attempt >= self.cfg.max_retries:
-                            raise ExecutorError(
-                                f"{what}: its worker died {attempt + 1} times "
-                                f"({type(exc).__name__}: {str(exc).splitlines()[0]}); expected "
-                                f"it to finish within executor.max_retries="
-                                f"{self.cfg.max_retries} retries. Finished layers are kept: "
-                                "re-run the same command to resume, with more memory per task "
-                                "(executor.num_cpus / num_gpus) if the workers ran out of it"
-                            ) from None
-                        counts["retried"] += 1
-                        self._report(what, exc, attempt + 1)
-                        submit(lid, unit, attempt + 1)
-                        continue
-                    layer = opened[lid]
-                    layer.solved[unit] = result
-                    counts["done"] += 1
-                    if len(layer.solved) == len(layer.units):
-                        finish(lid)
-                status()
+                queue.collect()
+                queue.status()
         finally:
-            for ref in inflight:
-                ray.cancel(ref, force=True)
+            queue.cancel()
 
     # -- evaluations -------------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ ray = pytest.importorskip("ray")
 from automl_compress import pipeline, selection  # noqa: E402
 from automl_compress.config import ExecutorConfig  # noqa: E402
 from automl_compress.database.allocate import allocate_dp  # noqa: E402
-from automl_compress.database.build import build_database, solve_unit  # noqa: E402
+from automl_compress.database.build import build_database  # noqa: E402
+from automl_compress.database.solve import solve_unit  # noqa: E402
 from automl_compress.distributed import RayExecutor, WorkerFailure  # noqa: E402
 from automl_compress.errors import ExecutorError  # noqa: E402
 from automl_compress.search import evo_search, spdy_search  # noqa: E402

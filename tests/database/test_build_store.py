@@ -11,9 +11,10 @@ import torch
 from _compress_task import make_task, tiny_config
 
 from automl_compress.capture import capture_hessians
-from automl_compress.database.build import build_database, kernel_area
+from automl_compress.database.build import build_database
 from automl_compress.database.costs import kept_per_row
 from automl_compress.database.store import LayerDatabase
+from automl_compress.database.work import kernel_area
 from automl_compress.errors import CorruptCacheError, DatabaseMismatchError
 from automl_compress.specs import Pattern
 

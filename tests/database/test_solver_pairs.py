@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
 from _layers import make_layer
 
+from automl_compress.capture import LayerHessian
 from automl_compress.config import MenuConfig, SolverConfig
-from automl_compress.database import build
+from automl_compress.database import solve, work
 from automl_compress.solvers import registry
 from automl_compress.solvers.registry import PruneSolver, QuantSolver, SolveOptions
 from automl_compress.specs import LayerInfo
@@ -23,7 +23,8 @@ MENU = MenuConfig(bits=(0, 3, 4), patterns=("dense", "2:4", "50%"))
 @pytest.fixture(scope="module")
 def layer():
     L = make_layer(8, 16, seed=21)
-    return L, LayerInfo(name="fc", kind="linear", rows=8, cols=16), SimpleNamespace(H=L.H)
+    info = LayerInfo(name="fc", kind="linear", rows=8, cols=16)
+    return L, info, LayerHessian("fc", info, L.H[None], L.X.shape[0], L.X.mean(0, keepdim=True))
 
 
 @pytest.mark.parametrize(("quant", "prune"), PAIRS, ids=[f"{q}+{p}" for q, p in PAIRS])
@@ -42,13 +43,13 @@ def test_every_option_runs_the_configured_pair(quant, prune, layer, monkeypatch)
         monkeypatch.setitem(
             registry.JOINT, pair, lambda *a, _f=fn, _p=pair: calls.append(_p) or _f(*a)
         )
-    sol = build.solve_layer(info, L.W.float(), lh, MENU, cfg)
+    sol = solve.solve_layer(info, L.W.float(), lh, MENU, cfg)
     joint = (prune, quant) in registry.JOINT
     used = set(calls)
     expected = {quant} | ({(prune, quant)} if joint else {prune})
     assert used == expected, (used, expected)
     for (pattern, bits), opt in sol.options.items():
-        opts = build.solve_options(pattern, bits, cfg)
+        opts = work.solve_options(pattern, bits, cfg)
         ref = registry.solve(L.W.float(), L.H, opts, quant, prune)
         W_hat = opt.weight(sol.blocks).to(torch.float64)
         torch.testing.assert_close(W_hat, ref.weight.double(), rtol=0, atol=1e-6)
@@ -101,9 +102,9 @@ def test_row_batch_reaches_every_solver_or_is_refused(monkeypatch):
 
 def test_fast_mode_takes_over_above_the_configured_time():
     cfg = SolverConfig(quant="obq", exact_max_s=1.0)
-    assert build.quant_solver(cfg, 64, 64) is QuantSolver.OBQ
-    assert build.quant_solver(cfg, 4096, 4096) is QuantSolver.FAST
-    assert build.quant_solver(SolverConfig(quant="obq"), 4096, 4096) is QuantSolver.OBQ
+    assert work.quant_solver(cfg, 64, 64) is QuantSolver.OBQ
+    assert work.quant_solver(cfg, 4096, 4096) is QuantSolver.FAST
+    assert work.quant_solver(SolverConfig(quant="obq"), 4096, 4096) is QuantSolver.OBQ
 
 
 @pytest.mark.parametrize("pattern", [{"n_m": (2, 4)}, {"sparsity": 0.5}])

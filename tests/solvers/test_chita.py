@@ -12,8 +12,13 @@ from automl_compress.errors import (
     ShapeMismatchError,
     SparsityOutOfRangeError,
 )
-from automl_compress.solvers import chita as chita_mod
-from automl_compress.solvers import exact_obs_prune, magnitude_prune, sparsegpt_prune
+from automl_compress.solvers import (
+    chita_iht,
+    chita_swaps,
+    exact_obs_prune,
+    magnitude_prune,
+    sparsegpt_prune,
+)
 from automl_compress.solvers.chita import chita_prune
 from automl_compress.solvers.exact_obs import channel_major_perm
 from automl_compress.solvers.hessian import prepare_hessian
@@ -129,7 +134,7 @@ def test_incremental_swap_state_equals_a_fresh_setup(make_layer):
     Σ, v, s, g, f and the stored entries of B equal a fresh factorisation."""
     L = make_layer(6, 16, seed=1)
     A = prepare_hessian(L.H, 0.01).H
-    Ap = chita_mod._pad(A)
+    Ap = chita_swaps.pad(A)
     W = L.W
     AW = W @ A
     wAw = (W * AW).sum(1)
@@ -138,13 +143,13 @@ def test_incremental_swap_state_equals_a_fresh_setup(make_layer):
         if n_m is None:
             keep = torch.rand(6, 16, generator=g) < 0.4
         else:
-            keep = chita_mod._project(W, torch.ones_like(W, dtype=torch.bool), None, n_m)
+            keep = chita_iht.project(W, torch.ones_like(W, dtype=torch.bool), None, n_m)
         K, Pn = int(keep.sum(1).max()), 16 - int(keep.sum(1).min())
         S, Sv = _padded_support(keep, True, K)
         P, Pv = _padded_support(keep, False, Pn)
-        st = chita_mod._swap_setup(A, Ap, AW, wAw, torch.arange(6), S, Sv, P, Pv, n_m, 100)
+        st = chita_swaps._swap_setup(A, Ap, AW, wAw, torch.arange(6), S, Sv, P, Pv, n_m, 100)
         for step in range(4):
-            best, a, b, x = chita_mod._best_swaps(st)
+            best, a, b, x = chita_swaps._best_swaps(st)
             act = torch.isfinite(best) & (torch.arange(6) != step)  # one row sits out
             for r in range(6):
                 cur = torch.zeros(16, dtype=torch.bool)
@@ -156,16 +161,16 @@ def test_incremental_swap_state_equals_a_fresh_setup(make_layer):
                     new[st.P[r, b[r]]] = True
                     true = _ls_error(A, W[r], AW[r], new) - _ls_error(A, W[r], AW[r], cur)
                     assert float(best[r]) == pytest.approx(true, rel=1e-8, abs=1e-12)
-            chita_mod._apply_swaps(st, A, a, b, x, act)
+            chita_swaps._apply_swaps(st, A, a, b, x, act)
             st.f.add_(torch.where(act, best, 0.0))
-            ref = chita_mod._swap_setup(A, Ap, AW, wAw, st.rows, st.S, st.Sv, st.P, st.Pv, n_m,
+            ref = chita_swaps._swap_setup(A, Ap, AW, wAw, st.rows, st.S, st.Sv, st.P, st.Pv, n_m,
                                          100)
             for name in ("Sig", "v", "s", "g", "f"):
                 torch.testing.assert_close(getattr(st, name), getattr(ref, name), rtol=1e-7,
                                            atol=1e-9)
-            B = torch.bmm(chita_mod._block(Ap, st.P, st.Pv, st.S, st.Sv), ref.Sig)
+            B = torch.bmm(chita_swaps._block(Ap, st.P, st.Pv, st.S, st.Sv), ref.Sig)
             E = B.gather(1, st.ps[:, :, None].expand(-1, -1, K)).gather(2, st.ss)
-            ok = st.Pv.gather(1, st.ps)[:, :, None] & chita_mod._gather3(st.Sv, st.ss)
+            ok = st.Pv.gather(1, st.ps)[:, :, None] & chita_swaps._gather3(st.Sv, st.ss)
             torch.testing.assert_close(st.E * ok, E * ok, rtol=1e-7, atol=1e-9)
 
 
@@ -178,9 +183,9 @@ def test_iht_line_search_only_lowers_the_objective(make_layer):
     V0 = mag.weight
     k = mag.mask.sum(1)
     allowed = torch.ones_like(mag.mask)
-    f0 = chita_mod._objective(V0, V0 @ A, AW, wAw)
-    V, keep, it = chita_mod._iht(A, AW, wAw, V0, mag.mask, allowed, k, None, 30, 0.0)
-    f1 = chita_mod._objective(V, V @ A, AW, wAw)
+    f0 = chita_iht.objective(V0, V0 @ A, AW, wAw)
+    V, keep, it = chita_iht.iht(A, AW, wAw, V0, mag.mask, allowed, k, None, 30, 0.0)
+    f1 = chita_iht.objective(V, V @ A, AW, wAw)
     assert it >= 2
     assert torch.all(f1 <= f0) and float(f1.sum()) < 0.7 * float(f0.sum())
     assert torch.equal(keep.sum(1), k) and torch.all(V[~keep] == 0)
@@ -188,7 +193,7 @@ def test_iht_line_search_only_lowers_the_objective(make_layer):
     # the active set is respected
     allowed = mag.mask.clone()
     allowed[:, :4] = True
-    V, keep, _ = chita_mod._iht(A, AW, wAw, V0, mag.mask, allowed, k, None, 30, 0.0)
+    V, keep, _ = chita_iht.iht(A, AW, wAw, V0, mag.mask, allowed, k, None, 30, 0.0)
     assert not bool((keep & ~allowed).any())
 
 

@@ -5,7 +5,7 @@ import importlib
 
 import pytest
 
-MODULES = ["exact_obs", "gptq", "obq", "registry"]
+MODULES = ["chita", "exact_obs", "gptq", "obq", "registry"]
 
 
 @pytest.mark.parametrize("name", MODULES)
