@@ -15,6 +15,10 @@ Two formats (``automl-compress export RUN --format {packed,state_dict}``):
 
 :func:`load_compressed` rebuilds the float model from a packed file plus the architecture (a
 factory, a Task or a module) and gives the outputs of the stitched, corrected model it came from.
+
+This module holds the file: its header (format, plan, per-layer entries), the state dict's other
+tensors, and the mapping between the user's fused ``nn.MultiheadAttention`` and the unfused
+projections the file stores; one layer's packed tensors are :mod:`automl_compress.packing`'s.
 """
 
 from __future__ import annotations
@@ -22,12 +26,10 @@ from __future__ import annotations
 import copy
 import io
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -35,12 +37,12 @@ from torch import nn
 
 from automl_compress.attention import fuse_attention, unfuse_attention
 from automl_compress.config import CostConfig
-from automl_compress.database.build import kernel_area
-from automl_compress.database.store import LayerDatabase, LayerSolutions
+from automl_compress.database.store import LayerDatabase
 from automl_compress.errors import CorruptCacheError, InvalidInputError
 from automl_compress.io import atomic_write_bytes
-from automl_compress.plan import CompressionPlan, LayerPlan
-from automl_compress.specs import Pattern, Task
+from automl_compress.packing import ZERO_DTYPES, layer_tensors, layer_weight, pack_bits, unpack_bits
+from automl_compress.plan import CompressionPlan
+from automl_compress.specs import Task
 from automl_compress.stitch import plan_source, set_weight
 
 __all__ = [
@@ -54,151 +56,19 @@ __all__ = [
 ]
 
 EXPORT_FORMAT = "automl-compress/2"
-ROW_BITS_WIDTH = 4  # per-row bit-width (0..8) in the file, 4 bits each
-_ZERO_DTYPES = {8: torch.uint8, 16: torch.int16, 32: torch.int32}
-
-
-def pack_bits(values: np.ndarray, bits: int) -> np.ndarray:
-    """Pack unsigned integers < 2**bits into a little-endian bit stream of ``bits`` each.
-
-    Value i occupies stream bits ``i·bits ... i·bits + bits − 1`` (least significant first);
-    stream bit j is bit ``j % 8`` of byte ``j // 8``. ``ceil(n·bits / 8)`` bytes.
-    """
-    raw = np.asarray(values).reshape(-1)
-    if raw.size and (int(raw.max()) >= 2**bits or int(raw.min()) < 0):
-        raise InvalidInputError(
-            f"values must be in [0, 2**{bits}) = [0, {2**bits}), found [{int(raw.min())}, "
-            f"{int(raw.max())}]"
-        )
-    v = raw.astype(np.uint8)
-    planes = (v[:, None] >> np.arange(bits, dtype=np.uint8)) & 1
-    return np.packbits(planes.reshape(-1).astype(np.uint8), bitorder="little")
-
-
-def unpack_bits(packed: np.ndarray, bits: int, n: int) -> np.ndarray:
-    """Inverse of :func:`pack_bits` for ``n`` values."""
-    flat = np.unpackbits(np.asarray(packed, dtype=np.uint8), count=n * bits, bitorder="little")
-    planes = flat.reshape(n, bits).astype(np.uint16) << np.arange(bits, dtype=np.uint16)
-    return planes.sum(axis=1).astype(np.uint8)
-
-
-# ---------------------------------------------------------------------------------------------
-# N:M index coding
-
-
-def nm_groups(cols: int, m: int, area: int) -> np.ndarray:
-    """(cols / M, M) column indices of the N:M groups of a row.
-
-    Groups run along input channels at one kernel tap: columns ordered (C_in, kh, kw) are read
-    in (kh, kw, C_in) order (``area = kh·kw``; 1 for Linear layers and block-diagonal layers,
-    whose groups are consecutive columns), and every M consecutive ones form a group.
-    """
-    perm = np.arange(cols).reshape(cols // area, area).T.reshape(-1)
-    return perm.reshape(-1, m)
-
-
-def _nm_encode(mask: np.ndarray, n: int, m: int, area: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(indices (rows, groups, N) in 0..M−1, the mask they describe) or None when a group keeps
-    more than N. A group keeping fewer than N is padded with its first unkept positions (their
-    codes are the zero point, so the weight stays exactly 0)."""
-    groups = nm_groups(mask.shape[1], m, area)
-    g = mask[:, groups]  # (rows, G, M)
-    if (g.sum(axis=2) > n).any():
-        return None
-    # kept positions first (stable: ascending), then the padding; take the first N
-    order = np.argsort(~g, axis=2, kind="stable")[:, :, :n]
-    idx = np.sort(order, axis=2)
-    return idx.astype(np.uint8), _nm_decode(idx, mask.shape[1], m, area)
-
-
-def _nm_decode(idx: np.ndarray, cols: int, m: int, area: int) -> np.ndarray:
-    groups = nm_groups(cols, m, area)
-    rows = idx.shape[0]
-    mask = np.zeros((rows, cols), dtype=bool)
-    pos = groups[np.arange(groups.shape[0])[None, :, None], idx]  # (rows, G, N)
-    mask[np.arange(rows)[:, None, None], pos] = True
-    return mask
 
 
 # ---------------------------------------------------------------------------------------------
 # Writing
 
 
-def _fp16_exact(scale: torch.Tensor) -> bool:
-    half = scale.to(torch.float16)
-    return bool(torch.isfinite(half).all()) and torch.equal(half.to(scale.dtype), scale)
-
-
 def _check_cost(cost: CostConfig) -> None:
-    if cost.scale_bits not in (16, 32) or cost.zero_bits not in _ZERO_DTYPES:
+    if cost.scale_bits not in (16, 32) or cost.zero_bits not in ZERO_DTYPES:
         raise InvalidInputError(
             f"export stores scales at 16 or 32 bits and zero points at 8, 16 or 32 bits; the "
             f"cost model has cost.scale_bits={cost.scale_bits}, cost.zero_bits="
             f"{cost.zero_bits}: set them to supported widths"
         )
-
-
-def _layer_tensors(
-    name: str, sol: LayerSolutions, lp: LayerPlan, source: str, cost: CostConfig,
-    tensors: dict[str, torch.Tensor], parts: dict[str, int],
-) -> dict[str, Any]:
-    """Add one layer's tensors; return its header entry."""
-    info = sol.info
-    rb = np.asarray(lp.row_bits, dtype=np.int64)
-    kept = np.nonzero(rb > 0)[0]
-    pattern = Pattern.parse(lp.pattern)
-    blocks = sol.blocks.to(torch.int64).tolist()
-    area = kernel_area(info) if len(blocks) == 1 else 1
-    options = {b: (sol.rtn[b] if source == "rtn" else sol.options[(lp.pattern, b)])
-               for b in sorted(set(lp.row_bits)) if b > 0}
-    mask = None  # (rows, cols) keep-mask of the layer, sparse patterns only
-    if pattern.kind != "dense":
-        mask = np.zeros((info.rows, info.cols), dtype=bool)
-        for b, opt in options.items():
-            rows = np.nonzero(rb == b)[0]
-            mask[rows] = opt.mask[rows].numpy()
-    entry: dict[str, Any] = {
-        "rows": info.rows, "cols": info.cols, "pattern": lp.pattern, "blocks": blocks,
-        "sparsity": "none",
-    }
-
-    def put(key: str, t: torch.Tensor, part: str) -> None:
-        tensors[f"{name}/{key}"] = t.contiguous()
-        parts[part] = parts.get(part, 0) + t.numel() * t.element_size()
-
-    put("row_bits", torch.from_numpy(pack_bits(rb, ROW_BITS_WIDTH)), "row_bits")
-    if mask is not None and pattern.n_m is not None:
-        n, m = pattern.n_m
-        coded = _nm_encode(mask[kept], n, m, area)
-        if coded is not None:
-            idx, full = coded
-            mask[kept] = full
-            width = math.ceil(math.log2(m))
-            put("nm_index", torch.from_numpy(pack_bits(idx, width)), "sparsity")
-            entry.update(sparsity="nm", nm=[n, m], nm_area=area)
-    if mask is not None and entry["sparsity"] == "none":
-        put("mask", torch.from_numpy(pack_bits(mask[kept].astype(np.uint8), 1)), "sparsity")
-        entry["sparsity"] = "mask"
-    scale_dtypes = {}
-    for b, opt in options.items():
-        rows = np.nonzero(rb == b)[0]
-        codes = opt.codes[rows].numpy()
-        values = codes[mask[rows]] if mask is not None else codes.reshape(-1)
-        put(f"codes.b{b}", torch.from_numpy(pack_bits(values, b)), "codes")
-        scale = opt.scale[rows].to(torch.float32)
-        if cost.scale_bits == 16 and _fp16_exact(scale):
-            scale = scale.to(torch.float16)
-        scale_dtypes[str(b)] = str(scale.dtype).removeprefix("torch.")
-        put(f"scale.b{b}", scale, "scales")
-        zero = opt.zero[rows]
-        if not torch.equal(zero, zero.round()):
-            raise InvalidInputError(
-                f"layer {name!r}: the database's zero points at {b} bits are not integers; "
-                "expected integral grid zero points (rebuild the database)"
-            )
-        put(f"zero.b{b}", zero.round().to(_ZERO_DTYPES[cost.zero_bits]), "zeros")
-    entry["scale_dtype"] = scale_dtypes
-    return entry
 
 
 def export_compressed(
@@ -238,7 +108,7 @@ def export_compressed(
                 f"plan names layer {name!r}, which the model does not have; export the model "
                 "the plan was stitched on"
             )
-        entry = _layer_tensors(name, db.layer(name), lp, source, cost, tensors, parts)
+        entry = layer_tensors(name, db.layer(name), lp, source, cost, tensors, parts)
         entry["shape"] = list(modules[name].weight.shape)
         layers_meta[name] = entry
     skip = {f"{n}.weight" for n in plan.layers}
@@ -259,7 +129,7 @@ def export_compressed(
         "format": EXPORT_FORMAT,
         "plan": json.dumps(plan.to_dict()),
         "layers": json.dumps(layers_meta),
-        "zero_dtype": str(_ZERO_DTYPES[cost.zero_bits]).removeprefix("torch."),
+        "zero_dtype": str(ZERO_DTYPES[cost.zero_bits]).removeprefix("torch."),
     }
     data = st_save(tensors, metadata=meta)
     atomic_write_bytes(path, data)
@@ -317,44 +187,6 @@ def read_plan(path: str | Path) -> CompressionPlan:
     return CompressionPlan.from_dict(json.loads(meta["plan"]))
 
 
-def _layer_weight(tensors: dict[str, torch.Tensor], name: str, lm: dict[str, Any]) \
-        -> torch.Tensor:
-    """The (rows, cols) float32 weight of one packed layer."""
-    rows, cols = lm["rows"], lm["cols"]
-    rb = unpack_bits(tensors[f"{name}/row_bits"].numpy(), ROW_BITS_WIDTH, rows).astype(np.int64)
-    kept = np.nonzero(rb > 0)[0]
-    mask = None
-    if lm["sparsity"] == "mask":
-        flat = unpack_bits(tensors[f"{name}/mask"].numpy(), 1, len(kept) * cols)
-        mask = np.zeros((rows, cols), dtype=bool)
-        mask[kept] = flat.reshape(len(kept), cols).astype(bool)
-    elif lm["sparsity"] == "nm":
-        n, m = lm["nm"]
-        width = math.ceil(math.log2(m))
-        count = len(kept) * (cols // m) * n
-        idx = unpack_bits(tensors[f"{name}/nm_index"].numpy(), width, count)
-        mask = np.zeros((rows, cols), dtype=bool)
-        mask[kept] = _nm_decode(idx.reshape(len(kept), cols // m, n), cols, m, lm["nm_area"])
-    W = torch.zeros(rows, cols, dtype=torch.float32)
-    for b in sorted({int(v) for v in rb[kept]}):
-        sel = np.nonzero(rb == b)[0]
-        m_b = mask[sel] if mask is not None else np.ones((len(sel), cols), dtype=bool)
-        vals = unpack_bits(tensors[f"{name}/codes.b{b}"].numpy(), b, int(m_b.sum()))
-        scale = tensors[f"{name}/scale.b{b}"].to(torch.float32)
-        zero = tensors[f"{name}/zero.b{b}"].to(torch.float32)
-        codes = torch.empty(len(sel), cols, dtype=torch.float32)
-        for k, (a, e) in enumerate(lm["blocks"]):
-            codes[:, a:e] = zero[:, k : k + 1]
-        codes[torch.from_numpy(m_b)] = torch.from_numpy(vals.astype(np.float32))
-        Wr = torch.empty_like(codes)
-        for k, (a, e) in enumerate(lm["blocks"]):
-            Wr[:, a:e] = scale[:, k : k + 1] * (codes[:, a:e] - zero[:, k : k + 1])
-        if mask is not None:
-            Wr = Wr * torch.from_numpy(m_b).to(Wr.dtype)
-        W[torch.from_numpy(sel)] = Wr
-    return W
-
-
 def load_compressed(
     path: str | Path, model_factory: Callable[[], nn.Module] | Task | nn.Module
 ) -> nn.Module:
@@ -405,5 +237,5 @@ def load_compressed(
                 f" the file has {lm['shape']}{hint}"
             )
     for name, lm in layers.items():
-        set_weight(modules[name], _layer_weight(tensors, name, lm))
+        set_weight(modules[name], layer_weight(tensors, name, lm))
     return fuse_attention(model).eval()

@@ -296,9 +296,9 @@ def _load(out: Path, tasks: Sequence[str]) -> list[dict]:
 
 
 def _layer_avg_bits(table, lp, cost) -> float:
-    from automl_compress.database.allocate import _pattern_index
+    from automl_compress.database.knapsack import pattern_index
 
-    ob = table.option_bits(cost)[_pattern_index(table, lp.pattern)]
+    ob = table.option_bits(cost)[pattern_index(table, lp.pattern)]
     idx = np.searchsorted(np.asarray(table.bits), np.asarray(lp.row_bits))
     return float(ob[idx].sum()) / table.info.numel
 

@@ -1,4 +1,4 @@
-"""Export: bit packing, round trip to a float model with identical outputs, plan inside, and a
+"""Export: round trip to a float model with identical outputs, plan inside, and a
 payload that is what the size model counts (on TinyNet part by part, on every installed zoo
 task against results.json's size_bytes)."""
 
@@ -20,23 +20,10 @@ from automl_compress.evaluate import correct
 from automl_compress.export import (
     export_compressed,
     load_compressed,
-    pack_bits,
     read_plan,
-    unpack_bits,
 )
 from automl_compress.plan import CompressionPlan, LayerPlan
 from automl_compress.stitch import stitch
-
-
-@pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 7, 8])
-def test_pack_unpack_round_trip(bits):
-    rng = np.random.default_rng(bits)
-    values = rng.integers(0, 2**bits, size=1001).astype(np.uint8)
-    packed = pack_bits(values, bits)
-    assert packed.nbytes == math.ceil(1001 * bits / 8)
-    np.testing.assert_array_equal(unpack_bits(packed, bits, 1001), values)
-    with pytest.raises(InvalidInputError):
-        pack_bits(np.array([2**bits], dtype=np.uint16), bits)
 
 
 @pytest.fixture(scope="module")
@@ -156,27 +143,6 @@ def test_payload_is_what_the_cost_model_counts(setup, tmp_path, seed):
     x = torch.cat(list(task.calib))
     with torch.no_grad():
         assert torch.equal(model(x), reloaded(x))
-
-
-def test_nm_indices_pad_groups_that_keep_fewer_than_n():
-    from automl_compress.export import _nm_decode, _nm_encode, nm_groups
-
-    rng = np.random.default_rng(0)
-    cols, m, n, area = 36, 4, 2, 9  # a 3x3 conv with 4 input channels: groups across channels
-    groups = nm_groups(cols, m, area)
-    assert sorted(groups.reshape(-1).tolist()) == list(range(cols))
-    assert groups[0].tolist() == [0, 9, 18, 27]  # one tap, four input channels
-    mask = np.zeros((4, cols), dtype=bool)
-    for r in range(4):
-        for g in groups:
-            mask[r, rng.choice(g, size=1 if r == 0 else n, replace=False)] = True
-    idx, full = _nm_encode(mask, n, m, area)
-    assert idx.shape == (4, cols // m, n) and int(idx.max()) < m
-    assert np.array_equal(full[1:], mask[1:]) and (full[0] >= mask[0]).all()
-    assert full.sum(axis=1).tolist() == [cols // 2] * 4
-    assert np.array_equal(_nm_decode(idx, cols, m, area), full)
-    mask[0, groups[0]] = True  # four kept in one group: not 2:4
-    assert _nm_encode(mask, n, m, area) is None
 
 
 ZOO = {

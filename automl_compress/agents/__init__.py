@@ -4,7 +4,8 @@
 pipeline and torch).
 """
 
-from automl_compress.agents.hierarchical import MetricOracle, Search, Tracker
+from automl_compress.agents.hierarchical import Search
+from automl_compress.agents.tracking import MetricOracle, Tracker
 from automl_compress.agents.transfer import check_manifest, read_manifest, save_policy
 
 __all__ = ["MetricOracle", "Search", "Tracker", "check_manifest", "read_manifest", "save_policy"]

@@ -24,7 +24,7 @@ import numpy as np
 from automl_compress.config import Config
 from automl_compress.database.allocate import ENV_DP_CELLS, allocate_dp, knapsack_layer
 from automl_compress.database.tables import LayerTable
-from automl_compress.envs.compression_env import TOL
+from automl_compress.envs.episode import TOL
 from automl_compress.envs.policy import LayerAllocator, RowAllocator, RowRequest
 
 

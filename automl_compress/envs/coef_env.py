@@ -51,7 +51,7 @@ from automl_compress.database.allocate import (
 )
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features
-from automl_compress.envs.compression_env import EpisodeSummary
+from automl_compress.envs.episode import EpisodeSummary
 from automl_compress.errors import ConfigError, InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan
 

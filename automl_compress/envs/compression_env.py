@@ -24,14 +24,17 @@ tables (:mod:`automl_compress.agents.policies`: the exact knapsack, one width, t
 
 Budget: with B the model's bit budget, U the bits already spent and m_j the cheapest possible
 cost of layer j, a layer action is allowed iff ``U + budget_l + Σ_{j>l} m_j ≤ B``; a group action
-iff ``layer_used + cost_g + Σ_{later groups} n_g · c_lo ≤ budget_l``. The cheapest choice always
-passes (by induction from ``B ≥ Σ m_j``, checked at construction), so every episode ends within
-budget. ``action_masks()`` gives the allowed actions (sb3-contrib's MaskablePPO); an action outside
-the mask (e.g. sampled by ``check_env``) is *projected* to the dearest allowed choice that costs
-no more (else the cheapest), and the projection is reported in ``info["projected"]`` and counted
-in ``info["projections"]`` and the episode summary.
+iff ``layer_used + cost_g + Σ_{later groups} n_g · c_lo ≤ budget_l``
+(:class:`~automl_compress.envs.episode.LayerState`). The cheapest choice always passes (by
+induction from ``B ≥ Σ m_j``, checked at construction), so every episode ends within budget.
+``action_masks()`` gives the allowed actions (sb3-contrib's MaskablePPO); an action outside the
+mask (e.g. sampled by ``check_env``) is *projected* to the dearest allowed choice that costs no
+more (else the cheapest), and the projection is reported in ``info["projected"]`` and counted in
+``info["projections"]`` and the episode summary.
 
 Observations: :mod:`automl_compress.envs.features`. Rewards: :mod:`automl_compress.envs.rewards`.
+Episode bookkeeping (the summary, the layer being decided, projection):
+:mod:`automl_compress.envs.episode`.
 """
 
 from __future__ import annotations
@@ -39,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import gymnasium as gym
@@ -49,50 +51,14 @@ from automl_compress.config import Config
 from automl_compress.database.allocate import min_feasible_avg_bits
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features, rewards
+from automl_compress.envs.episode import TOL, EpisodeSummary, LayerState, project
 from automl_compress.envs.ladder import build_ladder
 from automl_compress.envs.policy import LayerAllocator, Policy, RowAllocator, RowRequest
 from automl_compress.errors import ConfigError, InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan, LayerPlan
 
 MODES = ("layer", "channel", "flat")
-TOL = 1e-6
-
-
-@dataclass(frozen=True)
-class EpisodeSummary:
-    """What one finished episode produced.
-
-    Attributes:
-        plan: the compression plan (always within budget).
-        reward: the episode's return (step terms + end term).
-        metric: the true held-out metric, ``nan`` when this episode was not measured.
-        avg_bits: average bits per compressible weight (metadata included).
-        proxy_error: the plan's summed exact table error.
-        projections: actions that had to be projected onto the allowed set.
-        steps: agent steps in the episode.
-    """
-
-    plan: CompressionPlan
-    reward: float
-    metric: float
-    avg_bits: float
-    proxy_error: float
-    projections: int
-    steps: int
-
-
-@dataclass
-class _Layer:
-    """Per-episode state of the layer being decided."""
-
-    p: int  # index into the table's patterns
-    budget: float
-    order: np.ndarray  # kept rows, most important first
-    groups: list[np.ndarray]
-    row_bits: np.ndarray
-    used: float = 0.0
-    j: int = 0
-    prev_group: int = 0
+__all__ = ["MODES", "TOL", "CompressionEnv", "EpisodeSummary"]
 
 
 class CompressionEnv(gym.Env):
@@ -249,7 +215,7 @@ class CompressionEnv(gym.Env):
         self._l = 0
         self._phase = "layer"
         self._used = 0.0
-        self._layer: _Layer | None = None
+        self._layer: LayerState | None = None
         self._plan: dict[str, LayerPlan] = {}
         self._pending = 0.0
         self._error = 0.0
@@ -280,47 +246,19 @@ class CompressionEnv(gym.Env):
         lim = self.budget_total - self._used - self.min_rest[self._l + 1] + TOL
         return self.ladder.valid[self._l] & (self._layer_budgets() <= lim)
 
-    def _group_mask_abs(self) -> np.ndarray:
-        """Allowed width indices for the current group (absolute, by the budget rule)."""
-        st = self._layer
-        assert st is not None
-        ob = self.option_bits[self._l][st.p]
-        size = len(st.groups[st.j])
-        rest = sum(len(g) for g in st.groups[st.j + 1:]) * float(ob.min())
-        return st.used + size * ob + rest <= st.budget + TOL
-
-    def _group_widths(self) -> np.ndarray:
-        """Width index taken by each group action: ``clip(i* + a − c, 0, nb − 1)``."""
-        st = self._layer
-        assert st is not None
-        ob = self.option_bits[self._l][st.p]
-        undecided = sum(len(g) for g in st.groups[st.j:])
-        share = (st.budget - st.used) / max(undecided, 1)
-        fits = np.flatnonzero(ob <= share + TOL)
-        i_star = int(fits[np.argmax(ob[fits])]) if len(fits) else int(np.argmin(ob))
-        center = (self.n_bits - 1) // 2
-        return np.clip(i_star + np.arange(self.n_bits) - center, 0, self.n_bits - 1)
-
     def _group_mask(self) -> np.ndarray:
-        return self._group_mask_abs()[self._group_widths()]
+        st = self._layer
+        assert st is not None
+        ob = self.option_bits[self._l][st.p]
+        return st.allowed_widths(ob)[st.relative_widths(ob, self.n_bits)]
 
     def _layer_step(self, a: int) -> bool:
         mask = self._layer_mask()
         projected = not (0 <= a < self.n_layer_actions and mask[a])
         if projected:
-            a = self._project(a, mask, self._layer_budgets())
+            a = project(a, mask, self._layer_budgets())
         self._apply_layer(a)
         return projected
-
-    @staticmethod
-    def _project(a: int, mask: np.ndarray, cost: np.ndarray) -> int:
-        """The dearest allowed action costing no more than ``a`` (else the cheapest allowed)."""
-        allowed = np.flatnonzero(mask)
-        want = cost[a] if 0 <= a < len(cost) else np.inf
-        cheaper = allowed[cost[allowed] <= want + TOL]
-        if len(cheaper):
-            return int(cheaper[np.argmax(cost[cheaper])])
-        return int(allowed[np.argmin(cost[allowed])])
 
     def _apply_layer(self, a: int) -> None:
         pi, fi, k = self.ladder.decode(a)
@@ -338,33 +276,21 @@ class CompressionEnv(gym.Env):
         if len(removed):
             self._charge(float(t.errors[removed, p, 0].sum()))
         groups = np.array_split(kept, min(self.K, keep)) if keep > 0 else []
-        self._layer = _Layer(p, budget, kept, list(groups), row_bits)
+        self._layer = LayerState(p, budget, kept, list(groups), row_bits)
         self._phase = "group"
 
     def _group_step(self, a: int) -> bool:
+        st = self._layer
+        assert st is not None
+        ob = self.option_bits[self._l][st.p]
         mask = self._group_mask()
         projected = not (0 <= a < self.n_bits and mask[a])
         if projected:
-            a = self._project_group(a, mask)
-        self._apply_group(a)
+            a = project(a, mask, ob[st.relative_widths(ob, self.n_bits)])
+        w = int(st.relative_widths(ob, self.n_bits)[a])
+        rows = st.assign(w, self.menu_bits[w], float(ob[w]))
+        self._charge(float(self.tables[self._l].errors[rows, st.p, w].sum()))
         return projected
-
-    def _project_group(self, a: int, mask: np.ndarray) -> int:
-        st = self._layer
-        assert st is not None
-        cost = self.option_bits[self._l][st.p][self._group_widths()]
-        return self._project(a, mask, cost)
-
-    def _apply_group(self, action: int) -> None:
-        st, t = self._layer, self.tables[self._l]
-        assert st is not None
-        a = int(self._group_widths()[action])
-        rows = st.groups[st.j]
-        st.row_bits[rows] = self.menu_bits[a]
-        st.used += len(rows) * float(self.option_bits[self._l][st.p, a])
-        self._charge(float(t.errors[rows, st.p, a].sum()))
-        st.prev_group = a
-        st.j += 1
 
     def _finish_layer(self) -> None:
         st, t = self._layer, self.tables[self._l]
@@ -387,7 +313,7 @@ class CompressionEnv(gym.Env):
                 continue
             st = self._layer
             assert st is not None
-            if st.j >= len(st.groups):
+            if st.decided:
                 self._finish_layer()
                 continue
             if self.mode in ("channel", "flat"):
@@ -401,12 +327,8 @@ class CompressionEnv(gym.Env):
             self._start_layer(p, 0, budget)
             return
         assert callable(self.layer_policy)
-        mask = self._layer_mask()
-        a = int(self.layer_policy(self._obs(), mask))
-        if not (0 <= a < self.n_layer_actions and mask[a]):
-            self._projections += 1
-            a = self._project(a, mask, self._layer_budgets())
-        self._apply_layer(a)
+        a = int(self.layer_policy(self._obs(), self._layer_mask()))
+        self._projections += int(self._layer_step(a))
 
     def _auto_groups(self) -> None:
         st, t = self._layer, self.tables[self._l]
@@ -421,13 +343,9 @@ class CompressionEnv(gym.Env):
             st.j = len(st.groups)
             return
         assert callable(self.channel_policy)
-        while st.j < len(st.groups):
-            mask = self._group_mask()
-            a = int(self.channel_policy(self._obs(), mask))
-            if not (0 <= a < self.n_bits and mask[a]):
-                self._projections += 1
-                a = self._project_group(a, mask)
-            self._apply_group(a)
+        while not st.decided:
+            a = int(self.channel_policy(self._obs(), self._group_mask()))
+            self._projections += int(self._group_step(a))
 
     def _finish_episode(self) -> float:
         plan = CompressionPlan(dict(self._plan), meta={
@@ -445,8 +363,6 @@ class CompressionEnv(gym.Env):
     # Observation
 
     def _obs(self) -> np.ndarray:
-        nz = sum(1 for b in self.menu_bits if b > 0)
-        n_pat = len(self.menu_patterns)
         l_ = min(self._l, len(self.tables) - 1)
         rem_weights = float(self.numel[self._l:].sum()) if not self._done else 0.0
         budget = [
@@ -454,20 +370,12 @@ class CompressionEnv(gym.Env):
             (self.budget_total - self._used) / max(rem_weights, 1.0) / 8.0,
             rem_weights / self.total_weights,
         ]
-        channel = np.zeros(5 + nz)
-        phase = 0.0
         st = self._layer
-        if st is not None and self._phase == "group" and st.j < len(st.groups):
-            t = self.tables[self._l]
-            g = st.groups[st.j]
-            undecided = sum(len(x) for x in st.groups[st.j:]) * t.info.cols
-            channel[:5] = [
-                st.j / len(st.groups), len(g) / t.info.rows,
-                (st.budget - st.used) / max(undecided, 1) / 8.0,
-                st.prev_group / max(self.n_bits - 1, 1),
-                self.menu_patterns.index(t.patterns[st.p]) / max(n_pat - 1, 1),
-            ]
-            channel[5:] = features.group_curve(t.errors[g, st.p, :], t.bits)
+        if st is not None and self._phase == "group" and not st.decided:
+            channel = st.channel_features(self.tables[self._l], self.n_bits, self.menu_patterns)
             phase = 1.0
+        else:
+            channel = np.zeros(5 + sum(1 for b in self.menu_bits if b > 0))
+            phase = 0.0
         return self.layout.build(layer=self.static[l_], budget=budget, previous=self._prev_layer,
                                  channel=channel, phase=[phase])

@@ -26,7 +26,7 @@ from automl_compress.config import Config
 from automl_compress.database.allocate import min_feasible_avg_bits
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features, rewards
-from automl_compress.envs.compression_env import EpisodeSummary
+from automl_compress.envs.episode import EpisodeSummary
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.plan import CompressionPlan, LayerPlan
 

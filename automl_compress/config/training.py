@@ -1,0 +1,183 @@
+"""The config sections of the RL search: the compression environment and its controllers.
+
+:class:`EnvConfig` shapes the episodes (budgets, groups, reward weights, action ladders, the
+coefficient form's actions) and :class:`AgentConfig` the controllers that act in them (form,
+action, which controllers learn, the PPO schedule). Both are typed, frozen and validate
+themselves in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from automl_compress.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """The compression environment (docs/env.md; formula in automl_compress/envs/rewards.py).
+
+    Attributes:
+        budget_bits: the budget in average bits per compressible weight (metadata included).
+        budget_range: () or (low, high): train one policy for every budget of the grid from low
+            to high in steps of ``budget_step`` (the observation carries the budget); the run's
+            plan is for ``budget_bits``, which must lie in the range.
+        budget_step: the grid step of ``budget_range``.
+        groups: K, the channel controller's importance groups per layer.
+        step_reward_weight: w_step of the per-step table-error term.
+        metric_reward_weight: w_metric of the episode-end true-metric term.
+        layer_levels: budget levels per layer (a ladder from the layer's cheapest to its
+            dearest option).
+        prune_fractions: the layer controller's 0-bit fractions (least important rows removed);
+            only the first (0.0) is offered when the menu has no 0 bits.
+        metric_every: the true metric is measured every this many episodes (and for the final
+            candidates); other episodes get no end term. The coefficient form
+            (``agent.action='coefficient'``) measures every episode: its episodes have no
+            per-step reward, so an unmeasured one would teach nothing but the proxy.
+        coef_levels: the coefficient form's actions: this many log10 coefficients from
+            ``-coef_span`` to ``coef_span`` (odd, so the middle one is 0 = the calibrated DP).
+        coef_span: the largest |log10| coefficient of the coefficient form.
+        coef_proxy_weight: the coefficient form's w_step: the weight of its penalty for leaving
+            the proxy optimum (envs/coef_env.py).
+    """
+
+    budget_bits: float = 4.0
+    budget_range: tuple[float, ...] = ()
+    budget_step: float = 0.25
+    groups: int = 8
+    step_reward_weight: float = 1.0
+    metric_reward_weight: float = 1.0
+    layer_levels: int = 16
+    prune_fractions: tuple[float, ...] = (0.0, 0.125, 0.25, 0.5)
+    metric_every: int = 8
+    coef_levels: int = 9
+    coef_span: float = 1.0
+    coef_proxy_weight: float = 0.1
+
+    def budgets(self) -> tuple[float, ...]:
+        """The budgets episodes draw from: the grid of ``budget_range``, else ``budget_bits``."""
+        if not self.budget_range:
+            return (self.budget_bits,)
+        lo, hi = self.budget_range
+        n = int(round((hi - lo) / self.budget_step))
+        grid = {round(lo + k * (hi - lo) / max(n, 1), 6) for k in range(n + 1)}
+        return tuple(sorted(grid | {round(self.budget_bits, 6)}))
+
+    def __post_init__(self) -> None:
+        if self.coef_levels < 3 or self.coef_levels % 2 == 0:
+            raise ConfigError(f"env.coef_levels must be odd and >= 3, found {self.coef_levels}")
+        if self.coef_proxy_weight < 0:
+            raise ConfigError(f"env.coef_proxy_weight must be >= 0, found "
+                              f"{self.coef_proxy_weight}")
+        if not 0.0 < self.coef_span <= 4.0:
+            raise ConfigError(f"env.coef_span must be in (0, 4], found {self.coef_span}")
+        r = self.budget_range
+        if r and (len(r) != 2 or not 0.0 < r[0] < r[1] <= 32.0):
+            raise ConfigError(f"env.budget_range must be empty or [low, high] with 0 < low < high, "
+                              f"found {list(r)}")
+        if r and not r[0] - 1e-9 <= self.budget_bits <= r[1] + 1e-9:
+            raise ConfigError(f"env.budget_bits {self.budget_bits} is outside env.budget_range "
+                              f"{list(r)}; the run's plan is for budget_bits")
+        if self.budget_step <= 0:
+            raise ConfigError(f"env.budget_step must be > 0, found {self.budget_step}")
+        if not 0.0 < self.budget_bits <= 32.0:
+            raise ConfigError(f"env.budget_bits must be in (0, 32], found {self.budget_bits}")
+        if self.groups < 1:
+            raise ConfigError(f"env.groups must be >= 1, found {self.groups}")
+        if self.step_reward_weight < 0 or self.metric_reward_weight < 0:
+            raise ConfigError(
+                "env.step_reward_weight and env.metric_reward_weight must be >= 0, found "
+                f"{self.step_reward_weight} and {self.metric_reward_weight}"
+            )
+        if self.layer_levels < 2:
+            raise ConfigError(f"env.layer_levels must be >= 2, found {self.layer_levels}")
+        fr = self.prune_fractions
+        if not fr or fr[0] != 0.0 or any(not 0.0 <= f < 1.0 for f in fr) or list(fr) != sorted(
+            set(fr)
+        ):
+            raise ConfigError(
+                "env.prune_fractions must be ascending, distinct, in [0, 1) and start with 0.0, "
+                f"found {list(fr)}"
+            )
+        if self.metric_every < 1:
+            raise ConfigError(f"env.metric_every must be >= 1, found {self.metric_every}")
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """The controllers (docs/env.md §4).
+
+    Attributes:
+        form: 'hierarchical' (two SB3 models trained in alternation), 'flat' (one MaskablePPO on
+            the two-phase episode) or 'haq' (HAQ-style DDPG baseline).
+        action: what the hierarchical controllers decide: 'budget' (a layer budget level,
+            pattern and 0-bit fraction per layer, a bit-width per row group;
+            envs/compression_env.py) or 'coefficient' (a log10 coefficient per layer and per row
+            group that the exact DP over layers and knapsack within layers turn into the plan;
+            envs/coef_env.py).
+        layer_controller: 'learned' or 'dp' (the calibrated DP's layer budgets; with
+            action='coefficient': coefficient 0).
+        channel_controller: 'learned', 'knapsack' (exact per-row knapsack; with
+            action='coefficient': multiplier 1) or 'uniform' (action='budget' only).
+        metric_fraction: the share of the validation split each training episode is scored on
+            (the final candidates are scored on all of it).
+        neutral_prior: action='coefficient': the initial policies' logit bonus for the neutral
+            coefficient (0), so that training starts around the calibrated DP plan instead of
+            uniformly random coefficients.
+        total_steps: environment steps of training at most, all controllers together (training
+            also ends when its evaluations are spent).
+        n_steps: rollout length per PPO update.
+        batch_size: PPO minibatch size.
+        n_epochs: PPO epochs per update.
+        learning_rate: optimiser step size.
+        round_steps: steps one controller trains before the other takes its turn.
+        checkpoint_every: steps between resumable checkpoints.
+        final_candidates: deterministic rollouts of the final policy that are evaluated on the
+            true metric (candidates for the best plan).
+    """
+
+    form: str = "hierarchical"
+    action: str = "coefficient"
+    layer_controller: str = "learned"
+    channel_controller: str = "learned"
+    total_steps: int = 16384
+    n_steps: int = 128
+    batch_size: int = 64
+    n_epochs: int = 10
+    learning_rate: float = 1e-3
+    round_steps: int = 1024
+    checkpoint_every: int = 1024
+    final_candidates: int = 4
+    metric_fraction: float = 0.5
+    neutral_prior: float = 2.0
+
+    def __post_init__(self) -> None:
+        choices = {
+            "form": ("hierarchical", "flat", "haq"),
+            "action": ("budget", "coefficient"),
+            "layer_controller": ("learned", "dp"),
+            "channel_controller": ("learned", "knapsack", "uniform"),
+        }
+        for key, allowed in choices.items():
+            if getattr(self, key) not in allowed:
+                raise ConfigError(
+                    f"agent.{key} must be one of {list(allowed)}, found {getattr(self, key)!r}"
+                )
+        if self.layer_controller == "dp" and self.channel_controller != "learned":
+            raise ConfigError(
+                "agent.layer_controller='dp' with a non-learned channel controller leaves nothing "
+                "to learn; use `automl-compress compress --method dp` or set one controller to "
+                "'learned'"
+            )
+        for key in ("total_steps", "n_steps", "batch_size", "n_epochs", "round_steps",
+                    "checkpoint_every", "final_candidates"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"agent.{key} must be >= 1, found {getattr(self, key)}")
+        if self.action == "coefficient" and self.channel_controller == "uniform":
+            raise ConfigError("agent.channel_controller='uniform' has no coefficient form; use "
+                              "'learned' or 'knapsack' with agent.action='coefficient'")
+        if not 0.0 < self.metric_fraction <= 1.0:
+            raise ConfigError(f"agent.metric_fraction must be in (0, 1], found "
+                              f"{self.metric_fraction}")
+        if not 0.0 < self.learning_rate < 1.0:
+            raise ConfigError(f"agent.learning_rate must be in (0, 1), found {self.learning_rate}")
