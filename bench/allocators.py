@@ -55,6 +55,21 @@ def _row(prepared: pipeline.Prepared, method: str, budget: float, evaluations: f
             "start_val": sel.get("start_val")}
 
 
+def _jobs(budgets: list[float], methods: list[str], evaluations: list[int],
+          default: str) -> list[tuple[float, str, int | None, str, str]]:
+    """(budget, method, evaluations, objective, label) of every row, in table order."""
+    jobs: list[tuple[float, str, int | None, str, str]] = []
+    for budget in budgets:
+        jobs += [(budget, m, None, default, f"{budget:g}/{m}") for m in ("rtn", "uniform")
+                 if m in methods]
+        if "dp" in methods:
+            jobs += [(budget, "dp", None, name, f"{budget:g}/dp-{name}")
+                     for name in (*OBJECTIVES, AUTO)]
+        jobs += [(budget, m, e, default, f"{budget:g}/{m}-{e}/{default}")
+                 for m in ("spdy", "evo") if m in methods for e in evaluations]
+    return jobs
+
+
 def bench_config(path: str, overrides: list[str], budgets: list[float], evaluations: list[int],
                  work: Path, methods: list[str]) -> None:
     cfg = load_config(path, overrides)
@@ -94,19 +109,7 @@ def bench_config(path: str, overrides: list[str], budgets: list[float], evaluati
           "| wall s |")
     print("|---:|---|---|---:|---:|---:|---:|---|---:|")
     have = {r["label"]: r for r in done["rows"]}
-    jobs = []
-    for budget in budgets:
-        for m in ("rtn", "uniform"):
-            if m in methods:
-                jobs.append((budget, m, None, default, f"{budget:g}/{m}"))
-        if "dp" in methods:
-            for name in (*OBJECTIVES, AUTO):
-                jobs.append((budget, "dp", None, name, f"{budget:g}/dp-{name}"))
-        for m in ("spdy", "evo"):
-            if m in methods:
-                for e in evaluations:
-                    jobs.append((budget, m, e, default, f"{budget:g}/{m}-{e}/{default}"))
-    for budget, method, evals, obj_name, label in jobs:
+    for budget, method, evals, obj_name, label in _jobs(budgets, methods, evaluations, default):
         row = have.get(label)
         if row is None:
             prepared.cfg = dataclasses.replace(

@@ -169,6 +169,21 @@ def _quantize_values(p: LayerProblem, pr, bits: int):
     return SolveResult(W_hat, row_errors(p.W, W_hat, p.H), mask=pr.mask)
 
 
+def _prune_entry(p: LayerProblem, acc: str, k: int, masks: dict, energy: float) -> dict:
+    """One accounting's pruning result at ``k`` kept weights per row."""
+    cols = p.W.shape[1]
+    if k <= 0:
+        return {"kept": k, "error": 1.0, "solver": "all pruned"}
+    if k >= cols:
+        return {"kept": k, "error": None, "solver": "dense fits"}
+    pr, name = masks[k]
+    if pr is None:
+        return {"kept": k, "density": k / cols, "error": None, "solver": name}
+    if acc == "8bit":
+        pr = _quantize_values(p, pr, 8)
+    return {"kept": k, "density": k / cols, "error": _rel(pr, energy), "solver": name}
+
+
 def study_layer(p: LayerProblem) -> dict:
     """Errors of quantization and pruning at every budget for one layer (see the module doc)."""
     W, H = p.W, p.H
@@ -211,24 +226,8 @@ def study_layer(p: LayerProblem) -> dict:
             pr = chita_prune(W, H, warm_start=pr)
             name = f"chita<-{pmethod}"
         masks[k] = (pr, name)
-    prune: dict[str, dict] = {}
-    for acc, per_b in wanted.items():
-        prune[acc] = {}
-        for b, k in per_b.items():
-            if k <= 0:
-                prune[acc][b] = {"kept": k, "error": 1.0, "solver": "all pruned"}
-                continue
-            if k >= cols:
-                prune[acc][b] = {"kept": k, "error": None, "solver": "dense fits"}
-                continue
-            pr, name = masks[k]
-            if pr is None:
-                prune[acc][b] = {"kept": k, "density": k / cols, "error": None, "solver": name}
-                continue
-            if acc == "8bit":
-                pr = _quantize_values(p, pr, 8)
-            prune[acc][b] = {"kept": k, "density": k / cols, "error": _rel(pr, energy),
-                             "solver": name}
+    prune = {acc: {b: _prune_entry(p, acc, k, masks, energy) for b, k in per_b.items()}
+             for acc, per_b in wanted.items()}
     return {
         "task": p.task, "layer": p.name, "rows": rows, "cols": cols, "n_samples": p.n_samples,
         "kurtosis": excess_kurtosis(W), "quant_method": qmethod, "prune_method": pmethod,

@@ -14,10 +14,10 @@ from torch import nn
 from automl_compress import pipeline
 from automl_compress.distances import get_distance
 from automl_compress.errors import ObjectiveError
+from automl_compress.loss_objective import fit_layer_weight
 from automl_compress.objectives import (
     ObjectiveName,
     fisher_diagonal,
-    fit_layer_weight,
     output_energy,
     weigh,
 )

@@ -29,6 +29,8 @@ from automl_compress.agents.hierarchical import Search
 from automl_compress.agents.transfer import (
     check_manifest,
     controller_names,
+    load_models,
+    policy_folder,
     read_manifest,
     save_policy,
 )
@@ -57,29 +59,6 @@ class PolicyRun:
     extra: dict[str, Any]
     steps: int
     wall_before: float = 0.0
-
-
-def load_models(policy_dir: str | Path, names: list[str]) -> dict[str, Any]:
-    """Load the SB3 zips of a policy folder (spaces are checked when they meet an env).
-
-    Raises:
-        PolicyMismatchError: a zip the manifest names is missing or unreadable.
-    """
-    from sb3_contrib import MaskablePPO
-    from stable_baselines3 import DDPG
-
-    out = {}
-    for n in names:
-        path = Path(policy_dir) / f"{n}.zip"
-        cls = DDPG if n == "haq" else MaskablePPO
-        try:
-            out[n] = cls.load(str(path), device="cpu")
-        except (OSError, ValueError, KeyError) as exc:
-            raise PolicyMismatchError(
-                f"expected a readable {cls.__name__} model at {str(path)!r}, found an error "
-                f"({exc}); re-run `automl-compress train` to write the policy"
-            ) from None
-    return out
 
 
 def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
@@ -269,12 +248,6 @@ def start_training(prepared: pipeline.Prepared, policy_dir: str | Path, total_st
     return Training(prepared, calibration, policy_dir, int(total_steps),
                     _training_budget(evaluations, calibration), state, models,
                     time.perf_counter() if started is None else started)
-
-
-def policy_folder(policy: str | Path) -> Path:
-    """The policy folder of a train run directory (``RUN/policy``), or ``policy`` itself."""
-    p = Path(policy)
-    return p / "policy" if (p / "policy").is_dir() else p
 
 
 @dataclass(frozen=True)

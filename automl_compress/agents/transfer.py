@@ -134,3 +134,32 @@ def check_manifest(manifest: Mapping[str, Any], cfg: Config) -> None:
             "same menu (menu.bits, menu.patterns), env.groups, env.layer_levels, "
             "env.prune_fractions and agent controllers it was trained with, or train a new one"
         )
+
+
+def policy_folder(policy: str | Path) -> Path:
+    """The policy folder of a train run directory (``RUN/policy``), or ``policy`` itself."""
+    p = Path(policy)
+    return p / "policy" if (p / "policy").is_dir() else p
+
+
+def load_models(policy_dir: str | Path, names: list[str]) -> dict[str, Any]:
+    """Load the SB3 zips of a policy folder (spaces are checked when they meet an env).
+
+    Raises:
+        PolicyMismatchError: a zip the manifest names is missing or unreadable.
+    """
+    from sb3_contrib import MaskablePPO
+    from stable_baselines3 import DDPG
+
+    out = {}
+    for n in names:
+        path = Path(policy_dir) / f"{n}.zip"
+        cls = DDPG if n == "haq" else MaskablePPO
+        try:
+            out[n] = cls.load(str(path), device="cpu")
+        except (OSError, ValueError, KeyError) as exc:
+            raise PolicyMismatchError(
+                f"expected a readable {cls.__name__} model at {str(path)!r}, found an error "
+                f"({exc}); re-run `automl-compress train` to write the policy"
+            ) from None
+    return out

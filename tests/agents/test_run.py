@@ -8,6 +8,7 @@ from _compress_task import tiny_config
 
 from automl_compress import pipeline
 from automl_compress.agents import run as agent_run
+from automl_compress.agents.transfer import policy_folder
 from automl_compress.errors import ConfigError, InfeasibleBudgetError, PolicyMismatchError
 
 TASK = "_compress_task:make_task"
@@ -69,6 +70,6 @@ def test_open_policy_checks_its_arguments_before_reading(prepared, tmp_path):
 
 
 def test_policy_folder_of_a_run_or_itself(tmp_path):
-    assert agent_run.policy_folder(tmp_path) == tmp_path
+    assert policy_folder(tmp_path) == tmp_path
     (tmp_path / "policy").mkdir()
-    assert agent_run.policy_folder(tmp_path) == tmp_path / "policy"
+    assert policy_folder(tmp_path) == tmp_path / "policy"

@@ -11,9 +11,8 @@ from synth import synth_config, synth_tables
 
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
-from automl_compress.agents.run import load_models
 from automl_compress.agents.tracking import MetricOracle
-from automl_compress.agents.transfer import check_manifest, read_manifest, save_policy
+from automl_compress.agents.transfer import check_manifest, load_models, read_manifest, save_policy
 from automl_compress.config import load_config
 from automl_compress.database.allocate import plan_avg_bits, plan_error
 from automl_compress.envs.features import FEATURE_VERSION
