@@ -188,8 +188,9 @@ class AllocConfig:
     Attributes:
         objective: the calibrated objective every allocator and the env's step reward minimise
             (automl_compress/objectives.py, docs/objectives.md): 'raw', 'normalized', 'fisher'
-            or 'loss'; 'auto' chooses among ``auto_objectives`` on the validation split (the DP
-            plan of each at the run's budget is scored; the choice's evaluations are counted).
+            or 'loss'; 'auto' (default) chooses among ``auto_objectives`` on the validation split
+            together with the statistics corrections (the DP plan of each at the run's budget
+            is scored; the choice's evaluations are counted; automl_compress/selection.py).
         auto_objectives: 'auto': the candidates, in order of preference on ties.
         fisher_probes: 'fisher': random probes back-propagated per calibration batch.
         loss_batches: 'loss': calibration batches each layer × option is measured on.
@@ -204,7 +205,7 @@ class AllocConfig:
             The result depends on this number, never on the executor.
     """
 
-    objective: str = "normalized"
+    objective: str = "auto"
     auto_objectives: tuple[str, ...] = ("normalized", "fisher")
     fisher_probes: int = 4
     loss_batches: int = 2
