@@ -62,7 +62,8 @@ _NESTED_FLAG = "_automl_compress_use_nested_tensor"
 def _causal_hint(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                  need_weights: bool, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
     """The masks after the ``is_causal`` hint: dropped where scaled_dot_product_attention applies
-    the causal mask itself, and no longer causal once merged with a padding mask."""
+    the causal mask itself, and no longer causal once merged with a padding mask.
+    """
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -277,7 +278,8 @@ class UnfusedMultiheadAttention(nn.Module):
                       attn_mask: torch.Tensor | None, dropout_p: float, bsz: int,
                       average_attn_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention with its weights (explicit softmax): the (L·N, E) input of ``out_proj`` and
-        the (N, heads, L, S) weights, averaged over heads when ``average_attn_weights``."""
+        the (N, heads, L, S) weights, averaged over heads when ``average_attn_weights``.
+        """
         B, Nt, E = q.shape
         q_scaled = q * math.sqrt(1.0 / float(E))
         if attn_mask is not None:
@@ -395,6 +397,7 @@ def fuse_attention(model: nn.Module) -> nn.Module:
 
 def unfuse_task(task: Task) -> Task:
     """The task with its model unfused (:func:`unfuse_attention`); the same task when the model
-    holds no ``nn.MultiheadAttention``. The user's model object is not modified."""
+    holds no ``nn.MultiheadAttention``. The user's model object is not modified.
+    """
     model = unfuse_attention(task.model)
     return task if model is task.model else dataclasses.replace(task, model=model)

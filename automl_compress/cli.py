@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_config(args: argparse.Namespace) -> Config:
     """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range/
-    --executor/--address/--workers."""
+    --executor/--address/--workers.
+    """
     cfg = load_config(args.config, list(args.overrides))
     top: dict[str, Any] = {}
     if getattr(args, "device", None):

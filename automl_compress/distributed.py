@@ -245,7 +245,8 @@ class RayExecutor:
 
     def num_gpus(self, device: str) -> float:
         """GPUs per task: ``executor.num_gpus``, or (null) 1 when ``device`` is cuda, or auto on
-        a cluster with GPUs, else 0."""
+        a cluster with GPUs, else 0.
+        """
         if self.cfg.num_gpus is not None:
             return self.cfg.num_gpus
         has_gpus = ray.cluster_resources().get("GPU", 0.0) > 0

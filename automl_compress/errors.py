@@ -81,7 +81,8 @@ class PolicyMismatchError(AutoMLCompressError):
 
 class ObjectiveError(AutoMLCompressError):
     """A calibrated objective that cannot be computed for this model (outputs that are not
-    tensors, a forward that disables gradients, non-finite sensitivities)."""
+    tensors, a forward that disables gradients, non-finite sensitivities).
+    """
 
 
 class TaskError(AutoMLCompressError):
@@ -90,4 +91,5 @@ class TaskError(AutoMLCompressError):
 
 class ExecutorError(AutoMLCompressError):
     """An executor that cannot run: Ray not installed, a cluster that cannot be reached, or a
-    task whose workers kept dying after every retry (docs/distributed.md)."""
+    task whose workers kept dying after every retry (docs/distributed.md).
+    """

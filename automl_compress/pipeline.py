@@ -149,7 +149,8 @@ def _rtn_tables(db: LayerDatabase) -> list[LayerTable]:
 def objective_spec(cfg: Config, name: str | None = None) -> ObjectiveSpec:
     """The objective a config asks for (``name`` overrides ``cfg.alloc.objective``; with
     ``auto``, the first of ``alloc.auto_objectives`` until a run chooses,
-    :func:`automl_compress.selection.calibrate`)."""
+    :func:`automl_compress.selection.calibrate`).
+    """
     a = cfg.alloc
     corrections = ("bias" if cfg.eval.bias_correction else "", cfg.eval.bn_reestimate)
     name = name or (a.auto_objectives[0] if a.objective == AUTO else a.objective)
@@ -243,7 +244,8 @@ def allocate(prepared: Prepared, method: str, budget_bits: float) -> Compression
 def stitched_model(prepared: Prepared, plan: CompressionPlan,
                    eval_cfg: EvalConfig | None = None) -> nn.Module:
     """The plan applied to a copy of the model, with the statistics corrections in force
-    (``eval_cfg`` overrides ``prepared.cfg.eval``)."""
+    (``eval_cfg`` overrides ``prepared.cfg.eval``).
+    """
     model = stitch(prepared.task.model, prepared.db, plan)
     return correct(prepared.task.model, model, prepared.task, plan,
                    eval_cfg or prepared.cfg.eval, prepared.dense_stats())
@@ -251,14 +253,16 @@ def stitched_model(prepared: Prepared, plan: CompressionPlan,
 
 def evaluate_plan(prepared: Prepared, plan: CompressionPlan) -> float:
     """Test-split metric of the stitched, corrected model (higher is better). Only reported:
-    never select on it."""
+    never select on it.
+    """
     return metric(stitched_model(prepared, plan), prepared.task)
 
 
 def validate_plan(prepared: Prepared, plan: CompressionPlan, fraction: float = 1.0,
                   eval_cfg: EvalConfig | None = None) -> float:
     """Validation-split metric of the stitched, corrected model on the first ``fraction`` of
-    the split: what every search selects on."""
+    the split: what every search selects on.
+    """
     validate = prepared.task.validate
     assert validate is not None
     model = stitched_model(prepared, plan, eval_cfg)
@@ -268,7 +272,8 @@ def validate_plan(prepared: Prepared, plan: CompressionPlan, fraction: float = 1
 
 def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] | None:
     """The task's secondary test-split metrics of the stitched, corrected model (None if the
-    task has none)."""
+    task has none).
+    """
     if prepared.task.report is None:
         return None
     return {k: float(v) for k, v in prepared.task.report(stitched_model(prepared, plan)).items()}
@@ -276,7 +281,8 @@ def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] |
 
 def resolved_config(prepared: Prepared) -> Config:
     """The config a run directory records: the corrections it chose, fixed, so that
-    ``evaluate RUN`` re-scores the same model."""
+    ``evaluate RUN`` re-scores the same model.
+    """
     cfg = prepared.cfg
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corrections="fixed"))
 

@@ -74,7 +74,8 @@ class Run:
     @property
     def evaluations(self) -> int | None:
         """True-metric evaluations the method spent (``evaluations``, or the RL runs'
-        ``metric_evaluations``), None when the run does not say."""
+        ``metric_evaluations``), None when the run does not say.
+        """
         for key in ("evaluations", "metric_evaluations"):
             v = self.results.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -267,7 +268,8 @@ def _tasks(runs: Sequence[Run]) -> dict[str, list[Run]]:
 
 def report_figures(runs: Sequence[Run]) -> dict[str, Any]:
     """Every figure of the report, keyed ``curve/<task>`` and ``allocation/<run label>``
-    (matplotlib Figures; :func:`figure_png` / :func:`figure_rgb` render them)."""
+    (matplotlib Figures; :func:`figure_png` / :func:`figure_rgb` render them).
+    """
     figs: dict[str, Any] = {}
     for task, group in _tasks(runs).items():
         figs[f"curve/{task}"] = curve_figure(group, group[0].task)

@@ -57,7 +57,8 @@ def evaluator(prepared: Prepared, budget: float | None = None) -> Evaluator:
 def correction_choices(prepared: Prepared) -> list[EvalConfig]:
     """The statistics corrections worth comparing for this model: the configured one first, then
     bias correction on/off × every BN mode (BN modes only when the model has BatchNorm, bias
-    correction only when a compressed layer has a bias)."""
+    correction only when a compressed layer has a bias).
+    """
     base = prepared.cfg.eval
     has_bn = bool(bn_layers(prepared.task.model))
     has_bias = any(t.info.has_bias for t in prepared.raw_tables)
@@ -78,7 +79,8 @@ def _candidates(prepared: Prepared, names: Sequence[str | None],
                 ) -> tuple[dict[str, Objective], dict[str, str]]:
     """The candidate objectives that can be computed for this model, and why the others cannot
     (e.g. ``fisher`` for a forward that disables gradients: a warning, not an error, while one
-    candidate is left)."""
+    candidate is left).
+    """
     out: dict[str, Objective] = {}
     skipped: dict[str, str] = {}
     last: ObjectiveError | None = None
@@ -158,7 +160,8 @@ def search(prepared: Prepared, method: str, budget_bits: float,
            evaluations: float | None = None) -> SearchResult:
     """A true-metric search ('evo' or 'spdy') from the calibrated DP plan, on the validation
     split, spending at most ``evaluations`` full validation passes (default
-    ``alloc.evaluations``)."""
+    ``alloc.evaluations``).
+    """
     a = prepared.cfg.alloc
     ev = evaluator(prepared, float(evaluations if evaluations is not None else a.evaluations))
     cost = prepared.cfg.cost

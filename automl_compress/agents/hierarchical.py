@@ -117,7 +117,8 @@ class Search:
 
     def reference(self, budget: float) -> float:
         """The calibrated DP plan's score at ``budget`` on the training fraction (the coefficient
-        form's reward reference; counted like any score)."""
+        form's reward reference; counted like any score).
+        """
         assert self.oracle is not None
         v = self.oracle.measure(self.dp_plan(budget), self.oracle.fraction)
         return float(v) if v is not None else self.metric_dense
@@ -194,7 +195,8 @@ class Search:
 
     def train(self, total_steps: int, checkpoint: Callable[[], None] | None = None) -> None:
         """Train the controllers (in turns) until ``progress.steps`` reaches ``total_steps`` or
-        the evaluation budget is spent."""
+        the evaluation budget is spent.
+        """
         cb = StepCallback(self.progress, self.cfg.agent.checkpoint_every, checkpoint,
                           stop=self.exhausted)
         for name, n in self.schedule(self.progress.steps, total_steps):
@@ -213,7 +215,8 @@ class Search:
     def rollout(self, deterministic: bool = True, budget: float | None = None,
                 measure: bool = True) -> EpisodeSummary:
         """One episode of the current policies at ``budget`` (default: the run's); its plan is
-        scored on the whole validation split when ``measure``."""
+        scored on the whole validation split when ``measure``.
+        """
         name = self.names[0]
         env = self._make_raw_env(name)
         model = self.models[name]
@@ -247,7 +250,8 @@ class Search:
     def finalize(self, budget: float | None = None) -> Best:
         """The run's plan at ``budget`` (default: the run's): the best on the whole validation
         split among the deterministic rollout, the pool's best (or sampled rollouts), and the
-        calibrated DP plan."""
+        calibrated DP plan.
+        """
         budget = self.cfg.env.budget_bits if budget is None else budget
         cands: list[CompressionPlan] = [self.rollout(True, budget).plan]
         pool = self.tracker.pools.get(round(budget, 6), [])

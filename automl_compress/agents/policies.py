@@ -32,7 +32,8 @@ from automl_compress.envs.policy import LayerAllocator, RowAllocator, RowRequest
 class KnapsackChannels:
     """The exact multiple-choice knapsack over the kept rows (exact DP up to ``max_cells``
     rows × budget states, the convex-hull greedy above; see
-    :func:`~automl_compress.database.allocate.knapsack_layer`)."""
+    :func:`~automl_compress.database.allocate.knapsack_layer`).
+    """
 
     max_cells: int = ENV_DP_CELLS
 

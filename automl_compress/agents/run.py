@@ -102,7 +102,8 @@ def _training_budget(evaluations: float | None, calibration: dict[str, Any]) -> 
 
 def _calibrate_at_budget(prepared: pipeline.Prepared) -> dict[str, Any]:
     """Check the budget once; choose the objective and the corrections on the DP plan there
-    (:func:`~automl_compress.selection.calibrate`)."""
+    (:func:`~automl_compress.selection.calibrate`).
+    """
     budget = float(prepared.cfg.env.budget_bits)
     pipeline.check_budget(prepared, budget)
     return selection.calibrate(prepared, "dp", budget)

@@ -63,7 +63,8 @@ class MetricOracle:
 
     def __call__(self, plan: CompressionPlan) -> float | None:
         """A training episode's score on ``fraction`` of the split, or None when not scheduled
-        (or, with ``force``, the whole split)."""
+        (or, with ``force``, the whole split).
+        """
         frac = 1.0 if self.force else self.fraction
         known = self.evaluator.known(plan, frac)
         if known is not None:
@@ -90,7 +91,8 @@ class MetricOracle:
     def measure_many(self, plans: list[CompressionPlan],
                      fraction: float = 1.0) -> list[float | None]:
         """:meth:`measure` of each plan, in order, the new ones scored as one batch (in parallel
-        on a Ray executor); the same values and counts as measuring them one by one."""
+        on a Ray executor); the same values and counts as measuring them one by one.
+        """
         values: list[float | None] = list(self.evaluator.many(plans, fraction))
         return values + [self.measure(p, fraction) for p in plans[len(values):]]
 

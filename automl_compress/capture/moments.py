@@ -207,7 +207,8 @@ def layer_state(
     stacklevel: int = 2,
 ) -> LayerState:
     """A fresh accumulator for one layer; block-diagonal (with a warning) above
-    ``max_dense_cols`` columns (``stacklevel``: the warning's, counted from the caller)."""
+    ``max_dense_cols`` columns (``stacklevel``: the warning's, counted from the caller).
+    """
     groups = 1 if isinstance(module, nn.Linear) else int(module.groups)
     cols = math.prod(module.weight.shape[1:])
     if cols > max_dense_cols:

@@ -1,5 +1,6 @@
 """``automl-compress apply``: compress the configured model with a trained policy (zero-shot or
-fine-tuned) and write the run directory."""
+fine-tuned) and write the run directory.
+"""
 
 from __future__ import annotations
 

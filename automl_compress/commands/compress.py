@@ -1,5 +1,6 @@
 """``automl-compress compress``: a plan from an allocator (uniform, dp, rtn) or a search (evo,
-spdy), scored on the test split and written to the run directory."""
+spdy), scored on the test split and written to the run directory.
+"""
 
 from __future__ import annotations
 

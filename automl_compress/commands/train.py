@@ -26,7 +26,8 @@ from automl_compress.executors import open_executor
 def terminate_as_interrupt() -> Iterator[None]:
     """While inside, SIGTERM raises KeyboardInterrupt (so a checkpoint is written); the previous
     handler is restored afterwards. Off the main thread, signals cannot be handled: nothing
-    changes."""
+    changes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return

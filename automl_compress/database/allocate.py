@@ -160,7 +160,8 @@ def dp_candidates(tables: Sequence[LayerTable], cost: CostConfig | None = None,
                   max_cells: int = MAX_DP_CELLS) -> Candidates:
     """Per layer, the DP's candidates: every pattern's within-layer knapsack curve points as
     (pattern, total row bits, error). Computed once and reused by repeated DP solves
-    (:func:`allocate_dp`'s ``candidates``, the SPDY search)."""
+    (:func:`allocate_dp`'s ``candidates``, the SPDY search).
+    """
     return [layer_candidates(t, cost, max_cells) for t in tables]
 
 

@@ -77,7 +77,8 @@ def _capture(task: Task, cap: CaptureConfig, include: tuple[str, ...],
 
 def _forget_corrupt(db: LayerDatabase) -> None:
     """Forget (with a warning at the build's caller) every finished layer whose file is corrupt,
-    so the build re-solves it."""
+    so the build re-solves it.
+    """
     for name in list(db.finished()):
         problem = db.verify_layer(name)
         if problem is not None:

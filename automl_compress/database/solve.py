@@ -121,7 +121,8 @@ def _check_pattern(mask: torch.Tensor, pattern: str, n_blocks: int, name: str) -
 
 class _Codes:
     """One option's codes, scales, zero points and mask for the whole layer, filled piece by
-    piece (scale and zero per (row, column block))."""
+    piece (scale and zero per (row, column block)).
+    """
 
     def __init__(self, rows: int, cols: int, n_blocks: int) -> None:
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8)

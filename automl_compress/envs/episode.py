@@ -124,7 +124,8 @@ class LayerState:
     def relative_widths(self, ob: np.ndarray, n_bits: int) -> np.ndarray:
         """Width index taken by each group action: ``clip(i* + a − c, 0, nb − 1)``, with i* the
         dearest width whose per-row cost fits the budget left per undecided row and
-        c = (nb − 1) // 2."""
+        c = (nb − 1) // 2.
+        """
         undecided = sum(len(g) for g in self.groups[self.j:])
         share = (self.budget - self.used) / max(undecided, 1)
         fits = np.flatnonzero(ob <= share + TOL)

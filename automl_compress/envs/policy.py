@@ -51,7 +51,8 @@ class RowAllocator(Protocol):
 @runtime_checkable
 class LayerAllocator(Protocol):
     """Decides a whole layer from the tables: its pattern and its rows' bit budget (no row
-    removed)."""
+    removed).
+    """
 
     def choose_layer(self, table: LayerTable, option_bits: np.ndarray) -> tuple[int, float]:
         """(pattern index into ``table.patterns``, bits for the layer's rows)."""

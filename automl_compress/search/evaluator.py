@@ -83,7 +83,8 @@ class Evaluator:
 
     def affordable(self, fraction: float = 1.0, samples: int | None = None) -> bool:
         """Whether one more score at ``fraction`` fits the budget (after ``samples`` validation
-        items, default those spent so far)."""
+        items, default those spent so far).
+        """
         s = self.samples if samples is None else samples
         spent = s / self.size if s else 0.0
         return self.budget is None or spent + self.cost(fraction) <= self.budget + 1e-9

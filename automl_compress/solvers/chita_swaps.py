@@ -62,7 +62,8 @@ class _Swaps:
 
 def _scatter(S: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
     """Slot values x (R, K) at columns S (R, K) of a zero (R, d) matrix. Padded slots hold 0 and
-    may share a column with a real slot, so the values are added, not assigned."""
+    may share a column with a real slot, so the values are added, not assigned.
+    """
     return torch.zeros((x.shape[0], d), dtype=x.dtype, device=x.device).scatter_add_(1, S, x)
 
 
@@ -86,7 +87,8 @@ def pad(A: torch.Tensor) -> torch.Tensor:
 
 def _factor(Ap: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor) -> torch.Tensor:
     """Lower Cholesky factors of A_SS for every row (R, K, K), identity on padded slots
-    (``Ap``: A padded by :func:`pad`)."""
+    (``Ap``: A padded by :func:`pad`).
+    """
     ASS = _block(Ap, S, Sv, S, Sv)
     ASS.diagonal(dim1=1, dim2=2).add_((~Sv).to(ASS.dtype))
     return _cholesky_batched(ASS, "A = H + 2λI restricted to a row's support")
@@ -94,7 +96,8 @@ def _factor(Ap: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor) -> torch.Tensor
 
 def _support_optimum(Ap: torch.Tensor, AW: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor):
     """The least-squares optimum on every row's support S: the Cholesky factor L of A_SS,
-    ``b = (A w)_S`` and ``v_S = A_SS⁻¹ b`` (R, K each but L; zero on padded slots)."""
+    ``b = (A w)_S`` and ``v_S = A_SS⁻¹ b`` (R, K each but L; zero on padded slots).
+    """
     L = _factor(Ap, S, Sv)
     b = torch.gather(AW, 1, S) * Sv
     v = torch.cholesky_solve(b[:, :, None], L).squeeze(-1) * Sv

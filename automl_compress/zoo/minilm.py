@@ -185,7 +185,8 @@ class EmbeddingFidelity:
 
     def report(self, model: nn.Module) -> dict[str, float]:
         """``{"cosine": mean cosine to the dense embeddings, "retrieval_top1": neighbour
-        agreement}``."""
+        agreement}``.
+        """
         E = self.embed(model)
         cos = F.cosine_similarity(E, self.reference, dim=1)
         agree = self._neighbours(E) == self._neighbours(self.reference)
