@@ -61,8 +61,10 @@ _NESTED_FLAG = "_automl_compress_use_nested_tensor"
 
 def _causal_hint(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                  need_weights: bool, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
-    """The masks after the ``is_causal`` hint: dropped where scaled_dot_product_attention applies
-    the causal mask itself, and no longer causal once merged with a padding mask.
+    """The masks after the ``is_causal`` hint.
+
+    The mask is dropped where scaled_dot_product_attention applies the causal mask itself, and the
+    hint is cleared once the mask is merged with a padding mask (no longer causal).
     """
     if is_causal and attn_mask is None:
         raise RuntimeError(
@@ -277,8 +279,10 @@ class UnfusedMultiheadAttention(nn.Module):
     def _with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       attn_mask: torch.Tensor | None, dropout_p: float, bsz: int,
                       average_attn_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention with its weights (explicit softmax): the (L·N, E) input of ``out_proj`` and
-        the (N, heads, L, S) weights, averaged over heads when ``average_attn_weights``.
+        """Attention with its weights (explicit softmax).
+
+        Gives the (L·N, E) input of ``out_proj`` and the (N, heads, L, S) weights, averaged over
+        heads when ``average_attn_weights``.
         """
         B, Nt, E = q.shape
         q_scaled = q * math.sqrt(1.0 / float(E))
@@ -396,8 +400,10 @@ def fuse_attention(model: nn.Module) -> nn.Module:
 
 
 def unfuse_task(task: Task) -> Task:
-    """The task with its model unfused (:func:`unfuse_attention`); the same task when the model
-    holds no ``nn.MultiheadAttention``. The user's model object is not modified.
+    """The task with its model unfused (:func:`unfuse_attention`).
+
+    The same task when the model holds no ``nn.MultiheadAttention``. The user's model object is not
+    modified.
     """
     model = unfuse_attention(task.model)
     return task if model is task.model else dataclasses.replace(task, model=model)

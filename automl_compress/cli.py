@@ -114,8 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range/
-    --executor/--address/--workers.
+    """The run's config from its layered sources, each overriding the ones before.
+
+    Defaults < YAML file < --set overrides <
+    --device/--seed/--budget-bits/--budget-range/--executor/--address/--workers.
     """
     cfg = load_config(args.config, list(args.overrides))
     top: dict[str, Any] = {}

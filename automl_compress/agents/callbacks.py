@@ -43,8 +43,9 @@ class Progress:
 
 
 class StepCallback(BaseCallback):
-    """Counts env steps into a :class:`Progress`, checkpoints every ``every`` steps, and ends
-    training when ``stop()`` says so (the evaluation budget is spent).
+    """Counts env steps into a :class:`Progress` and checkpoints every ``every`` steps.
+
+    It ends training when ``stop()`` says so (the evaluation budget is spent).
 
     Args:
         progress: the shared counter.

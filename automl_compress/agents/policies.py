@@ -30,9 +30,10 @@ from automl_compress.envs.policy import LayerAllocator, RowAllocator, RowRequest
 
 @dataclass(frozen=True)
 class KnapsackChannels:
-    """The exact multiple-choice knapsack over the kept rows (exact DP up to ``max_cells``
-    rows × budget states, the convex-hull greedy above; see
-    :func:`~automl_compress.database.allocate.knapsack_layer`).
+    """The exact multiple-choice knapsack over the kept rows.
+
+    Exact DP up to ``max_cells`` rows × budget states, the convex-hull greedy above; see
+    :func:`~automl_compress.database.allocate.knapsack_layer`.
     """
 
     max_cells: int = ENV_DP_CELLS
@@ -57,8 +58,9 @@ class UniformChannels:
 
 
 class DPLayers:
-    """The DP allocator's layer decisions at one budget: per layer its pattern and the bits the
-    DP's plan gives its rows.
+    """The DP allocator's layer decisions at one budget.
+
+    Per layer: its pattern and the bits the DP's plan gives its rows.
 
     Args:
         tables: the layer tables the env walks (forward order).

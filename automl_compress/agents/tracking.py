@@ -62,8 +62,9 @@ class MetricOracle:
             <= b - self.reserve + 1e-9
 
     def __call__(self, plan: CompressionPlan) -> float | None:
-        """A training episode's score on ``fraction`` of the split, or None when not scheduled
-        (or, with ``force``, the whole split).
+        """A training episode's score on ``fraction`` of the split.
+
+        None when not scheduled (or, with ``force``, the score on the whole split).
         """
         frac = 1.0 if self.force else self.fraction
         known = self.evaluator.known(plan, frac)
@@ -90,8 +91,10 @@ class MetricOracle:
 
     def measure_many(self, plans: list[CompressionPlan],
                      fraction: float = 1.0) -> list[float | None]:
-        """:meth:`measure` of each plan, in order, the new ones scored as one batch (in parallel
-        on a Ray executor); the same values and counts as measuring them one by one.
+        """:meth:`measure` of each plan, in order, the new ones scored as one batch.
+
+        The batch runs in parallel on a Ray executor; the values and counts are the same as
+        measuring the plans one by one.
         """
         values: list[float | None] = list(self.evaluator.many(plans, fraction))
         return values + [self.measure(p, fraction) for p in plans[len(values):]]
