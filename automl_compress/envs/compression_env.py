@@ -236,8 +236,10 @@ class CompressionEnv(gym.Env):
         self._error += err
 
     def _layer_budgets(self) -> np.ndarray:
-        """Bits each layer action grants: the kept weights × fair share × the level's multiplier,
-        clipped to [cheapest, dearest] cost of the kept rows (level 0: the cheapest).
+        """Bits each layer action grants.
+
+        The kept weights × fair share × the level's multiplier, clipped to [cheapest, dearest] cost
+        of the kept rows (level 0: the cheapest).
         """
         l_ = self._l
         fair = (self.budget_total - self._used) / max(float(self.numel[l_:].sum()), 1.0)
