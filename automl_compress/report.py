@@ -73,8 +73,9 @@ class Run:
 
     @property
     def evaluations(self) -> int | None:
-        """True-metric evaluations the method spent (``evaluations``, or the RL runs'
-        ``metric_evaluations``), None when the run does not say.
+        """True-metric evaluations the method spent, None when the run does not say.
+
+        Read from ``evaluations``, or the RL runs' ``metric_evaluations``.
         """
         for key in ("evaluations", "metric_evaluations"):
             v = self.results.get(key)
@@ -267,8 +268,9 @@ def _tasks(runs: Sequence[Run]) -> dict[str, list[Run]]:
 
 
 def report_figures(runs: Sequence[Run]) -> dict[str, Any]:
-    """Every figure of the report, keyed ``curve/<task>`` and ``allocation/<run label>``
-    (matplotlib Figures; :func:`figure_png` / :func:`figure_rgb` render them).
+    """Every figure of the report, keyed ``curve/<task>`` and ``allocation/<run label>``.
+
+    They are matplotlib Figures; :func:`figure_png` / :func:`figure_rgb` render them.
     """
     figs: dict[str, Any] = {}
     for task, group in _tasks(runs).items():

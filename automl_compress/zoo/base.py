@@ -132,9 +132,10 @@ def with_validation(task: Task) -> Task:
 
 def fidelity_metric(dense: nn.Module, forward: Callable[[nn.Module, Any], Any], distance: str,
                     batches: Sequence[Any], where: str = "task") -> ItemMetric:
-    """Per-item fidelity of a model's outputs to ``dense``'s on ``batches`` (higher is better):
-    −KL, cosine or −relative squared error (:meth:`~automl_compress.distances.Distance.fidelity`),
-    the dense outputs computed once here.
+    """Per-item fidelity of a model's outputs to ``dense``'s on ``batches``.
+
+    Higher is better: −KL, cosine or −relative squared error
+    (:meth:`~automl_compress.distances.Distance.fidelity`), the dense outputs computed once here.
 
     Raises:
         InvalidInputError: the outputs are not one floating tensor per batch.

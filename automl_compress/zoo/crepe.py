@@ -150,8 +150,9 @@ def synthetic_tones(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decode_cents(probs: torch.Tensor) -> torch.Tensor:
-    """Pitch in cents (re 10 Hz) per frame: weighted average of bin centres within ±4 bins of the
-    argmax (CREPE's decoding).
+    """Pitch in cents (re 10 Hz) per frame (CREPE's decoding).
+
+    The weighted average of bin centres within ±4 bins of the argmax.
     """
     probs = probs.double()
     centres = CENTS_OFFSET + CENTS_PER_BIN * torch.arange(PITCH_BINS, dtype=torch.float64)

@@ -1,5 +1,6 @@
-"""Tasks made from a model and inputs alone: the user's model factory, or a local Hugging Face
-folder (``task.name: hf:PATH``).
+"""Tasks made from a model and inputs alone.
+
+Either the user's model factory, or a local Hugging Face folder (``task.name: hf:PATH``).
 
 Writing a :class:`~automl_compress.zoo.base.Task` (model, calibration batches, metric) is the main
 hurdle for a new model. Given only a model and a list of input batches, the splits are made here:

@@ -184,8 +184,9 @@ class EmbeddingFidelity:
         return S.argmax(dim=1)
 
     def report(self, model: nn.Module) -> dict[str, float]:
-        """``{"cosine": mean cosine to the dense embeddings, "retrieval_top1": neighbour
-        agreement}``.
+        """The secondary metrics: mean cosine and neighbour agreement with the dense model.
+
+        ``{"cosine": mean cosine to the dense embeddings, "retrieval_top1": neighbour agreement}``.
         """
         E = self.embed(model)
         cos = F.cosine_similarity(E, self.reference, dim=1)
