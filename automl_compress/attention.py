@@ -190,6 +190,7 @@ class UnfusedMultiheadAttention(nn.Module):
         self.train(mha.training)
 
     def extra_repr(self) -> str:
+        """The module's settings in its repr: sizes, ``batch_first`` and ``packed``."""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"batch_first={self.batch_first}, packed={self.packed}")
 

@@ -45,6 +45,7 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: the subcommands and their options."""
     parser = argparse.ArgumentParser(
         prog="automl-compress",
         description="Post-training compression with exact layer solvers and RL allocation.",

@@ -181,6 +181,7 @@ def bn_reestimate(model: nn.Module, task: Task) -> int:
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The named BatchNorm layers of ``model`` that track running statistics."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, _BatchNorm) and m.track_running_stats]
 

@@ -258,6 +258,7 @@ class ObjectiveSpec:
     corrections: tuple[str, ...] = ()
 
     def relevant(self) -> dict[str, Any]:
+        """The fields the objective's value depends on (its name and version included)."""
         d: dict[str, Any] = {"name": str(self.name), "version": OBJECTIVE_VERSION}
         if self.name == ObjectiveName.FISHER:
             d.update(probes=self.probes, seed=self.seed)

@@ -69,6 +69,7 @@ class Run:
 
     @property
     def method(self) -> str:
+        """The method the run used (``?`` when results.json does not say)."""
         return str(self.results.get("method", "?"))
 
     @property

@@ -29,15 +29,18 @@ class Progress:
                             dynamic_ncols=True)
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more steps (and move the bar)."""
         self.steps += n
         if self.bar is not None:
             self.bar.update(n)
 
     def best(self, metric: float) -> None:
+        """Show ``metric`` as the best so far on the bar (when finite)."""
         if self.bar is not None and math.isfinite(metric):
             self.bar.set_postfix(best=f"{metric:.4f}", refresh=False)
 
     def close(self) -> None:
+        """Close the progress bar, if one is drawn."""
         if self.bar is not None:
             self.bar.close()
 

@@ -278,6 +278,7 @@ class Search:
         return best
 
     def close(self) -> None:
+        """Close the TensorBoard writer and the controllers' loggers."""
         if self.writer is not None:
             self.writer.close()
         if self.tb_dir is not None:

@@ -111,6 +111,7 @@ class Best:
     episode: int
 
     def key(self) -> tuple[bool, float, float]:
+        """Sort key: finite metric first, then higher metric, then lower proxy error."""
         return (math.isfinite(self.metric), self.metric if math.isfinite(self.metric) else 0.0,
                 -self.proxy_error)
 
@@ -146,6 +147,7 @@ class Tracker:
         return pool[0] if pool else None
 
     def __call__(self, s: EpisodeSummary) -> None:
+        """Log one episode and keep its plan in its budget's pool if it ranks there."""
         self.episodes += 1
         step = self.progress.steps
         w = self.writer
@@ -175,12 +177,14 @@ class Tracker:
                 w.allocation(step, s.plan, self.tables, f"best (episode {self.episodes})")
 
     def state(self) -> dict[str, Any]:
+        """The episode count and the pools, as JSON-ready data for a checkpoint."""
         return {"episodes": self.episodes, "pools": {str(b): [{
             "plan": x.plan.to_dict(), "metric": x.metric, "proxy_error": x.proxy_error,
             "avg_bits": x.avg_bits, "episode": x.episode} for x in pool]
             for b, pool in self.pools.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Set the episode count and the pools back from :meth:`state`'s data."""
         self.episodes = int(state.get("episodes", 0))
         self.pools = {float(b): [Best(CompressionPlan.from_dict(x["plan"]), float(x["metric"]),
                                       float(x["proxy_error"]), float(x["avg_bits"]),

@@ -128,6 +128,7 @@ class Moments:
         ]
 
     def update(self, X: torch.Tensor) -> None:
+        """Add a batch of input vectors X to the running mean and scatter."""
         nb = X.shape[0]
         if nb == 0:
             return

@@ -139,6 +139,7 @@ class LayerWork:
 
     @property
     def quant_bits(self) -> tuple[int, ...]:
+        """The menu's nonzero bit-widths, ascending."""
         return tuple(b for b in self.bits if b > 0)
 
     def piece_inputs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:

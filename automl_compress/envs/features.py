@@ -56,6 +56,7 @@ class ObsLayout:
 
     @property
     def size(self) -> int:
+        """Length of the observation vector: the sum of the block lengths."""
         return sum(n for _, n in self.blocks)
 
     def build(self, **parts: Sequence[float] | np.ndarray) -> np.ndarray:

@@ -38,6 +38,7 @@ class Spend:
     samples: int
 
     def as_dict(self) -> dict[str, float]:
+        """The spend as ``{evaluations, metric_calls, forward_samples}``."""
         return {"evaluations": self.evaluations, "metric_calls": self.calls,
                 "forward_samples": self.samples}
 

@@ -71,6 +71,7 @@ class ItemMetric:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, fraction: float = 1.0) -> float:
+        """Mean per-item score of ``model`` on the first ``fraction`` of the split."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], found {fraction}")
         device = model_device(model)

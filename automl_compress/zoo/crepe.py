@@ -74,6 +74,7 @@ class CrepeNet(nn.Module):
         self.classifier = nn.Linear(self.in_features, PITCH_BINS)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """The (batch, 360) pitch-bin probabilities of (batch, 1024) normalised frames."""
         x = frames[:, None, :, None]
         for i in range(1, 7):
             pad = (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32)

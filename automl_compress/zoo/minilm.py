@@ -73,6 +73,7 @@ class SentenceEncoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """L2-normalised mean-pooled sentence embeddings (padding excluded)."""
         hidden = self.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
@@ -194,6 +195,7 @@ class EmbeddingFidelity:
         return {"cosine": float(cos.mean()), "retrieval_top1": float(agree.double().mean())}
 
     def __call__(self, model: nn.Module) -> float:
+        """The metric: mean cosine of the model's embeddings to the dense ones."""
         E = self.embed(model)
         return float(F.cosine_similarity(E, self.reference, dim=1).mean())
 
