@@ -61,8 +61,11 @@ _NESTED_FLAG = "_automl_compress_use_nested_tensor"
 
 def _causal_hint(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
                  need_weights: bool, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
-    """The masks after the ``is_causal`` hint: dropped where scaled_dot_product_attention applies
-    the causal mask itself, and no longer causal once merged with a padding mask."""
+    """The masks after the ``is_causal`` hint.
+
+    The mask is dropped where scaled_dot_product_attention applies the causal mask itself, and the
+    hint is cleared once the mask is merged with a padding mask (no longer causal).
+    """
     if is_causal and attn_mask is None:
         raise RuntimeError(
             "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
@@ -187,6 +190,7 @@ class UnfusedMultiheadAttention(nn.Module):
         self.train(mha.training)
 
     def extra_repr(self) -> str:
+        """The module's settings in its repr: sizes, ``batch_first`` and ``packed``."""
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
                 f"batch_first={self.batch_first}, packed={self.packed}")
 
@@ -276,8 +280,11 @@ class UnfusedMultiheadAttention(nn.Module):
     def _with_weights(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       attn_mask: torch.Tensor | None, dropout_p: float, bsz: int,
                       average_attn_weights: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attention with its weights (explicit softmax): the (L·N, E) input of ``out_proj`` and
-        the (N, heads, L, S) weights, averaged over heads when ``average_attn_weights``."""
+        """Attention with its weights (explicit softmax).
+
+        Gives the (L·N, E) input of ``out_proj`` and the (N, heads, L, S) weights, averaged over
+        heads when ``average_attn_weights``.
+        """
         B, Nt, E = q.shape
         q_scaled = q * math.sqrt(1.0 / float(E))
         if attn_mask is not None:
@@ -394,7 +401,10 @@ def fuse_attention(model: nn.Module) -> nn.Module:
 
 
 def unfuse_task(task: Task) -> Task:
-    """The task with its model unfused (:func:`unfuse_attention`); the same task when the model
-    holds no ``nn.MultiheadAttention``. The user's model object is not modified."""
+    """The task with its model unfused (:func:`unfuse_attention`).
+
+    The same task when the model holds no ``nn.MultiheadAttention``. The user's model object is not
+    modified.
+    """
     model = unfuse_attention(task.model)
     return task if model is task.model else dataclasses.replace(task, model=model)

@@ -45,6 +45,7 @@ def _add_executor(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command-line parser: the subcommands and their options."""
     parser = argparse.ArgumentParser(
         prog="automl-compress",
         description="Post-training compression with exact layer solvers and RL allocation.",
@@ -114,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def resolve_config(args: argparse.Namespace) -> Config:
-    """Defaults < YAML file < --set overrides < --device/--seed/--budget-bits/--budget-range/
-    --executor/--address/--workers."""
+    """The run's config from its layered sources, each overriding the ones before.
+
+    Defaults < YAML file < --set overrides <
+    --device/--seed/--budget-bits/--budget-range/--executor/--address/--workers.
+    """
     cfg = load_config(args.config, list(args.overrides))
     top: dict[str, Any] = {}
     if getattr(args, "device", None):

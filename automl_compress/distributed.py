@@ -101,9 +101,11 @@ class _OpenLayer:
 
 
 class _UnitQueue:
-    """The units of a database build as Ray tasks: layers opened in forward order while fewer
-    than twice the cluster's slots are in flight, each layer written once all its units are back,
-    dead workers' units resubmitted (:meth:`RayExecutor.solve_layers`).
+    """The units of a database build as Ray tasks.
+
+    Layers are opened in forward order while fewer than twice the cluster's slots are in flight,
+    each layer is written once all its units are back, and dead workers' units are resubmitted
+    (:meth:`RayExecutor.solve_layers`).
 
     Attributes:
         opened: the layers with units in flight, by a running id.
@@ -244,8 +246,11 @@ class RayExecutor:
     # -- resources ---------------------------------------------------------------------------
 
     def num_gpus(self, device: str) -> float:
-        """GPUs per task: ``executor.num_gpus``, or (null) 1 when ``device`` is cuda, or auto on
-        a cluster with GPUs, else 0."""
+        """GPUs per task.
+
+        ``executor.num_gpus``, or (null) 1 when ``device`` is cuda, or auto on a cluster with GPUs,
+        else 0.
+        """
         if self.cfg.num_gpus is not None:
             return self.cfg.num_gpus
         has_gpus = ray.cluster_resources().get("GPU", 0.0) > 0
@@ -255,8 +260,9 @@ class RayExecutor:
         return {"num_cpus": self.cfg.num_cpus, "num_gpus": self.num_gpus(device)}
 
     def slots(self, device: str) -> int:
-        """How many solve tasks the cluster runs at once (its CPUs and GPUs over each task's
-        request; at least 1).
+        """How many solve tasks the cluster runs at once.
+
+        Its CPUs and GPUs over each task's request; at least 1.
 
         Raises:
             ExecutorError: the tasks ask for GPUs and the cluster has none.
@@ -288,8 +294,9 @@ class RayExecutor:
     def solve_layers(self, works: Iterable[LayerWork], cfg: SolverConfig, device: str,
                      write: Callable[[LayerSolutions], None],
                      progress: Callable[[str], None] | None = None) -> None:
-        """Solve every layer of ``works`` (forward order) as Ray tasks; ``write`` each finished
-        layer (in the order they finish).
+        """Solve every layer of ``works`` (forward order) as Ray tasks.
+
+        ``write`` is called on each finished layer (in the order they finish).
 
         Args:
             works: the layers to solve (:func:`~automl_compress.database.work.layer_work`);

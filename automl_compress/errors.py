@@ -80,8 +80,10 @@ class PolicyMismatchError(AutoMLCompressError):
 
 
 class ObjectiveError(AutoMLCompressError):
-    """A calibrated objective that cannot be computed for this model (outputs that are not
-    tensors, a forward that disables gradients, non-finite sensitivities)."""
+    """A calibrated objective that cannot be computed for this model.
+
+    E.g. outputs that are not tensors, a forward that disables gradients, non-finite sensitivities.
+    """
 
 
 class TaskError(AutoMLCompressError):
@@ -89,5 +91,8 @@ class TaskError(AutoMLCompressError):
 
 
 class ExecutorError(AutoMLCompressError):
-    """An executor that cannot run: Ray not installed, a cluster that cannot be reached, or a
-    task whose workers kept dying after every retry (docs/distributed.md)."""
+    """An executor that cannot run (docs/distributed.md).
+
+    Ray not installed, a cluster that cannot be reached, or a task whose workers kept dying after
+    every retry.
+    """

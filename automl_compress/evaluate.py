@@ -60,8 +60,10 @@ class DenseStats:
 
 
 def _sum_inputs(module: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """A batch's input summed over what the weight is shared across, and the number of outputs
-    per channel that sum stands for."""
+    """A batch's input summed over what the weight is shared across.
+
+    Also the number of outputs per channel that sum stands for.
+    """
     x = x.detach().to(torch.float64)
     if isinstance(module, nn.Linear):
         return x.reshape(-1, x.shape[-1]).sum(dim=0), x.numel() // x.shape[-1]
@@ -80,8 +82,11 @@ def _delta_sum(module: nn.Module, total: torch.Tensor, dW: torch.Tensor) -> torc
 
 @torch.no_grad()
 def dense_stats(dense: nn.Module, task: Task) -> DenseStats:
-    """One pass of the dense model over the calibration batches: the input sums of every
-    Linear / Conv1d / Conv2d with a bias and the input moments of every tracked BatchNorm."""
+    """One pass of the dense model over the calibration batches.
+
+    It records the input sums of every Linear / Conv1d / Conv2d with a bias and the input moments of
+    every tracked BatchNorm.
+    """
     mods = dict(dense.named_modules())
     layers = [n for n, m in mods.items()
               if isinstance(m, _CORRECTABLE) and getattr(m, "bias", None) is not None]
@@ -176,6 +181,7 @@ def bn_reestimate(model: nn.Module, task: Task) -> int:
 
 
 def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
+    """The named BatchNorm layers of ``model`` that track running statistics."""
     return [(n, m) for n, m in model.named_modules()
             if isinstance(m, _BatchNorm) and m.track_running_stats]
 
@@ -184,8 +190,10 @@ def bn_layers(model: nn.Module) -> list[tuple[str, _BatchNorm]]:
 def _bn_input_moments(
     model: nn.Module, task: Task, names: Iterable[str]
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and (biased) variance of each named BN's input over the calibration
-    batches, in float64, with the model in eval mode."""
+    """Per-channel mean and (biased) variance of each named BN's input.
+
+    Over the calibration batches, in float64, with the model in eval mode.
+    """
     mods = dict(model.named_modules())
     acc: dict[str, list] = {}
 

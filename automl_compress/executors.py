@@ -80,8 +80,10 @@ def get_executor(cfg: ExecutorConfig | None = None) -> Any:
 
 @contextmanager
 def open_executor(cfg: ExecutorConfig | None = None) -> Iterator[Any]:
-    """:func:`get_executor` for the length of a ``with`` block, closed on the way out (a Ray
-    executor stops its actors, and Ray itself if it started it)."""
+    """:func:`get_executor` for the length of a ``with`` block, closed on the way out.
+
+    A Ray executor stops its actors, and Ray itself if it started it.
+    """
     ex = get_executor(cfg)
     try:
         yield ex

@@ -142,18 +142,23 @@ class SearchWriter:
         w.add_scalar("episode/projections", projections, step)
 
     def best(self, step: int, metric: float) -> None:
+        """The best metric so far, at ``step``."""
         self.writer.add_scalar("search/best_metric", metric, step)
 
     def allocation(self, step: int, plan: CompressionPlan, tables: Sequence[LayerTable],
                    title: str) -> None:
+        """The plan's allocation image, titled ``title``, at ``step``."""
         img = allocation_image(plan, tables, title)
         self.writer.add_image("episode/allocation", img, step, dataformats="HWC")
 
     def best_plan(self, step: int, plan: CompressionPlan, tables: Sequence[LayerTable]) -> None:
+        """The best plan as a text table, at ``step``."""
         self.writer.add_text("plan/best", plan_table(plan, tables), step)
 
     def flush(self) -> None:
+        """Write the pending events to disk."""
         self.writer.flush()
 
     def close(self) -> None:
+        """Close the writer."""
         self.writer.close()

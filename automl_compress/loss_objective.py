@@ -46,8 +46,11 @@ def mean_distance(model: nn.Module, task: Task, batches: Sequence[Any],
 
 
 def fit_layer_weight(errors: np.ndarray, measured: np.ndarray) -> float:
-    """The ``loss`` objective's weight of one layer: ``exp(mean(log D_o − log E_o))`` over the
-    options o with E_o > 0 and D_o > 0 (0 when no option moved the outputs)."""
+    """The ``loss`` objective's weight of one layer.
+
+    ``exp(mean(log D_o − log E_o))`` over the options o with E_o > 0 and D_o > 0 (0 when no option
+    moved the outputs).
+    """
     ok = (errors > 0) & (measured > 0)
     if not ok.any():
         return 0.0

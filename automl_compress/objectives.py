@@ -108,8 +108,11 @@ def _check_weights(weights: dict[str, np.ndarray], name: str) -> None:
 
 
 def _reduce_rows(y: torch.Tensor, module: nn.Module) -> tuple[torch.Tensor, int]:
-    """Per-output-channel sum over every other dimension, and the number of summed entries per
-    channel (Linear: the last dimension is the channel; convs: dimension 1)."""
+    """Per-output-channel sum over every other dimension, and the entries per channel.
+
+    The second value is the number of summed entries per channel (Linear: the last dimension is the
+    channel; convs: dimension 1).
+    """
     if isinstance(module, nn.Linear):
         flat = y.reshape(-1, y.shape[-1])
         return flat.sum(dim=0), flat.shape[0]
@@ -124,8 +127,11 @@ def _bias_shape(y: torch.Tensor, module: nn.Module, b: torch.Tensor) -> torch.Te
 
 
 def output_energy(task: Task, names: Sequence[str], centered: bool = False) -> dict[str, float]:
-    """Each layer's dense output energy on the calibration batches: ``Σ_r mean_n (y_rn − b_r)²``
-    (``Σ_r var_n y_rn`` when ``centered``), the sum of its rows' 0-bit table errors."""
+    """Each layer's dense output energy on the calibration batches.
+
+    ``Σ_r mean_n (y_rn − b_r)²`` (``Σ_r var_n y_rn`` when ``centered``), the sum of its rows' 0-bit
+    table errors.
+    """
     mods = dict(task.model.named_modules())
     acc: dict[str, list] = {n: [0.0, 0.0, 0] for n in names}
 
@@ -252,6 +258,7 @@ class ObjectiveSpec:
     corrections: tuple[str, ...] = ()
 
     def relevant(self) -> dict[str, Any]:
+        """The fields the objective's value depends on (its name and version included)."""
         d: dict[str, Any] = {"name": str(self.name), "version": OBJECTIVE_VERSION}
         if self.name == ObjectiveName.FISHER:
             d.update(probes=self.probes, seed=self.seed)

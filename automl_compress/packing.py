@@ -71,9 +71,12 @@ def nm_groups(cols: int, m: int, area: int) -> np.ndarray:
 
 
 def nm_encode(mask: np.ndarray, n: int, m: int, area: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """(indices (rows, groups, N) in 0..M−1, the mask they describe) or None when a group keeps
-    more than N. A group keeping fewer than N is padded with its first unkept positions (their
-    codes are the zero point, so the weight stays exactly 0)."""
+    """The N:M indices of a mask: (indices, the mask they describe), or None.
+
+    The indices are (rows, groups, N) in 0..M−1; None when a group keeps more than N. A group
+    keeping fewer than N is padded with its first unkept positions (their codes are the zero point,
+    so the weight stays exactly 0).
+    """
     groups = nm_groups(mask.shape[1], m, area)
     g = mask[:, groups]  # (rows, G, M)
     if (g.sum(axis=2) > n).any():
@@ -185,8 +188,10 @@ def layer_tensors(
 
 def layer_weight(tensors: dict[str, torch.Tensor], name: str, lm: dict[str, Any]) \
         -> torch.Tensor:
-    """The (rows, cols) float32 weight of one packed layer (the inverse of
-    :func:`layer_tensors`; ``lm`` is its header entry)."""
+    """The (rows, cols) float32 weight of one packed layer.
+
+    The inverse of :func:`layer_tensors`; ``lm`` is its header entry.
+    """
     rows, cols = lm["rows"], lm["cols"]
     rb = unpack_bits(tensors[f"{name}/row_bits"].numpy(), ROW_BITS_WIDTH, rows).astype(np.int64)
     kept = np.nonzero(rb > 0)[0]

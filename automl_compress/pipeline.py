@@ -147,9 +147,11 @@ def _rtn_tables(db: LayerDatabase) -> list[LayerTable]:
 
 
 def objective_spec(cfg: Config, name: str | None = None) -> ObjectiveSpec:
-    """The objective a config asks for (``name`` overrides ``cfg.alloc.objective``; with
-    ``auto``, the first of ``alloc.auto_objectives`` until a run chooses,
-    :func:`automl_compress.selection.calibrate`)."""
+    """The objective a config asks for.
+
+    ``name`` overrides ``cfg.alloc.objective``; with ``auto``, the first of
+    ``alloc.auto_objectives`` until a run chooses (:func:`automl_compress.selection.calibrate`).
+    """
     a = cfg.alloc
     corrections = ("bias" if cfg.eval.bias_correction else "", cfg.eval.bn_reestimate)
     name = name or (a.auto_objectives[0] if a.objective == AUTO else a.objective)
@@ -198,8 +200,10 @@ def prepare(
 
 
 def check_budget(prepared: Prepared, budget_bits: float, method: str = "dp") -> None:
-    """Raise unless the method can reach the budget; each command path checks it here once,
-    before spending anything (the allocators keep their own guards for direct calls).
+    """Raise unless the method can reach the budget.
+
+    Each command path checks it here once, before spending anything (the allocators keep their own
+    guards for direct calls).
 
     Args:
         prepared: the task and its layer tables.
@@ -242,23 +246,29 @@ def allocate(prepared: Prepared, method: str, budget_bits: float) -> Compression
 
 def stitched_model(prepared: Prepared, plan: CompressionPlan,
                    eval_cfg: EvalConfig | None = None) -> nn.Module:
-    """The plan applied to a copy of the model, with the statistics corrections in force
-    (``eval_cfg`` overrides ``prepared.cfg.eval``)."""
+    """The plan applied to a copy of the model, with the statistics corrections in force.
+
+    ``eval_cfg`` overrides ``prepared.cfg.eval``.
+    """
     model = stitch(prepared.task.model, prepared.db, plan)
     return correct(prepared.task.model, model, prepared.task, plan,
                    eval_cfg or prepared.cfg.eval, prepared.dense_stats())
 
 
 def evaluate_plan(prepared: Prepared, plan: CompressionPlan) -> float:
-    """Test-split metric of the stitched, corrected model (higher is better). Only reported:
-    never select on it."""
+    """Test-split metric of the stitched, corrected model (higher is better).
+
+    Only reported: never select on it.
+    """
     return metric(stitched_model(prepared, plan), prepared.task)
 
 
 def validate_plan(prepared: Prepared, plan: CompressionPlan, fraction: float = 1.0,
                   eval_cfg: EvalConfig | None = None) -> float:
-    """Validation-split metric of the stitched, corrected model on the first ``fraction`` of
-    the split: what every search selects on."""
+    """Validation-split metric of the stitched, corrected model.
+
+    On the first ``fraction`` of the split: what every search selects on.
+    """
     validate = prepared.task.validate
     assert validate is not None
     model = stitched_model(prepared, plan, eval_cfg)
@@ -267,16 +277,20 @@ def validate_plan(prepared: Prepared, plan: CompressionPlan, fraction: float = 1
 
 
 def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] | None:
-    """The task's secondary test-split metrics of the stitched, corrected model (None if the
-    task has none)."""
+    """The task's secondary test-split metrics of the stitched, corrected model.
+
+    None if the task has none.
+    """
     if prepared.task.report is None:
         return None
     return {k: float(v) for k, v in prepared.task.report(stitched_model(prepared, plan)).items()}
 
 
 def resolved_config(prepared: Prepared) -> Config:
-    """The config a run directory records: the corrections it chose, fixed, so that
-    ``evaluate RUN`` re-scores the same model."""
+    """The config a run directory records: the corrections it chose, fixed.
+
+    So ``evaluate RUN`` re-scores the same model.
+    """
     cfg = prepared.cfg
     return dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, corrections="fixed"))
 

@@ -51,6 +51,7 @@ class CompressionPlan:
         return tuple((n, lp.pattern, lp.row_bits) for n, lp in sorted(self.layers.items()))
 
     def to_dict(self) -> dict[str, Any]:
+        """The plan as JSON-ready data (versioned)."""
         return {
             "version": PLAN_VERSION,
             "meta": dict(self.meta),
@@ -62,6 +63,7 @@ class CompressionPlan:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> CompressionPlan:
+        """The plan from :meth:`to_dict`'s data."""
         if data.get("version") != PLAN_VERSION:
             raise CorruptCacheError(
                 f"plan version must be {PLAN_VERSION}, found {data.get('version')!r}"

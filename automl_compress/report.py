@@ -69,12 +69,15 @@ class Run:
 
     @property
     def method(self) -> str:
+        """The method the run used (``?`` when results.json does not say)."""
         return str(self.results.get("method", "?"))
 
     @property
     def evaluations(self) -> int | None:
-        """True-metric evaluations the method spent (``evaluations``, or the RL runs'
-        ``metric_evaluations``), None when the run does not say."""
+        """True-metric evaluations the method spent, None when the run does not say.
+
+        Read from ``evaluations``, or the RL runs' ``metric_evaluations``.
+        """
         for key in ("evaluations", "metric_evaluations"):
             v = self.results.get(key)
             if isinstance(v, (int, float)) and not isinstance(v, bool):
@@ -266,8 +269,10 @@ def _tasks(runs: Sequence[Run]) -> dict[str, list[Run]]:
 
 
 def report_figures(runs: Sequence[Run]) -> dict[str, Any]:
-    """Every figure of the report, keyed ``curve/<task>`` and ``allocation/<run label>``
-    (matplotlib Figures; :func:`figure_png` / :func:`figure_rgb` render them)."""
+    """Every figure of the report, keyed ``curve/<task>`` and ``allocation/<run label>``.
+
+    They are matplotlib Figures; :func:`figure_png` / :func:`figure_rgb` render them.
+    """
     figs: dict[str, Any] = {}
     for task, group in _tasks(runs).items():
         figs[f"curve/{task}"] = curve_figure(group, group[0].task)

@@ -67,8 +67,11 @@ def export_plan(prepared: Prepared, plan: CompressionPlan, fmt: str,
 
 
 def same_outputs(a: Any, b: Any) -> bool:
-    """Whether two model outputs agree (tensors to rtol 1e-5 / atol 1e-6; mappings, tuples and
-    lists element by element; anything else by equality)."""
+    """Whether two model outputs agree.
+
+    Tensors to rtol 1e-5 / atol 1e-6; mappings, tuples and lists element by element; anything else
+    by equality.
+    """
     if isinstance(a, torch.Tensor):
         return bool(torch.allclose(a, b, rtol=1e-5, atol=1e-6))
     if isinstance(a, Mapping):

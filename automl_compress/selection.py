@@ -55,9 +55,11 @@ def evaluator(prepared: Prepared, budget: float | None = None) -> Evaluator:
 
 
 def correction_choices(prepared: Prepared) -> list[EvalConfig]:
-    """The statistics corrections worth comparing for this model: the configured one first, then
-    bias correction on/off × every BN mode (BN modes only when the model has BatchNorm, bias
-    correction only when a compressed layer has a bias)."""
+    """The statistics corrections worth comparing for this model.
+
+    The configured one first, then bias correction on/off × every BN mode (BN modes only when the
+    model has BatchNorm, bias correction only when a compressed layer has a bias).
+    """
     base = prepared.cfg.eval
     has_bn = bool(bn_layers(prepared.task.model))
     has_bias = any(t.info.has_bias for t in prepared.raw_tables)
@@ -76,9 +78,11 @@ def _label(c: EvalConfig) -> str:
 
 def _candidates(prepared: Prepared, names: Sequence[str | None],
                 ) -> tuple[dict[str, Objective], dict[str, str]]:
-    """The candidate objectives that can be computed for this model, and why the others cannot
-    (e.g. ``fisher`` for a forward that disables gradients: a warning, not an error, while one
-    candidate is left)."""
+    """The candidate objectives that can be computed for this model, and why not the others.
+
+    E.g. ``fisher`` cannot be computed for a forward that disables gradients: a warning, not an
+    error, while one candidate is left.
+    """
     out: dict[str, Objective] = {}
     skipped: dict[str, str] = {}
     last: ObjectiveError | None = None
@@ -97,8 +101,9 @@ def _candidates(prepared: Prepared, names: Sequence[str | None],
 
 
 def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, Any]:
-    """Choose the objective (``alloc.objective = auto``) and the statistics corrections
-    (``eval.corrections = auto``) together, on the validation split.
+    """Choose the objective and the statistics corrections together, on the validation split.
+
+    The objective when ``alloc.objective = auto``, the corrections when ``eval.corrections = auto``.
 
     Every candidate objective (``alloc.auto_objectives``; only for the methods in
     :data:`CALIBRATED`, the others keep the loaded one) gives its plan at ``budget_bits`` (the
@@ -156,9 +161,11 @@ def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, 
 
 def search(prepared: Prepared, method: str, budget_bits: float,
            evaluations: float | None = None) -> SearchResult:
-    """A true-metric search ('evo' or 'spdy') from the calibrated DP plan, on the validation
-    split, spending at most ``evaluations`` full validation passes (default
-    ``alloc.evaluations``)."""
+    """A true-metric search ('evo' or 'spdy') from the calibrated DP plan.
+
+    On the validation split, spending at most ``evaluations`` full validation passes (default
+    ``alloc.evaluations``).
+    """
     a = prepared.cfg.alloc
     ev = evaluator(prepared, float(evaluations if evaluations is not None else a.evaluations))
     cost = prepared.cfg.cost

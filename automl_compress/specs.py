@@ -58,6 +58,7 @@ class LayerInfo:
 
     @property
     def numel(self) -> int:
+        """Number of weights, ``rows · cols``."""
         return self.rows * self.cols
 
 

@@ -29,22 +29,26 @@ class Progress:
                             dynamic_ncols=True)
 
     def advance(self, n: int = 1) -> None:
+        """Count ``n`` more steps (and move the bar)."""
         self.steps += n
         if self.bar is not None:
             self.bar.update(n)
 
     def best(self, metric: float) -> None:
+        """Show ``metric`` as the best so far on the bar (when finite)."""
         if self.bar is not None and math.isfinite(metric):
             self.bar.set_postfix(best=f"{metric:.4f}", refresh=False)
 
     def close(self) -> None:
+        """Close the progress bar, if one is drawn."""
         if self.bar is not None:
             self.bar.close()
 
 
 class StepCallback(BaseCallback):
-    """Counts env steps into a :class:`Progress`, checkpoints every ``every`` steps, and ends
-    training when ``stop()`` says so (the evaluation budget is spent).
+    """Counts env steps into a :class:`Progress` and checkpoints every ``every`` steps.
+
+    It ends training when ``stop()`` says so (the evaluation budget is spent).
 
     Args:
         progress: the shared counter.

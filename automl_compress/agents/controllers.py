@@ -57,6 +57,7 @@ class PolicyRef:
         self.model = model
 
     def __call__(self, obs: np.ndarray, mask: np.ndarray) -> int:
+        """The model's deterministic masked action (the cheapest allowed one before it exists)."""
         if self.model is None:  # before the model exists: the cheapest allowed action
             return int(np.flatnonzero(mask)[0])
         action, _ = self.model.predict(obs, action_masks=mask, deterministic=True)

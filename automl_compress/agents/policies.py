@@ -30,13 +30,16 @@ from automl_compress.envs.policy import LayerAllocator, RowAllocator, RowRequest
 
 @dataclass(frozen=True)
 class KnapsackChannels:
-    """The exact multiple-choice knapsack over the kept rows (exact DP up to ``max_cells``
-    rows × budget states, the convex-hull greedy above; see
-    :func:`~automl_compress.database.allocate.knapsack_layer`)."""
+    """The exact multiple-choice knapsack over the kept rows.
+
+    Exact DP up to ``max_cells`` rows × budget states, the convex-hull greedy above; see
+    :func:`~automl_compress.database.allocate.knapsack_layer`.
+    """
 
     max_cells: int = ENV_DP_CELLS
 
     def fill_rows(self, req: RowRequest) -> np.ndarray:
+        """The width index of every kept row: the exact knapsack's choice within the budget."""
         t = req.table
         kept = LayerTable(dataclasses.replace(t.info, rows=len(req.rows)), t.bits, t.patterns,
                           t.errors[req.rows])
@@ -50,14 +53,16 @@ class UniformChannels:
     """One width for every kept row: the dearest whose cost for all of them fits the budget."""
 
     def fill_rows(self, req: RowRequest) -> np.ndarray:
+        """The width index of every kept row: the dearest one they all fit (0 when none does)."""
         ob, keep = req.option_bits, len(req.rows)
         fits = np.flatnonzero(keep * ob <= req.budget + TOL)
         return np.full(keep, int(fits[np.argmax(ob[fits])]) if len(fits) else 0)
 
 
 class DPLayers:
-    """The DP allocator's layer decisions at one budget: per layer its pattern and the bits the
-    DP's plan gives its rows.
+    """The DP allocator's layer decisions at one budget.
+
+    Per layer: its pattern and the bits the DP's plan gives its rows.
 
     Args:
         tables: the layer tables the env walks (forward order).
@@ -71,6 +76,7 @@ class DPLayers:
         self.plan = allocate_dp(list(tables), cfg.env.budget_bits, cfg.cost)
 
     def choose_layer(self, table: LayerTable, option_bits: np.ndarray) -> tuple[int, float]:
+        """The DP plan's pattern index for the layer and the bits its rows take."""
         lp = self.plan.layers[table.info.name]
         p = table.patterns.index(lp.pattern)
         idx = np.searchsorted(np.asarray(table.bits), np.asarray(lp.row_bits))

@@ -101,8 +101,10 @@ def _training_budget(evaluations: float | None, calibration: dict[str, Any]) -> 
 
 
 def _calibrate_at_budget(prepared: pipeline.Prepared) -> dict[str, Any]:
-    """Check the budget once; choose the objective and the corrections on the DP plan there
-    (:func:`~automl_compress.selection.calibrate`)."""
+    """Check the budget once, then choose the objective and the corrections there.
+
+    Both are chosen on the DP plan at that budget (:func:`~automl_compress.selection.calibrate`).
+    """
     budget = float(prepared.cfg.env.budget_bits)
     pipeline.check_budget(prepared, budget)
     return selection.calibrate(prepared, "dp", budget)

@@ -62,8 +62,10 @@ class MetricOracle:
             <= b - self.reserve + 1e-9
 
     def __call__(self, plan: CompressionPlan) -> float | None:
-        """A training episode's score on ``fraction`` of the split, or None when not scheduled
-        (or, with ``force``, the whole split)."""
+        """A training episode's score on ``fraction`` of the split.
+
+        None when not scheduled (or, with ``force``, the score on the whole split).
+        """
         frac = 1.0 if self.force else self.fraction
         known = self.evaluator.known(plan, frac)
         if known is not None:
@@ -89,8 +91,11 @@ class MetricOracle:
 
     def measure_many(self, plans: list[CompressionPlan],
                      fraction: float = 1.0) -> list[float | None]:
-        """:meth:`measure` of each plan, in order, the new ones scored as one batch (in parallel
-        on a Ray executor); the same values and counts as measuring them one by one."""
+        """:meth:`measure` of each plan, in order, the new ones scored as one batch.
+
+        The batch runs in parallel on a Ray executor; the values and counts are the same as
+        measuring the plans one by one.
+        """
         values: list[float | None] = list(self.evaluator.many(plans, fraction))
         return values + [self.measure(p, fraction) for p in plans[len(values):]]
 
@@ -106,6 +111,7 @@ class Best:
     episode: int
 
     def key(self) -> tuple[bool, float, float]:
+        """Sort key: finite metric first, then higher metric, then lower proxy error."""
         return (math.isfinite(self.metric), self.metric if math.isfinite(self.metric) else 0.0,
                 -self.proxy_error)
 
@@ -141,6 +147,7 @@ class Tracker:
         return pool[0] if pool else None
 
     def __call__(self, s: EpisodeSummary) -> None:
+        """Log one episode and keep its plan in its budget's pool if it ranks there."""
         self.episodes += 1
         step = self.progress.steps
         w = self.writer
@@ -170,12 +177,14 @@ class Tracker:
                 w.allocation(step, s.plan, self.tables, f"best (episode {self.episodes})")
 
     def state(self) -> dict[str, Any]:
+        """The episode count and the pools, as JSON-ready data for a checkpoint."""
         return {"episodes": self.episodes, "pools": {str(b): [{
             "plan": x.plan.to_dict(), "metric": x.metric, "proxy_error": x.proxy_error,
             "avg_bits": x.avg_bits, "episode": x.episode} for x in pool]
             for b, pool in self.pools.items()}}
 
     def restore(self, state: dict[str, Any]) -> None:
+        """Set the episode count and the pools back from :meth:`state`'s data."""
         self.episodes = int(state.get("episodes", 0))
         self.pools = {float(b): [Best(CompressionPlan.from_dict(x["plan"]), float(x["metric"]),
                                       float(x["proxy_error"]), float(x["avg_bits"]),

@@ -52,8 +52,10 @@ def check_finite_weights(model: nn.Module) -> None:
 
 
 def _first_tensor(x: Any) -> torch.Tensor | None:
-    """The primary tensor of a module's input or output: the tensor itself, else the first one
-    in a tuple / list / dict (in order)."""
+    """The primary tensor of a module's input or output.
+
+    The tensor itself, else the first one in a tuple / list / dict (in order).
+    """
     if isinstance(x, torch.Tensor):
         return x
     if isinstance(x, dict):

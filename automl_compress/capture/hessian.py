@@ -51,6 +51,7 @@ class LayerHessian:
 
     @property
     def groups(self) -> int:
+        """Number of groups: the first dimension of ``H``."""
         return int(self.H.shape[0])
 
     @property

@@ -128,6 +128,7 @@ class Moments:
         ]
 
     def update(self, X: torch.Tensor) -> None:
+        """Add a batch of input vectors X to the running mean and scatter."""
         nb = X.shape[0]
         if nb == 0:
             return
@@ -206,8 +207,11 @@ def layer_state(
     name: str, module: nn.Module, max_dense_cols: int, block_cols: int, device: torch.device,
     stacklevel: int = 2,
 ) -> LayerState:
-    """A fresh accumulator for one layer; block-diagonal (with a warning) above
-    ``max_dense_cols`` columns (``stacklevel``: the warning's, counted from the caller)."""
+    """A fresh accumulator for one layer.
+
+    Block-diagonal (with a warning) above ``max_dense_cols`` columns (``stacklevel``: the warning's,
+    counted from the caller).
+    """
     groups = 1 if isinstance(module, nn.Linear) else int(module.groups)
     cols = math.prod(module.weight.shape[1:])
     if cols > max_dense_cols:

@@ -1,5 +1,7 @@
-"""``automl-compress apply``: compress the configured model with a trained policy (zero-shot or
-fine-tuned) and write the run directory."""
+"""``automl-compress apply``: compress the configured model with a trained policy.
+
+The policy is used zero-shot or fine-tuned, and the run directory is written.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +16,10 @@ from automl_compress.config import Config
 
 def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: int = 0,
         progress: bool = True, evaluations: float | None = None) -> int:
-    """Apply the policy at ``cfg.env.budget_bits``, write the run directory (a fine-tuned policy
-    under ``out/policy``) and print the run's line beside dp and uniform at the same budget.
+    """Apply the policy at ``cfg.env.budget_bits`` and write the run directory.
+
+    A fine-tuned policy goes under ``out/policy``. Prints the run's line beside dp and uniform at
+    the same budget.
 
     Args:
         cfg: the resolved config of the target model (its menu and env spec must match the

@@ -12,8 +12,9 @@ from automl_compress.executors import open_executor
 
 
 def run(cfg: Config, out: str | Path) -> int:
-    """Build (or complete) the layer database under ``out/db`` on ``cfg.executor``, with its
-    objective; write ``out/config.yaml`` and print what was built.
+    """Build (or complete) the layer database under ``out/db`` on ``cfg.executor``.
+
+    The database is built with its objective; writes ``out/config.yaml`` and prints what was built.
 
     Args:
         cfg: the resolved config.

@@ -1,5 +1,8 @@
-"""``automl-compress compress``: a plan from an allocator (uniform, dp, rtn) or a search (evo,
-spdy), scored on the test split and written to the run directory."""
+"""``automl-compress compress``: a plan from an allocator or a search.
+
+The allocators are uniform, dp and rtn, the searches evo and spdy; the plan is scored on the test
+split and written to the run directory.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +17,10 @@ from automl_compress.objectives import describe
 
 
 def run(cfg: Config, method: str, out: str | Path, evaluations: float | None = None) -> int:
-    """Prepare the task (on ``cfg.executor``), compress it at ``cfg.env.budget_bits``, evaluate
-    the plan, write the run directory and print its summary line.
+    """Compress the task at ``cfg.env.budget_bits`` and write the run directory.
+
+    Prepares the task (on ``cfg.executor``), compresses it, evaluates the plan, writes the run
+    directory and prints its summary line.
 
     Args:
         cfg: the resolved config.

@@ -28,8 +28,9 @@ def _packed_summary(path: Path, sizes: dict[str, int], run_dir: Path) -> str:
 
 
 def run(run_dir: str | Path, fmt: str = "packed", out: str | Path | None = None) -> int:
-    """Export the run's plan and print the file's size and whether the reloaded model's outputs
-    are identical.
+    """Export the run's plan and print the file's size.
+
+    Also prints whether the reloaded model's outputs are identical.
 
     ``packed`` writes ``RUN/compressed.safetensors`` (packed integers, docs/export.md) and prints
     its size beside results.json's ``size_bytes``; ``state_dict`` writes ``RUN/state_dict.pt``, the

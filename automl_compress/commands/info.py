@@ -6,8 +6,9 @@ import platform
 
 
 def run() -> int:
-    """Print the package, Python, platform, torch (and GPU), numpy and optional packages'
-    versions.
+    """Print the versions of the package and of what it runs on.
+
+    Those are the package, Python, platform, torch (and GPU), numpy and optional packages' versions.
 
     Returns:
         0.

@@ -10,8 +10,9 @@ from automl_compress.report import write_report
 
 def run(runs: Sequence[str | Path], out: str | Path, title: str,
         tb: str | Path | None = None) -> int:
-    """Write the report of ``runs`` to ``out`` (and its figures as TensorBoard images under
-    ``tb/report``) and print what was written.
+    """Write the report of ``runs`` to ``out`` and print what was written.
+
+    Its figures also go as TensorBoard images under ``tb/report``.
 
     Args:
         runs: run directories (a folder of run directories stands for all of them).

@@ -24,9 +24,11 @@ from automl_compress.executors import open_executor
 
 @contextlib.contextmanager
 def terminate_as_interrupt() -> Iterator[None]:
-    """While inside, SIGTERM raises KeyboardInterrupt (so a checkpoint is written); the previous
-    handler is restored afterwards. Off the main thread, signals cannot be handled: nothing
-    changes."""
+    """While inside, SIGTERM raises KeyboardInterrupt (so a checkpoint is written).
+
+    The previous handler is restored afterwards. Off the main thread, signals cannot be handled:
+    nothing changes.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -43,8 +45,9 @@ def terminate_as_interrupt() -> Iterator[None]:
 
 def run(cfg: Config, out: str | Path, total_steps: int | None = None, resume: bool = False,
         progress: bool = True, evaluations: float | None = None) -> int:
-    """Search with the RL controllers (on ``cfg.executor``), write the run directory and print
-    the run's line beside dp and uniform at the same budget.
+    """Search with the RL controllers (on ``cfg.executor``) and write the run directory.
+
+    Prints the run's line beside dp and uniform at the same budget.
 
     Args:
         cfg: the resolved config (budget ``cfg.env.budget_bits``; ``env.budget_range`` trains

@@ -173,9 +173,12 @@ def _float(value: Any, tp: Any, where: str) -> float:
 
 
 def _str(value: Any, tp: Any, where: str) -> str:
-    """A string. YAML reads ``on/off/yes/no/true/false`` as booleans, so a boolean comes back as
-    ``'on'`` or ``'off'`` and the field's own validation maps those words onto its choices (e.g.
-    ``eval.bn_reestimate: off``)."""
+    """A string.
+
+    YAML reads ``on/off/yes/no/true/false`` as booleans, so a boolean comes back as ``'on'`` or
+    ``'off'`` and the field's own validation maps those words onto its choices (e.g.
+    ``eval.bn_reestimate: off``).
+    """
     if isinstance(value, bool):
         return "on" if value else "off"
     if not isinstance(value, (str, int, float)):

@@ -25,8 +25,9 @@ EXECUTORS = ("local", "ray")
 
 @dataclass(frozen=True)
 class ExecutorConfig:
-    """Where the layer solves and the plan evaluations run (automl_compress/executors.py,
-    docs/distributed.md).
+    """Where the layer solves and the plan evaluations run.
+
+    See automl_compress/executors.py and docs/distributed.md.
 
     Attributes:
         kind: 'local' (this process, serially: no Ray import) or 'ray' (Ray tasks for the

@@ -1,0 +1,1 @@
+"""The layer database: per-layer solutions and error tables, built once for every allocator."""

@@ -158,9 +158,11 @@ Candidates = list[list[tuple[str, float, float]]]
 
 def dp_candidates(tables: Sequence[LayerTable], cost: CostConfig | None = None,
                   max_cells: int = MAX_DP_CELLS) -> Candidates:
-    """Per layer, the DP's candidates: every pattern's within-layer knapsack curve points as
-    (pattern, total row bits, error). Computed once and reused by repeated DP solves
-    (:func:`allocate_dp`'s ``candidates``, the SPDY search)."""
+    """Per layer, the DP's candidates.
+
+    Every pattern's within-layer knapsack curve points as (pattern, total row bits, error). Computed
+    once and reused by repeated DP solves (:func:`allocate_dp`'s ``candidates``, the SPDY search).
+    """
     return [layer_candidates(t, cost, max_cells) for t in tables]
 
 

@@ -76,8 +76,10 @@ def _capture(task: Task, cap: CaptureConfig, include: tuple[str, ...],
 
 
 def _forget_corrupt(db: LayerDatabase) -> None:
-    """Forget (with a warning at the build's caller) every finished layer whose file is corrupt,
-    so the build re-solves it."""
+    """Forget every finished layer whose file is corrupt, so the build re-solves it.
+
+    A warning is issued at the build's caller.
+    """
     for name in list(db.finished()):
         problem = db.verify_layer(name)
         if problem is not None:

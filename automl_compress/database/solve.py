@@ -120,8 +120,10 @@ def _check_pattern(mask: torch.Tensor, pattern: str, n_blocks: int, name: str) -
 
 
 class _Codes:
-    """One option's codes, scales, zero points and mask for the whole layer, filled piece by
-    piece (scale and zero per (row, column block))."""
+    """One option's codes, scales, zero points and mask for the whole layer.
+
+    Filled piece by piece (scale and zero per (row, column block)).
+    """
 
     def __init__(self, rows: int, cols: int, n_blocks: int) -> None:
         self.codes = torch.zeros(rows, cols, dtype=torch.uint8)
@@ -214,8 +216,10 @@ def solve_layer(
     cfg: SolverConfig,
     device: str | torch.device = "cpu",
 ) -> LayerSolutions:
-    """Every option of the menu for one layer: its units (:func:`~.work.layer_units`) solved in
-    turn, then assembled (:func:`assemble_layer`).
+    """Every option of the menu for one layer.
+
+    Its units (:func:`~.work.layer_units`) are solved in turn, then assembled
+    (:func:`assemble_layer`).
 
     Each (row group, column block) piece is pruned once per sparse pattern (one pass serves every
     bit-width of the pattern), then quantized at every bit-width.

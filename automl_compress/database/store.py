@@ -105,6 +105,7 @@ class LayerSolutions:
 
     @property
     def info(self) -> LayerInfo:
+        """The layer's metadata (its table's)."""
         return self.table.info
 
 
@@ -273,6 +274,7 @@ class LayerDatabase:
 
     @property
     def fingerprints(self) -> dict[str, Any]:
+        """The setup fingerprints recorded in the manifest."""
         return dict(self._manifest["fingerprints"])
 
     @property
@@ -282,15 +284,18 @@ class LayerDatabase:
 
     @property
     def complete(self) -> bool:
+        """Whether the build finished and every layer of the order has been written."""
         return bool(self._manifest.get("complete")) and all(
             i.name in self._manifest["layers"] for i in self.order
         )
 
     def set_order(self, infos: list[LayerInfo]) -> None:
+        """Record the layers the database covers, in forward order, in the manifest."""
         self._manifest["order"] = [_info_to_dict(i) for i in infos]
         atomic_write_json(self.root / MANIFEST, self._manifest)
 
     def mark_complete(self) -> None:
+        """Record in the manifest that the build finished."""
         self._manifest["complete"] = True
         atomic_write_json(self.root / MANIFEST, self._manifest)
 
@@ -360,6 +365,7 @@ class LayerDatabase:
         return sol
 
     def table(self, name: str) -> LayerTable:
+        """The error table of layer ``name``."""
         return self.layer(name).table
 
     def tables(self) -> list[LayerTable]:

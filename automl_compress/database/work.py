@@ -103,9 +103,12 @@ def layer_patterns(info: LayerInfo, patterns: tuple[str, ...]) -> tuple[str, ...
 
 @dataclass(frozen=True)
 class Unit:
-    """One independent solve of a layer: one (row group, column block) piece at one pattern and
-    the bit-widths solved together (a sparse pattern's share one pruning pass; a dense or joint
-    option is one unit per bit-width). The serial loop and the Ray tasks solve the same units."""
+    """One independent solve of a layer.
+
+    One (row group, column block) piece at one pattern and the bit-widths solved together (a sparse
+    pattern's share one pruning pass; a dense or joint option is one unit per bit-width). The serial
+    loop and the Ray tasks solve the same units.
+    """
 
     piece: int
     pattern: str
@@ -136,6 +139,7 @@ class LayerWork:
 
     @property
     def quant_bits(self) -> tuple[int, ...]:
+        """The menu's nonzero bit-widths, ascending."""
         return tuple(b for b in self.bits if b > 0)
 
     def piece_inputs(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:

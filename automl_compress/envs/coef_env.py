@@ -133,6 +133,7 @@ class CoefficientEnv(gym.Env):
 
     def reset(self, *, seed: int | None = None,
               options: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode at ``options['budget']`` (default: a random one of ``budgets``)."""
         super().reset(seed=seed)
         budget = (options or {}).get("budget")
         if budget is None:
@@ -144,6 +145,7 @@ class CoefficientEnv(gym.Env):
         return self._obs(), {"phase": self._phase, "budget": self.budget}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Apply one coefficient action and move to the next decision (gymnasium ``step``)."""
         if self._done:
             raise InvalidInputError("step() called on a finished episode; call reset() first")
         a = int(np.asarray(action).reshape(-1)[0])

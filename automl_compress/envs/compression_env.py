@@ -170,12 +170,14 @@ class CompressionEnv(gym.Env):
     def reset(
         self, *, seed: int | None = None, options: dict[str, Any] | None = None
     ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Start an episode (gymnasium ``reset``): the observation and ``{'phase'}``."""
         super().reset(seed=seed)
         self._reset_state()
         self._advance()
         return self._obs(), {"phase": self._phase}
 
     def step(self, action: Any) -> tuple[np.ndarray, float, bool, bool, dict[str, Any]]:
+        """Apply one layer or group action and move to the next decision (gymnasium ``step``)."""
         if self._done:
             raise InvalidInputError("step() called on a finished episode; call reset() first")
         a = int(np.asarray(action).reshape(-1)[0])
@@ -236,8 +238,11 @@ class CompressionEnv(gym.Env):
         self._error += err
 
     def _layer_budgets(self) -> np.ndarray:
-        """Bits each layer action grants: the kept weights × fair share × the level's multiplier,
-        clipped to [cheapest, dearest] cost of the kept rows (level 0: the cheapest)."""
+        """Bits each layer action grants.
+
+        The kept weights × fair share × the level's multiplier, clipped to [cheapest, dearest] cost
+        of the kept rows (level 0: the cheapest).
+        """
         l_ = self._l
         fair = (self.budget_total - self._used) / max(float(self.numel[l_:].sum()), 1.0)
         return self.ladder.budgets(l_, fair)

@@ -98,8 +98,9 @@ class LayerState:
         return self.j >= len(self.groups)
 
     def assign(self, width: int, bits: int, row_cost: float) -> np.ndarray:
-        """Give the current group width index ``width`` (``bits`` bits, ``row_cost`` bits per
-        row) and move to the next group.
+        """Give the current group width index ``width`` and move to the next group.
+
+        The width costs ``bits`` bits, ``row_cost`` bits per row.
 
         Returns:
             The group's rows.
@@ -122,9 +123,11 @@ class LayerState:
         return self.used + size * ob + rest <= self.budget + TOL
 
     def relative_widths(self, ob: np.ndarray, n_bits: int) -> np.ndarray:
-        """Width index taken by each group action: ``clip(i* + a − c, 0, nb − 1)``, with i* the
-        dearest width whose per-row cost fits the budget left per undecided row and
-        c = (nb − 1) // 2."""
+        """Width index taken by each group action: ``clip(i* + a − c, 0, nb − 1)``.
+
+        Here i* is the dearest width whose per-row cost fits the budget left per undecided row, and
+        c = (nb − 1) // 2.
+        """
         undecided = sum(len(g) for g in self.groups[self.j:])
         share = (self.budget - self.used) / max(undecided, 1)
         fits = np.flatnonzero(ob <= share + TOL)
@@ -134,8 +137,10 @@ class LayerState:
 
     def channel_features(self, table: LayerTable, n_bits: int,
                          patterns: tuple[str, ...]) -> np.ndarray:
-        """The observation's channel part for the current group: its position and size, the
-        budget left per undecided weight, the last width, the pattern, the group's error curve.
+        """The observation's channel part for the current group.
+
+        Its position and size, the budget left per undecided weight, the last width, the pattern,
+        the group's error curve.
 
         Args:
             table: the layer's table.

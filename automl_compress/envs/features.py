@@ -56,6 +56,7 @@ class ObsLayout:
 
     @property
     def size(self) -> int:
+        """Length of the observation vector: the sum of the block lengths."""
         return sum(n for _, n in self.blocks)
 
     def build(self, **parts: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -89,9 +90,12 @@ def budget_layout(menu_bits: Sequence[int], n_patterns: int) -> ObsLayout:
 
 
 def coef_layout(menu_bits: Sequence[int], n_patterns: int) -> ObsLayout:
-    """The coefficient form's observation: the layer block (layer + error curve); the budget
-    (B / 8, (B − B_min) / 8); the phase; the group (position, share of rows, error curve); the
-    decided coefficients (the layer's, the previous group's)."""
+    """The coefficient form's observation.
+
+    The layer block (layer + error curve); the budget (B / 8, (B − B_min) / 8); the phase; the group
+    (position, share of rows, error curve); the decided coefficients (the layer's, the previous
+    group's).
+    """
     nz = sum(1 for b in menu_bits if b > 0)
     return ObsLayout((("layer", _static_size(menu_bits, n_patterns)), ("budget", 2),
                       ("phase", 1), ("group", 2 + nz), ("decided", 2)))

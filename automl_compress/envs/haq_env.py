@@ -85,11 +85,13 @@ class HAQEnv(gym.Env):
                                  channel=np.zeros(5 + len(self.nz)), phase=[0.0])
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        """Start an episode at the first layer (gymnasium ``reset``)."""
         super().reset(seed=seed)
         self._reset_state()
         return self._obs(), {}
 
     def step(self, action: Any):
+        """Choose the current layer's bit-width from the action in [0, 1] (gymnasium ``step``)."""
         a = float(np.clip(np.asarray(action, dtype=np.float64).reshape(-1)[0], 0.0, 1.0))
         lo, hi = 0, len(self.nz) - 1
         k = int(np.clip(round(lo - 0.5 + a * (hi - lo + 1)), lo, hi))

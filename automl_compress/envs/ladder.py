@@ -1,5 +1,6 @@
-"""The budget form's layer actions: what each ``Discrete(patterns × fractions × levels)`` action
-means at each layer (docs/env.md §1.2).
+"""The budget form's layer actions (docs/env.md §1.2).
+
+What each ``Discrete(patterns × fractions × levels)`` action means at each layer.
 
 Action a decodes to (pattern i, 0-bit fraction f, level k). At layer l it keeps
 ``n_keep = rows − floor(f·rows)`` rows under the table's pattern and grants them
@@ -23,8 +24,10 @@ from automl_compress.database.tables import LayerTable
 
 @dataclass(frozen=True)
 class LayerLadder:
-    """Per layer and action: validity, table pattern, removed rows, and the kept rows' cheapest
-    cost, dearest cost and weights; plus the level multipliers μ_k.
+    """Per layer and action: validity, table pattern, removed rows and kept-row data.
+
+    The kept rows' data are their cheapest cost, dearest cost and weights; plus the level
+    multipliers μ_k.
 
     Attributes:
         n_patterns, fractions, levels: the action grid (menu patterns × 0-bit fractions × levels).

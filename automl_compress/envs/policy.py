@@ -1,7 +1,8 @@
-"""What a :class:`~automl_compress.envs.CompressionEnv` can be given for the decisions it does not
-hand to the agent (docs/env.md §1.2): a callable :data:`Policy` asked at each decision, or an
-allocator that decides a whole layer from the tables. The built-in allocators are in
-:mod:`automl_compress.agents.policies`.
+"""What a :class:`~automl_compress.envs.CompressionEnv` decides without the agent.
+
+What it can be given for the decisions it does not hand to the agent (docs/env.md §1.2): a callable
+:data:`Policy` asked at each decision, or an allocator that decides a whole layer from the tables.
+The built-in allocators are in :mod:`automl_compress.agents.policies`.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ class RowAllocator(Protocol):
 
 @runtime_checkable
 class LayerAllocator(Protocol):
-    """Decides a whole layer from the tables: its pattern and its rows' bit budget (no row
-    removed)."""
+    """Decides a whole layer from the tables.
+
+    Its pattern and its rows' bit budget (no row removed).
+    """
 
     def choose_layer(self, table: LayerTable, option_bits: np.ndarray) -> tuple[int, float]:
         """(pattern index into ``table.patterns``, bits for the layer's rows)."""

@@ -38,6 +38,7 @@ class Spend:
     samples: int
 
     def as_dict(self) -> dict[str, float]:
+        """The spend as ``{evaluations, metric_calls, forward_samples}``."""
         return {"evaluations": self.evaluations, "metric_calls": self.calls,
                 "forward_samples": self.samples}
 
@@ -82,8 +83,10 @@ class Evaluator:
         return self.items(fraction) / self.size
 
     def affordable(self, fraction: float = 1.0, samples: int | None = None) -> bool:
-        """Whether one more score at ``fraction`` fits the budget (after ``samples`` validation
-        items, default those spent so far)."""
+        """Whether one more score at ``fraction`` fits the budget.
+
+        Counted after ``samples`` validation items (default: those spent so far).
+        """
         s = self.samples if samples is None else samples
         spent = s / self.size if s else 0.0
         return self.budget is None or spent + self.cost(fraction) <= self.budget + 1e-9
@@ -110,8 +113,9 @@ class Evaluator:
         return value
 
     def many(self, plans: Sequence[CompressionPlan], fraction: float = 1.0) -> list[float]:
-        """The scores of ``plans`` at ``fraction``, as ``[self(p, fraction) for p in plans]``
-        would give them, with the new ones scored together.
+        """The scores of ``plans`` at ``fraction``, the new ones scored together.
+
+        The same scores as ``[self(p, fraction) for p in plans]`` would give.
 
         A plan already cached, or earlier in the batch, costs nothing. Where scoring one more
         plan would exceed the budget the batch stops: the scores before that plan are returned

@@ -79,7 +79,9 @@ def spdy_search(
 
     def consider(trial: list[tuple[np.ndarray, CompressionPlan]]) -> list[bool]:
         """Score the candidates as one batch and take them in order; whether each improved.
-        Raises BudgetSpent after the ones that fit when the budget runs out."""
+
+        Raises BudgetSpent after the ones that fit when the budget runs out.
+        """
         nonlocal best, best_u, best_plan
         values = evaluator.many([p for _, p in trial], 1.0)
         improved = []

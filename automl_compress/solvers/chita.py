@@ -113,8 +113,11 @@ def _check_options(iht_iters, refresh, candidates, kernel_area, max_swaps, kimp,
 
 
 def _column_order(n_m, cols: int, kernel_area: int, warm_start, sparsity):
-    """The checked N:M pattern (or None) and the column order the steps work in: N:M groups run
-    along input channels at one tap (channel-major), unstructured keeps the given order."""
+    """The checked N:M pattern (or None) and the column order the steps work in.
+
+    N:M groups run along input channels at one tap (channel-major), unstructured keeps the given
+    order.
+    """
     if n_m is None:
         if not isinstance(warm_start, (torch.Tensor, SolveResult)):
             check_sparsity(sparsity)
@@ -230,8 +233,10 @@ class _Steps:
 
 
 def _active_set(A, AW, V, keep, k, kimp):
-    """Unstructured: the support plus the best outside coordinates by g_j² / A_jj, in all
-    ``ceil(kimp · k_r)`` coordinates of row r."""
+    """Unstructured: the support plus the best outside coordinates by g_j² / A_jj.
+
+    In all, ``ceil(kimp · k_r)`` coordinates of row r.
+    """
     g = V @ A - AW
     score = (g * g / torch.diagonal(A)).masked_fill(keep, torch.inf)
     ka = torch.clamp(torch.ceil(kimp * k.to(A.dtype)).long(), max=A.shape[0])
@@ -239,8 +244,10 @@ def _active_set(A, AW, V, keep, k, kimp):
 
 
 def _refine_rows(pb: _Problem, sl: slice, st: _Steps):
-    """IHT, swaps and the backsolve on the rows ``sl``; returns their mask, swaps per row, weights
-    and the IHT iterations run."""
+    """IHT, swaps and the backsolve on the rows ``sl``.
+
+    Returns their mask, swaps per row, weights and the IHT iterations run.
+    """
     A, Ap = pb.A, pb.Ap
     Wb, Vb, kb = pb.W[sl], pb.V[sl], pb.keep[sl]
     AW = Wb @ A
@@ -271,8 +278,11 @@ def _unpermute(X_p: torch.Tensor, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _never_worse(W, H, W_hat, keep, warm: SolveResult):
-    """Rows whose error under the undamped H ends above the warm start's keep the warm start;
-    returns the weights, mask, per-row errors and the reverted rows."""
+    """The solve, never worse than the warm start on any row.
+
+    Rows whose error under the undamped H ends above the warm start's keep the warm start; returns
+    the weights, mask, per-row errors and the reverted rows.
+    """
     dev = W.device
     err = row_errors(W, W_hat, H.to(dev))
     worse = err > warm.row_error.to(dev)

@@ -17,8 +17,11 @@ STEP_DOUBLINGS = 5  # CHITA's line search doubles τ_c at most this many times
 
 
 def project(z: torch.Tensor, allowed: torch.Tensor, k: torch.Tensor | None, n_m) -> torch.Tensor:
-    """Kept set of ``P(z)``: the ``k[r]`` largest |z| of the allowed coordinates of row r, or the N
-    largest of every group of M consecutive coordinates. z, allowed: (R, d) → (R, d) bool."""
+    """Kept set of ``P(z)``: the largest |z| per row, or per N:M group.
+
+    The ``k[r]`` largest |z| of the allowed coordinates of row r, or the N largest of every group of
+    M consecutive coordinates. z, allowed: (R, d) → (R, d) bool.
+    """
     mag = z.abs().masked_fill(~allowed, -1.0)
     R, d = z.shape
     if n_m is not None:

@@ -61,8 +61,11 @@ class _Swaps:
 
 
 def _scatter(S: torch.Tensor, x: torch.Tensor, d: int) -> torch.Tensor:
-    """Slot values x (R, K) at columns S (R, K) of a zero (R, d) matrix. Padded slots hold 0 and
-    may share a column with a real slot, so the values are added, not assigned."""
+    """Slot values x (R, K) at columns S (R, K) of a zero (R, d) matrix.
+
+    Padded slots hold 0 and may share a column with a real slot, so the values are added, not
+    assigned.
+    """
     return torch.zeros((x.shape[0], d), dtype=x.dtype, device=x.device).scatter_add_(1, S, x)
 
 
@@ -85,16 +88,21 @@ def pad(A: torch.Tensor) -> torch.Tensor:
 
 
 def _factor(Ap: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor) -> torch.Tensor:
-    """Lower Cholesky factors of A_SS for every row (R, K, K), identity on padded slots
-    (``Ap``: A padded by :func:`pad`)."""
+    """Lower Cholesky factors of A_SS for every row (R, K, K).
+
+    Identity on padded slots (``Ap``: A padded by :func:`pad`).
+    """
     ASS = _block(Ap, S, Sv, S, Sv)
     ASS.diagonal(dim1=1, dim2=2).add_((~Sv).to(ASS.dtype))
     return _cholesky_batched(ASS, "A = H + 2λI restricted to a row's support")
 
 
 def _support_optimum(Ap: torch.Tensor, AW: torch.Tensor, S: torch.Tensor, Sv: torch.Tensor):
-    """The least-squares optimum on every row's support S: the Cholesky factor L of A_SS,
-    ``b = (A w)_S`` and ``v_S = A_SS⁻¹ b`` (R, K each but L; zero on padded slots)."""
+    """The least-squares optimum on every row's support S.
+
+    The Cholesky factor L of A_SS, ``b = (A w)_S`` and ``v_S = A_SS⁻¹ b`` (R, K each but L; zero on
+    padded slots).
+    """
     L = _factor(Ap, S, Sv)
     b = torch.gather(AW, 1, S) * Sv
     v = torch.cholesky_solve(b[:, :, None], L).squeeze(-1) * Sv
@@ -167,8 +175,9 @@ def _best_swaps(st: _Swaps):
 
 
 def _apply_swaps(st: _Swaps, A: torch.Tensor, a, b, x, act) -> None:
-    """Swap S slot a (coordinate i, out) with P slot b (coordinate j, in) in every row where
-    ``act``, in place (the other rows are left as they are).
+    """Swap S slot a (coordinate i, out) with P slot b (coordinate j, in), in place.
+
+    Done in every row where ``act`` (the other rows are left as they are).
 
     Removing i is an OBS step on the support and adding j a bordered inverse; Σ takes both as one
     rank-2 update, and the vectors on P need the columns A·Σ[:, a] and A·(Σ A_Sj − e_a) of B and
@@ -222,9 +231,10 @@ def _apply_swaps(st: _Swaps, A: torch.Tensor, a, b, x, act) -> None:
 
 
 def swap_batch(A, Ap, AW, wAw, keep, n_m, max_swaps, refresh, rtol, n_cand):
-    """Swaps on every row of a batch until none lowers a row's objective; returns the final
-    supports, the number of swaps of every row and the exact optimum (R, d) on the supports of
-    the rows that made none (zero for the others).
+    """Swaps on every row of a batch until none lowers a row's objective.
+
+    Returns the final supports, the number of swaps of every row and the exact optimum (R, d) on the
+    supports of the rows that made none (zero for the others).
 
     Unstructured, a row whose pool (chosen at an earlier point) holds no improving pair gets a
     new pool and one more try; it stops when a fresh pool holds none. Stopped rows leave the

@@ -35,8 +35,11 @@ def _cholesky_batched(A: torch.Tensor, what: str, upper: bool = False) -> torch.
 
 
 def _padded_support(mask: torch.Tensor, which: bool, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (n, m) of the coordinates where ``mask == which`` (first, in column order), padded,
-    and a (n, m) bool telling the real ones from the padding."""
+    """Indices (n, m) of the coordinates where ``mask == which``, padded.
+
+    The coordinates come first, in column order; also a (n, m) bool telling the real ones from the
+    padding.
+    """
     key = (mask != which).to(torch.int8)
     idx = torch.argsort(key, dim=1, stable=True)[:, :m]
     valid = torch.gather(mask == which, 1, idx)

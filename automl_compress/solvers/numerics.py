@@ -17,9 +17,11 @@ CPU_MAX_BATCH_BYTES = 1 << 30
 
 
 def solve_dtype(W: torch.Tensor, dtype: torch.dtype | None = None) -> torch.dtype:
-    """The working precision of a solve: ``dtype`` if given, else float64 for float64 weights and
-    float32 otherwise (the Hessian is always prepared and inverted in float64, and errors are
-    always evaluated in float64)."""
+    """The working precision of a solve.
+
+    ``dtype`` if given, else float64 for float64 weights and float32 otherwise (the Hessian is
+    always prepared and inverted in float64, and errors are always evaluated in float64).
+    """
     if dtype is not None:
         return dtype
     return torch.float64 if W.dtype == torch.float64 else torch.float32

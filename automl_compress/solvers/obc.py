@@ -46,7 +46,10 @@ def obc_compress(
             the same count, so every row's storage cost is the same).
         kernel_area: conv kernel area (N:M groups and blocks run along input channels).
         quant: 'obq' (exact greedy) or 'gptq' (fixed order) for the quantization stage.
-        grid, damp, row_batch, dtype: as for :func:`obq_quantize`.
+        grid: how the per-row grid is fitted; as for :func:`obq_quantize`.
+        damp: relative damping of H for the solve; as for :func:`obq_quantize`.
+        row_batch: rows per batch; as for :func:`obq_quantize`.
+        dtype: working precision; as for :func:`obq_quantize`.
 
     Returns:
         SolveResult with ``mask``, the grid, and ``row_error`` against the dense W.

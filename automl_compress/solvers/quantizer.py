@@ -59,6 +59,7 @@ class QuantGrid:
 
     @property
     def maxq(self) -> int:
+        """The largest code, ``2^bits − 1``."""
         return 2**self.bits - 1
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,9 @@ def one_opt(
         W: (rows, cols) original weights.
         W_hat: (rows, cols) quantized weights on the grid given by scale/zero/bits.
         H: (cols, cols) undamped Hessian (the objective).
-        scale, zero, bits: the per-row grid.
+        scale: (rows,) step of the per-row grid.
+        zero: (rows,) zero point of the per-row grid.
+        bits: bit-width of the per-row grid.
         mask: (rows, cols) bool; False entries stay at 0.
         max_sweeps: cap on sweeps (default 4·cols).
 
@@ -122,7 +124,11 @@ def fast_quantize(
         bits: 2..8, or 0 to remove every row.
         candidates: 'natural', 'act_order', 'obq' and 'random:K' (K seeded random orders).
         one_opt_polish: run the 1-opt pass on the chosen rows.
-        grid, damp, mask, dtype: as for :func:`gptq_quantize`; all candidates share the grid.
+        grid: how the per-row grid is fitted, as for :func:`gptq_quantize`; all candidates
+            share the grid.
+        damp: relative damping of H, as for :func:`gptq_quantize`.
+        mask: (rows, cols) bool, False where the weight is pruned, as for :func:`gptq_quantize`.
+        dtype: working precision, as for :func:`gptq_quantize`.
         seed: seed of the random orders.
         row_batch: rows per batch of every candidate (rows are independent).
 

@@ -60,8 +60,10 @@ class SolveResult:
 def on_mask(
     W: torch.Tensor, H: torch.Tensor, pruned: SolveResult, quantized: SolveResult, method: str
 ) -> SolveResult:
-    """A prune-then-quantize result: ``quantized``'s weights and grid on ``pruned``'s mask, with
-    ``row_error`` against the dense W under the undamped H."""
+    """A prune-then-quantize result: ``quantized``'s weights and grid on ``pruned``'s mask.
+
+    Its ``row_error`` is against the dense W under the undamped H.
+    """
     return SolveResult(
         quantized.weight,
         row_errors(W, quantized.weight, H),

@@ -71,6 +71,7 @@ class ItemMetric:
 
     @torch.no_grad()
     def __call__(self, model: nn.Module, fraction: float = 1.0) -> float:
+        """Mean per-item score of ``model`` on the first ``fraction`` of the split."""
         if not 0.0 < fraction <= 1.0:
             raise ValueError(f"fraction must be in (0, 1], found {fraction}")
         device = model_device(model)
@@ -132,9 +133,10 @@ def with_validation(task: Task) -> Task:
 
 def fidelity_metric(dense: nn.Module, forward: Callable[[nn.Module, Any], Any], distance: str,
                     batches: Sequence[Any], where: str = "task") -> ItemMetric:
-    """Per-item fidelity of a model's outputs to ``dense``'s on ``batches`` (higher is better):
-    −KL, cosine or −relative squared error (:meth:`~automl_compress.distances.Distance.fidelity`),
-    the dense outputs computed once here.
+    """Per-item fidelity of a model's outputs to ``dense``'s on ``batches``.
+
+    Higher is better: −KL, cosine or −relative squared error
+    (:meth:`~automl_compress.distances.Distance.fidelity`), the dense outputs computed once here.
 
     Raises:
         InvalidInputError: the outputs are not one floating tensor per batch.

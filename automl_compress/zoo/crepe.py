@@ -74,6 +74,7 @@ class CrepeNet(nn.Module):
         self.classifier = nn.Linear(self.in_features, PITCH_BINS)
 
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
+        """The (batch, 360) pitch-bin probabilities of (batch, 1024) normalised frames."""
         x = frames[:, None, :, None]
         for i in range(1, 7):
             pad = (0, 0, 254, 254) if i == 1 else (0, 0, 31, 32)
@@ -150,8 +151,10 @@ def synthetic_tones(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def decode_cents(probs: torch.Tensor) -> torch.Tensor:
-    """Pitch in cents (re 10 Hz) per frame: weighted average of bin centres within ±4 bins of the
-    argmax (CREPE's decoding)."""
+    """Pitch in cents (re 10 Hz) per frame (CREPE's decoding).
+
+    The weighted average of bin centres within ±4 bins of the argmax.
+    """
     probs = probs.double()
     centres = CENTS_OFFSET + CENTS_PER_BIN * torch.arange(PITCH_BINS, dtype=torch.float64)
     peak = probs.argmax(dim=1, keepdim=True)

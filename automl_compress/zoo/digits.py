@@ -56,6 +56,7 @@ class DigitsCNN(nn.Module):
         self.fc2 = nn.Linear(hidden, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The class logits of a batch of images."""
         x = F.relu(self.bn1(self.conv1(x)))
         x = F.relu(self.bn2(self.conv2(x)))
         x = F.relu(self.bn3(self.conv3(x)))
@@ -76,6 +77,7 @@ class DigitsHParams:
     version: int = CACHE_VERSION
 
     def key(self) -> str:
+        """The cache key: a hash of every field."""
         blob = json.dumps(asdict(self), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 

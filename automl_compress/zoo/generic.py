@@ -1,5 +1,6 @@
-"""Tasks made from a model and inputs alone: the user's model factory, or a local Hugging Face
-folder (``task.name: hf:PATH``).
+"""Tasks made from a model and inputs alone.
+
+Either the user's model factory, or a local Hugging Face folder (``task.name: hf:PATH``).
 
 Writing a :class:`~automl_compress.zoo.base.Task` (model, calibration batches, metric) is the main
 hurdle for a new model. Given only a model and a list of input batches, the splits are made here:
@@ -79,6 +80,7 @@ class MeanPooled(nn.Module):
         self.encoder = encoder
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled encoder embeddings (padding excluded)."""
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -73,6 +73,7 @@ class SentenceEncoder(nn.Module):
         attention_mask: torch.Tensor,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """L2-normalised mean-pooled sentence embeddings (padding excluded)."""
         hidden = self.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids
         ).last_hidden_state
@@ -184,14 +185,17 @@ class EmbeddingFidelity:
         return S.argmax(dim=1)
 
     def report(self, model: nn.Module) -> dict[str, float]:
-        """``{"cosine": mean cosine to the dense embeddings, "retrieval_top1": neighbour
-        agreement}``."""
+        """The secondary metrics: mean cosine and neighbour agreement with the dense model.
+
+        ``{"cosine": mean cosine to the dense embeddings, "retrieval_top1": neighbour agreement}``.
+        """
         E = self.embed(model)
         cos = F.cosine_similarity(E, self.reference, dim=1)
         agree = self._neighbours(E) == self._neighbours(self.reference)
         return {"cosine": float(cos.mean()), "retrieval_top1": float(agree.double().mean())}
 
     def __call__(self, model: nn.Module) -> float:
+        """The metric: mean cosine of the model's embeddings to the dense ones."""
         E = self.embed(model)
         return float(F.cosine_similarity(E, self.reference, dim=1).mean())
 
