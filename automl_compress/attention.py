@@ -40,6 +40,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import skip_init
 
+from automl_compress.attention_masks import (
+    append_zero,
+    causal_hint,
+    checked_attn_mask,
+    merge_padding,
+    pad_masks,
+)
 from automl_compress.errors import UnsupportedLayerError
 
 if TYPE_CHECKING:  # zoo.registry imports this module
@@ -57,76 +64,6 @@ PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 # marks a TransformerEncoder whose nested-tensor fast path was switched off by unfuse_attention
 _NESTED_FLAG = "_automl_compress_use_nested_tensor"
-
-
-def _causal_hint(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None,
-                 need_weights: bool, is_causal: bool) -> tuple[torch.Tensor | None, bool]:
-    """The masks after the ``is_causal`` hint.
-
-    The mask is dropped where scaled_dot_product_attention applies the causal mask itself, and the
-    hint is cleared once the mask is merged with a padding mask (no longer causal).
-    """
-    if is_causal and attn_mask is None:
-        raise RuntimeError(
-            "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
-            "module method `generate_square_subsequent_mask` to create this mask."
-        )
-    if is_causal and key_padding_mask is None and not need_weights:
-        return None, is_causal
-    if key_padding_mask is not None:
-        is_causal = False  # the merged mask below is no longer causal
-    return attn_mask, is_causal
-
-
-def _checked_attn_mask(attn_mask: torch.Tensor, tgt_len: int, src_len: int,
-                       bsz_heads: int) -> torch.Tensor:
-    """A 2-D (L, S) mask as (1, L, S), a 3-D (N·heads, L, S) one as it is; anything else raises."""
-    if attn_mask.dim() == 2:
-        if attn_mask.shape != (tgt_len, src_len):
-            raise RuntimeError(
-                f"The shape of the 2D attn_mask is {attn_mask.shape}, but should be "
-                f"{(tgt_len, src_len)}."
-            )
-        return attn_mask.unsqueeze(0)
-    if attn_mask.dim() == 3:
-        if attn_mask.shape != (bsz_heads, tgt_len, src_len):
-            raise RuntimeError(
-                f"The shape of the 3D attn_mask is {attn_mask.shape}, but should be "
-                f"{(bsz_heads, tgt_len, src_len)}."
-            )
-        return attn_mask
-    raise RuntimeError(f"attn_mask's dimension {attn_mask.dim()} is not supported")
-
-
-def _pad_masks(attn_mask: torch.Tensor | None, key_padding_mask: torch.Tensor | None
-               ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Both masks with one more key position (unmasked) for an appended key."""
-    if attn_mask is not None:
-        attn_mask = F.pad(attn_mask, (0, 1))
-    if key_padding_mask is not None:
-        key_padding_mask = F.pad(key_padding_mask, (0, 1))
-    return attn_mask, key_padding_mask
-
-
-def _append_zero(x: torch.Tensor) -> torch.Tensor:
-    """(N·heads, S, head_dim) keys or values with a zero one appended (``add_zero_attn``)."""
-    return torch.cat([x, x.new_zeros((x.shape[0], 1, x.shape[2]))], dim=1)
-
-
-def _merge_padding(key_padding_mask: torch.Tensor, attn_mask: torch.Tensor | None, bsz: int,
-                   src_len: int, num_heads: int) -> torch.Tensor:
-    """The (N, S) padding mask per head, (N·heads, 1, S), added to ``attn_mask``."""
-    if key_padding_mask.shape != (bsz, src_len):
-        raise RuntimeError(
-            f"expecting key_padding_mask shape of {(bsz, src_len)}, but got "
-            f"{key_padding_mask.shape}"
-        )
-    key_padding_mask = (
-        key_padding_mask.view(bsz, 1, 1, src_len)
-        .expand(-1, num_heads, -1, -1)
-        .reshape(bsz * num_heads, 1, src_len)
-    )
-    return key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
 
 
 class UnfusedMultiheadAttention(nn.Module):
@@ -244,21 +181,21 @@ class UnfusedMultiheadAttention(nn.Module):
             raise UnsupportedLayerError(
                 f"attention expects embedding width {self.embed_dim}, found {embed_dim}"
             )
-        attn_mask, is_causal = _causal_hint(attn_mask, key_padding_mask, need_weights, is_causal)
+        attn_mask, is_causal = causal_hint(attn_mask, key_padding_mask, need_weights, is_causal)
         # (L, N, E) each: the three projections, as ordinary Linear layers
         q, k, v = self.q_proj(query), self.k_proj(key), self.v_proj(value)
         if attn_mask is not None:
-            attn_mask = _checked_attn_mask(attn_mask, tgt_len, key.shape[0], bsz * self.num_heads)
+            attn_mask = checked_attn_mask(attn_mask, tgt_len, key.shape[0], bsz * self.num_heads)
         if self.bias_k is not None and self.bias_v is not None:
             k = torch.cat([k, self.bias_k.repeat(1, bsz, 1)])
             v = torch.cat([v, self.bias_v.repeat(1, bsz, 1)])
-            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+            attn_mask, key_padding_mask = pad_masks(attn_mask, key_padding_mask)
         q, k, v = (self._split_heads(x, bsz) for x in (q, k, v))  # (N·heads, L, head_dim)
         if self.add_zero_attn:
-            k, v = _append_zero(k), _append_zero(v)
-            attn_mask, key_padding_mask = _pad_masks(attn_mask, key_padding_mask)
+            k, v = append_zero(k), append_zero(v)
+            attn_mask, key_padding_mask = pad_masks(attn_mask, key_padding_mask)
         if key_padding_mask is not None:
-            attn_mask = _merge_padding(key_padding_mask, attn_mask, bsz, k.shape[1],
+            attn_mask = merge_padding(key_padding_mask, attn_mask, bsz, k.shape[1],
                                        self.num_heads)
         dropout_p = self.dropout if self.training else 0.0
         if not need_weights:
