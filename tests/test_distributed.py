@@ -238,7 +238,7 @@ def _local_and_ray_runs(tmp_path, config: str, args: list[str]) -> dict:
 
 def test_cli_compress_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
     runs = _local_and_ray_runs(tmp_path, _CLI_TASK, ["compress", "--method", "evo",
-                                                     "--budget-bits", "3", "--evaluations", "8"])
+                                                     "--budget-bits", "3", "--evaluations", "20"])
     for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples",
                 "plan", "history"):
         assert runs["ray"][key] == runs["local"][key], key
@@ -248,6 +248,6 @@ def test_cli_train_with_executor_ray_writes_the_local_run(local_ray, tmp_path):
     config = _CLI_TASK + ("agent:\n  n_steps: 32\n  batch_size: 16\n  n_epochs: 1\n"
                           "  round_steps: 32\n  final_candidates: 3\n")
     runs = _local_and_ray_runs(tmp_path, config, ["train", "--budget-bits", "3", "--total-steps",
-                                                  "64", "--evaluations", "12"])
+                                                  "64", "--evaluations", "24"])
     for key in ("metric", "metric_val", "evaluations", "metric_calls", "forward_samples", "plan"):
         assert runs["ray"][key] == runs["local"][key], key
