@@ -223,9 +223,9 @@ def start_training(prepared: pipeline.Prepared, policy_dir: str | Path, total_st
             ``env.budget_range`` trains one policy for the whole range).
         policy_dir: the run's policy folder (checkpoints are read from and written there).
         total_steps: env steps at most (:func:`training_steps`).
-        evaluations: the validation passes training may spend, the corrections' choice and the
-            final candidates included (None: ``cfg.alloc.evaluations``, the budget ``evo`` and
-            ``spdy`` get).
+        evaluations: the validation passes training may spend, the choice of objective and
+            corrections and the final candidates included (None: ``cfg.alloc.evaluations``, the
+            budget ``evo`` and ``spdy`` get).
         resume: continue from ``policy_dir/checkpoint.json`` when present.
         started: ``time.perf_counter()`` at the run's start (default: now).
 

@@ -56,9 +56,9 @@ def run(cfg: Config, out: str | Path, total_steps: int | None = None, resume: bo
         total_steps: env steps at most (default ``cfg.agent.total_steps``).
         resume: continue from ``out/policy/checkpoint.json`` when present.
         progress: show the progress bar.
-        evaluations: the validation passes training may spend (corrections choice and final
-            candidates included; default ``cfg.alloc.evaluations``); training stops when they
-            are spent or after ``total_steps``.
+        evaluations: the validation passes training may spend (the choice of objective and
+            corrections and the final candidates included; default ``cfg.alloc.evaluations``);
+            training stops when they are spent or after ``total_steps``.
 
     Returns:
         0 on success.

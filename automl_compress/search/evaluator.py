@@ -1,8 +1,8 @@
 """The true-metric budget every search spends: counted, cached validation evaluations.
 
-Searches (evo, spdy, the RL controllers, the choice of statistics corrections) score plans by the
-task metric of the stitched, corrected model on the **validation** split, never on the test split
-that is reported. Every score goes through one :class:`Evaluator`, which
+Searches (evo, spdy, the RL controllers, the choice of objective and statistics corrections)
+score plans by the task metric of the stitched, corrected model on the **validation** split, never
+on the test split that is reported. Every score goes through one :class:`Evaluator`, which
 
 - caches by plan (a plan seen again costs nothing) and by validation fraction;
 - counts what was spent: ``calls`` (metric evaluations), ``samples`` (validation items scored) and
