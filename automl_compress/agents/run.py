@@ -34,7 +34,7 @@ from automl_compress.agents.transfer import (
     read_manifest,
     save_policy,
 )
-from automl_compress.config import Config, dump_config
+from automl_compress.config import AUTO, Config, dump_config
 from automl_compress.errors import ConfigError, PolicyMismatchError
 from automl_compress.io import atomic_write_json
 from automl_compress.plan import CompressionPlan
@@ -302,9 +302,11 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
         if zero_shot and manifest.get("eval"):
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
                 cfg.eval, corrections="fixed", **manifest["eval"]))
-        if zero_shot and manifest.get("objective"):
+        if zero_shot and (manifest.get("objective") or cfg.alloc.objective == AUTO):
+            # the policy's objective (a manifest older than `auto` has none: the first
+            # candidate), so that a zero-shot rollout scores nothing
             cfg = dataclasses.replace(cfg, alloc=dataclasses.replace(
-                cfg.alloc, objective=manifest["objective"]))
+                cfg.alloc, objective=manifest.get("objective") or cfg.alloc.auto_objectives[0]))
     except (TypeError, ConfigError) as exc:
         raise PolicyMismatchError(f"the policy manifest's controllers {ctrl!r} are not valid "
                                   f"here ({exc}); re-train the policy") from None

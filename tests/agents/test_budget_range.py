@@ -4,6 +4,7 @@ evaluation budget, then applied zero-shot over the range and fine-tuned."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -73,6 +74,23 @@ def test_apply_zero_shot_over_the_range_spends_nothing(trained, budget, capsys):
     assert CompressionPlan.load(out / "plan.json").meta["budget_bits"] == budget
     text = capsys.readouterr().out
     assert "dp:" in text and "uniform:" in text  # printed next to the baselines
+
+
+def test_apply_zero_shot_keeps_the_policy_objective_and_spends_nothing(trained, tmp_path):
+    root, run = trained
+    trained_on = json.loads((run / "results.json").read_text())["objective"]
+    manifest = json.loads((run / "policy/manifest.json").read_text())
+    assert manifest["objective"] == trained_on  # what train chose, recorded for apply
+    old = tmp_path / "old_policy"  # a policy written before the manifest named its objective
+    shutil.copytree(run / "policy", old)
+    del manifest["objective"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    for policy, expected in ((run, trained_on), (old, "normalized")):
+        out = tmp_path / f"apply-{policy.name}"
+        assert main(["apply", "--policy", str(policy), "--config", str(root / "c.yaml"),
+                     "--budget-bits", "3", "--out", str(out)]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["evaluations"] == 0 and res["objective"] == expected
 
 
 def test_apply_fine_tuned_within_its_evaluations(trained):
