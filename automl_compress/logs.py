@@ -11,7 +11,7 @@ controllers log their own ``train/*`` and ``rollout/*`` into sibling runs (see
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -65,8 +65,35 @@ def allocation_image(plan: CompressionPlan, tables: Sequence[LayerTable], title:
     return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
+def log_curve(writer, task: str, points: Mapping[str, Sequence[tuple[float, float]]],
+              split: str = "test") -> list[str]:
+    """The metric-vs-budget curve of every method as TensorBoard scalars.
+
+    TensorBoard's x axis is an integer step, so a point at b average bits is logged at step
+    ``round(1000 · b)`` (milli-bits); TensorBoard then draws each method's metric against the
+    budget, the methods of one task overlaid under ``curve/<task>/<split>/``.
+
+    Args:
+        writer: a ``torch.utils.tensorboard.SummaryWriter``.
+        task: the task's name (one curve group per task).
+        points: method → (average bits, metric) points.
+        split: which split the metric is on ('test' or 'validation').
+
+    Returns:
+        The scalar tags written (``curve/<task>/<split>/<method>``).
+    """
+    tags = []
+    for method, pts in sorted(points.items()):
+        tag = f"curve/{task}/{split}/{method}"
+        for bits, value in sorted(pts):
+            writer.add_scalar(tag, float(value), int(round(1000 * float(bits))))
+        tags.append(tag)
+    writer.flush()
+    return tags
+
+
 def log_report(writer, runs: Sequence, step: int = 0) -> list[str]:
-    """Add the report's figures (:func:`automl_compress.report.report_figures`) as images.
+    """Add the report's figures as images and its metric-vs-bits curves as scalars.
 
     Args:
         writer: a ``torch.utils.tensorboard.SummaryWriter``.
@@ -74,7 +101,8 @@ def log_report(writer, runs: Sequence, step: int = 0) -> list[str]:
         step: the global step of the images.
 
     Returns:
-        The image tags written (``report/curve/<task>``, ``report/allocation/<run>``).
+        The tags written: images ``report/curve/<task>`` and ``report/allocation/<run>``, and
+        the curves as scalars (:func:`log_curve`).
     """
     from automl_compress.report import figure_rgb, report_figures
 
@@ -83,6 +111,15 @@ def log_report(writer, runs: Sequence, step: int = 0) -> list[str]:
         tag = f"report/{key}"
         writer.add_image(tag, figure_rgb(fig), step, dataformats="HWC")
         tags.append(tag)
+    for task in sorted({r.task for r in runs}):
+        mine = [r for r in runs if r.task == task and "avg_bits" in r.results]
+        for split, key in (("test", "metric"), ("validation", "metric_val")):
+            points: dict[str, list[tuple[float, float]]] = {}
+            for r in mine:
+                value = r.results.get(key)
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    points.setdefault(r.method, []).append((r.results["avg_bits"], value))
+            tags += log_curve(writer, task, points, split)
     writer.flush()
     return tags
 

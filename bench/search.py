@@ -186,6 +186,38 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
     return result
 
 
+def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
+    """The budget-range comparison as TensorBoard metric-vs-bits curves (means over seeds).
+
+    Methods: ``zero-shot`` (one budget-conditioned policy per seed, one rollout per budget),
+    ``dedicated`` (one training run per budget and seed) and ``dp``; x = mean avg_bits.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from automl_compress.logs import log_curve
+
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {"zero-shot": {}, "dedicated": {},
+                                                         "dp": {}}
+    for label, row in result["runs"].items():
+        kind, rest = label.split("/", 1)
+        if kind == "range":
+            for b, r in row["zero_shot"].items():
+                rows["zero-shot"].setdefault(b, []).append(r)
+        elif kind in ("dedicated", "dp"):
+            rows[kind].setdefault(rest.split("/")[0], []).append(row)
+    writer = SummaryWriter(str(tb_dir / "range"))
+    tags = []
+    try:
+        for split, key in (("test", "metric"), ("validation", "metric_val")):
+            points = {m: [(statistics.fmean(r["avg_bits"] for r in rs),
+                           statistics.fmean(r[key] for r in rs)) for rs in by_b.values()]
+                      for m, by_b in rows.items() if by_b}
+            tags += log_curve(writer, task, points, split)
+    finally:
+        writer.close()
+    return tags
+
+
 def table(result: dict[str, Any]) -> str:
     """Markdown: per budget, method and evaluation budget, mean ± std over seeds."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
@@ -215,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["dp", *SEARCHES, *LEARNED],
                     choices=["dp", *SEARCHES, *LEARNED])
     ap.add_argument("--range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    ap.add_argument("--tb", default=None, metavar="DIR",
+                    help="with --range: also write the metric-vs-bits curves to DIR/range")
     ap.add_argument("--out", default="bench_out/search")
     args = ap.parse_args(argv)
     out = Path(args.out)
@@ -225,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                           args.seeds, args.methods[0] if args.methods[0] in LEARNED else
                           "rl-coef")
         print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+        if args.tb:
+            tags = range_curves(res, cfg.task.name, Path(args.tb))
+            print(f"{len(tags)} TensorBoard curves -> {Path(args.tb) / 'range'}")
         return 0
     res = bench_task(cfg, out, args.budgets, args.evaluations, args.seeds, args.methods)
     print(table(res))

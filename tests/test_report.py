@@ -113,6 +113,13 @@ def test_cli_report_and_tensorboard_images(sweep, tmp_path, capsys):
     acc.Reload()
     assert sorted(acc.Tags()["images"]) == ["report/allocation/dp_3", "report/allocation/rtn_4.5",
                                             f"report/curve/{TASK} (top1)"]
+    # the curves as scalars: one point per run at its average bits (step = milli-bits)
+    for split, key in (("test", "metric"), ("validation", "metric_val")):
+        for run in ("dp_3", "rtn_4.5"):
+            res = json.loads((sweep / run / "results.json").read_text())
+            (point,) = acc.Scalars(f"curve/{TASK}/{split}/{res['method']}")
+            assert point.step == round(1000 * res["avg_bits"])
+            assert point.value == pytest.approx(res[key])
     assert main(["report", str(tmp_path / "nothing"), "--out", str(out)]) == 2
 
 

@@ -12,7 +12,8 @@ def run(runs: Sequence[str | Path], out: str | Path, title: str,
         tb: str | Path | None = None) -> int:
     """Write the report of ``runs`` to ``out`` and print what was written.
 
-    Its figures also go as TensorBoard images under ``tb/report``.
+    Its figures also go as TensorBoard images under ``tb/report``, and its metric-vs-bits curves
+    as scalars there (``curve/<task>/<split>/<method>``, x = milli-bits).
 
     Args:
         runs: run directories (a folder of run directories stands for all of them).
@@ -33,5 +34,7 @@ def run(runs: Sequence[str | Path], out: str | Path, title: str,
         from automl_compress.logs import write_report_images
 
         tags = write_report_images(tb, found)
-        print(f"{len(tags)} TensorBoard images -> {Path(tb) / 'report'}")
+        curves = sum(t.startswith("curve/") for t in tags)
+        print(f"{len(tags) - curves} TensorBoard images and {curves} curves -> "
+              f"{Path(tb) / 'report'}")
     return 0
