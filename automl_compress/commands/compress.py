@@ -16,6 +16,16 @@ from automl_compress.executors import open_executor
 from automl_compress.objectives import describe
 
 
+def objective_line(prepared: pipeline.Prepared, choice: dict) -> str:
+    """The objective a run used, and the validation scores it was chosen on (``auto``)."""
+    line = describe(prepared.objective) if prepared.objective else "objective raw"
+    scores = choice.get("scores")
+    if choice.get("chosen_on") == "validation" and scores:
+        line += " (chosen on validation: " + ", ".join(
+            f"{name} {value:.4f}" for name, value in scores.items()) + ")"
+    return line
+
+
 def run(cfg: Config, method: str, out: str | Path, evaluations: float | None = None) -> int:
     """Compress the task at ``cfg.env.budget_bits`` and write the run directory.
 
@@ -40,9 +50,9 @@ def run(cfg: Config, method: str, out: str | Path, evaluations: float | None = N
     t0 = time.perf_counter()
     with open_executor(cfg.executor) as ex:
         prepared = pipeline.prepare(cfg, out, executor=ex)
-        print(describe(prepared.objective) if prepared.objective else "objective raw")
         plan, sel = selection.compress(prepared, method, float(cfg.env.budget_bits),
-                                            evaluations)
+                                       evaluations)
+    print(objective_line(prepared, sel.get("objective_choice", {})))
     value = pipeline.evaluate_plan(prepared, plan)
     extra = {k: sel[k] for k in ("start_val", "history") if k in sel}
     res = rundir.write_run(out, pipeline.resolved_config(prepared), prepared, plan, method, value,
