@@ -40,7 +40,7 @@ from automl_compress.config import CostConfig
 from automl_compress.database.store import LayerDatabase
 from automl_compress.errors import CorruptCacheError, InvalidInputError
 from automl_compress.io import atomic_write_bytes
-from automl_compress.packing import ZERO_DTYPES, layer_tensors, layer_weight, pack_bits, unpack_bits
+from automl_compress.packing import ZERO_DTYPES, layer_tensors, layer_weight
 from automl_compress.plan import CompressionPlan
 from automl_compress.specs import Task
 from automl_compress.stitch import plan_source, set_weight
@@ -50,9 +50,7 @@ __all__ = [
     "export_compressed",
     "export_state_dict",
     "load_compressed",
-    "pack_bits",
     "read_plan",
-    "unpack_bits",
 ]
 
 EXPORT_FORMAT = "automl-compress/2"

@@ -88,7 +88,6 @@ def log_curve(writer, task: str, points: Mapping[str, Sequence[tuple[float, floa
         for bits, value in sorted(pts):
             writer.add_scalar(tag, float(value), int(round(1000 * float(bits))))
         tags.append(tag)
-    writer.flush()
     return tags
 
 

@@ -21,8 +21,8 @@ import numpy as np
 import torch
 
 from automl_compress.config import CostConfig
-from automl_compress.database.build import kernel_area
 from automl_compress.database.store import LayerSolutions
+from automl_compress.database.work import kernel_area
 from automl_compress.errors import InvalidInputError
 from automl_compress.plan import LayerPlan
 from automl_compress.specs import Pattern

@@ -49,8 +49,6 @@ from automl_compress.logs import SearchWriter, sb3_logger
 from automl_compress.plan import CompressionPlan
 from automl_compress.search.evaluator import Evaluator
 
-__all__ = ["Best", "MetricOracle", "Search", "Tracker"]
-
 
 class Search:
     """Builds the envs and SB3 models of one configuration over one model's tables.

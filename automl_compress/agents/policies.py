@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from automl_compress.config import Config
-from automl_compress.database.allocate import ENV_DP_CELLS, allocate_dp, knapsack_layer
+from automl_compress.database.allocate import allocate_dp
+from automl_compress.database.knapsack import ENV_DP_CELLS, knapsack_layer
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs.episode import TOL
 from automl_compress.envs.policy import LayerAllocator, RowAllocator, RowRequest
@@ -33,7 +34,7 @@ class KnapsackChannels:
     """The exact multiple-choice knapsack over the kept rows.
 
     Exact DP up to ``max_cells`` rows × budget states, the convex-hull greedy above; see
-    :func:`~automl_compress.database.allocate.knapsack_layer`.
+    :func:`~automl_compress.database.knapsack.knapsack_layer`.
     """
 
     max_cells: int = ENV_DP_CELLS

@@ -20,8 +20,6 @@ import numpy as np
 
 from automl_compress.config import CostConfig
 from automl_compress.database.knapsack import (
-    CURVE_POINTS,
-    ENV_DP_CELLS,
     MAX_DP_CELLS,
     knapsack_layer,
     layer_curve,
@@ -32,17 +30,12 @@ from automl_compress.errors import InfeasibleBudgetError, InvalidInputError
 from automl_compress.plan import CompressionPlan, LayerPlan
 
 __all__ = [
-    "CURVE_POINTS",
     "DP_RESOLUTION",
-    "ENV_DP_CELLS",
-    "MAX_DP_CELLS",
     "Candidates",
     "allocate_dp",
     "allocate_uniform",
     "dp_candidates",
-    "knapsack_layer",
     "layer_candidates",
-    "layer_curve",
     "min_feasible_avg_bits",
     "plan_avg_bits",
     "plan_bits",

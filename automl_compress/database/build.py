@@ -27,10 +27,10 @@ from automl_compress.config import CaptureConfig, Config
 from automl_compress.database.solve import solve_layer
 from automl_compress.database.store import LayerDatabase, LayerSolutions
 from automl_compress.database.tables import LayerInfo
-from automl_compress.database.work import kernel_area, layer_work
+from automl_compress.database.work import layer_work
 from automl_compress.specs import Task, model_fingerprint
 
-__all__ = ["SOLVER_VERSION", "build_database", "fingerprints", "kernel_area"]  # kernel_area: export
+__all__ = ["SOLVER_VERSION", "build_database", "fingerprints"]
 
 SOLVER_VERSION = "2"  # 2: sparse options honour solver.quant; float32 greedy solves
 

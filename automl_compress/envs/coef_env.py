@@ -42,13 +42,13 @@ import numpy as np
 
 from automl_compress.config import Config
 from automl_compress.database.allocate import (
-    ENV_DP_CELLS,
     allocate_dp,
     layer_candidates,
     min_feasible_avg_bits,
     plan_avg_bits,
     plan_error,
 )
+from automl_compress.database.knapsack import ENV_DP_CELLS
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features
 from automl_compress.envs.episode import EpisodeSummary

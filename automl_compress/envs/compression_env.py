@@ -58,7 +58,7 @@ from automl_compress.errors import ConfigError, InfeasibleBudgetError, InvalidIn
 from automl_compress.plan import CompressionPlan, LayerPlan
 
 MODES = ("layer", "channel", "flat")
-__all__ = ["MODES", "TOL", "CompressionEnv", "EpisodeSummary"]
+__all__ = ["MODES", "CompressionEnv"]
 
 
 class CompressionEnv(gym.Env):

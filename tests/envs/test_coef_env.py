@@ -14,7 +14,8 @@ from synth import synth_config, synth_tables
 
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
-from automl_compress.database.allocate import ENV_DP_CELLS, allocate_dp, plan_avg_bits, plan_error
+from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
+from automl_compress.database.knapsack import ENV_DP_CELLS
 from automl_compress.envs.coef_env import NEUTRAL, CoefficientEnv
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.search import Evaluator

@@ -13,12 +13,12 @@ from synth import SHAPES, synth_config, synth_tables
 from automl_compress.agents.policies import CHANNEL_POLICIES, LAYER_POLICIES
 from automl_compress.database.allocate import (
     allocate_dp,
-    knapsack_layer,
     min_feasible_avg_bits,
     plan_avg_bits,
     plan_bits,
     plan_error,
 )
+from automl_compress.database.knapsack import knapsack_layer
 from automl_compress.envs import CompressionEnv
 from automl_compress.envs.haq_env import HAQEnv
 from automl_compress.envs.policy import RowRequest
