@@ -191,6 +191,28 @@ def realise(tables: Sequence[LayerTable], picks: Sequence[tuple[str, float]],
     return CompressionPlan(layers, meta=dict(meta or {}))
 
 
+def _can_win(units: np.ndarray, cost: np.ndarray) -> np.ndarray:
+    """Indices (ascending) of the candidates that can be a DP step's first minimum.
+
+    F is non-increasing in t (more budget never costs error), so candidate j never wins at any t
+    when some i has u_i ≤ u_j and c_i < c_j (i is strictly better wherever j is feasible), or
+    u_i ≤ u_j, c_i ≤ c_j and i < j (i ties and comes first). Dropping those leaves the DP's
+    choices, tie-breaking included, exactly as over all candidates.
+    """
+    order = np.lexsort((np.arange(len(units)), cost, units))
+    keep = []
+    best, best_idx = math.inf, -1  # min cost so far, and the smallest index reaching it
+    for j in order.tolist():
+        c = float(cost[j])
+        if c < best:
+            best, best_idx = c, j
+            keep.append(j)
+        elif c == best and j < best_idx:
+            best_idx = j
+            keep.append(j)
+    return np.sort(np.asarray(keep, dtype=np.int64))
+
+
 def allocate_dp(
     tables: Sequence[LayerTable],
     budget_avg_bits: float,
@@ -233,18 +255,23 @@ def allocate_dp(
     delta = total_budget / resolution if total_budget > 0 else 1.0
     T = resolution
     F = np.zeros(T + 1)
-    choices: list[np.ndarray] = []
-    t = np.arange(T + 1)
+    steps = []  # per layer: F before it, the units and costs of its candidates that can win
     for li, pts in enumerate(cands):
-        # G[t] = min_k F[t − units_k] + w·e_k over the layer's candidates, all k at once
-        units = np.array([math.ceil(ci / delta - 1e-9) if ci > 0 else 0 for _, ci, _ in pts])
-        errs = np.array([ei for _, _, ei in pts])
-        src = t[None, :] - units[:, None]  # (candidates, T+1)
-        vals = np.where(src >= 0, F[np.clip(src, 0, T)], np.inf) + w[li] * errs[:, None]
-        arg = np.argmin(vals, axis=0)  # the first minimum, as a strict-improvement scan keeps
-        F = vals[arg, t]
-        arg[~np.isfinite(F)] = -1
-        choices.append(arg)
+        # G[t] = min_k F[t − units_k] + w·e_k over the layer's candidates that can win
+        bits = np.array([ci for _, ci, _ in pts])
+        units = np.where(bits > 0, np.ceil(bits / delta - 1e-9), 0).astype(np.int64)
+        cost_k = w[li] * np.array([ei for _, _, ei in pts])
+        keep = _can_win(units, cost_k)
+        u, c = np.minimum(units[keep], T + 1), cost_k[keep]
+        steps.append((F, u, c, keep))
+        G = np.full(T + 1, np.inf)  # F[s] for s < 0 is infeasible
+        tmp = np.empty(T + 1)
+        for uk, ck in zip(u.tolist(), c.tolist(), strict=True):
+            if uk <= T:
+                n = T + 1 - uk
+                np.add(F[:n], ck, out=tmp[:n])
+                np.minimum(G[uk:], tmp[:n], out=G[uk:])
+        F = G
     if not np.isfinite(F[T]):
         # the bucket rounding cost too much: only possible right at the feasibility limit
         raise InfeasibleBudgetError(
@@ -254,10 +281,13 @@ def allocate_dp(
     t_left = T
     picks: list[tuple[str, float]] = [("dense", 0.0)] * len(tables)
     for li in range(len(tables) - 1, -1, -1):
-        k = int(choices[li][t_left])
-        p, ci, _ = cands[li][k]
+        F_prev, u, c, keep = steps[li]
+        src = t_left - u
+        vals = np.where(src >= 0, F_prev[np.maximum(src, 0)], np.inf) + c
+        j = int(np.argmin(vals))  # the first minimum, as a strict-improvement scan keeps
+        p, ci, _ = cands[li][int(keep[j])]
         picks[li] = (p, ci)
-        t_left -= int(math.ceil(ci / delta - 1e-9)) if ci > 0 else 0
+        t_left -= int(u[j])
     plan = realise(tables, picks, cost, {"method": "dp", "budget_bits": float(budget_avg_bits)},
                    max_cells, memo)
     used = plan_avg_bits(plan, tables, cost)

@@ -10,12 +10,15 @@ import pytest
 from _random_tables import random_table
 
 from automl_compress.database.allocate import (
+    _can_win,
     allocate_dp,
     allocate_uniform,
+    dp_candidates,
     min_feasible_avg_bits,
     plan_avg_bits,
     plan_bits,
     plan_error,
+    realise,
 )
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.plan import CompressionPlan
@@ -81,6 +84,64 @@ def test_layer_weights_move_bits_to_the_weighted_layer():
         assert bits_of(heavy, k) > bits_of(base, k) > bits_of(light, k)
         assert err_of(heavy, k) < err_of(base, k) < err_of(light, k)
         assert plan_avg_bits(heavy, tables) <= 3.0 + 1e-9
+
+
+def _dp_picks_over_every_candidate(cands, budget_units, units_of, weights):
+    """The DP's forward pass and backtrack over *all* candidates, one t at a time (reference)."""
+    T = budget_units
+    F = [0.0] * (T + 1)
+    choices = []
+    for li, pts in enumerate(cands):
+        G, arg = [], []
+        for t in range(T + 1):
+            best, k_best = np.inf, -1
+            for k, (_, ci, ei) in enumerate(pts):
+                u = units_of(ci)
+                if u <= t and F[t - u] + weights[li] * ei < best:  # strict: the first minimum
+                    best, k_best = F[t - u] + weights[li] * ei, k
+            G.append(best)
+            arg.append(k_best)
+        F = G
+        choices.append(arg)
+    picks, t = [], T
+    for li in range(len(cands) - 1, -1, -1):
+        k = choices[li][t]
+        picks.append(cands[li][k][:2])
+        t -= units_of(cands[li][k][1])
+    return picks[::-1]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dp_pruned_candidates_choose_exactly_as_every_candidate(seed):
+    # errors rounded to a coarse grid: many ties in cost and in error, and zero layer weights
+    rng = np.random.default_rng(seed)
+    tables = tables_set()
+    for t in tables:
+        t.errors[:] = np.round(t.errors / t.errors.max() * 6) / 2
+    cands = dp_candidates(tables)
+    weights = [float(x) for x in rng.choice([0.0, 0.5, 1.0, 3.0], size=len(tables))]
+    resolution = 40
+    budget = float(rng.uniform(1.0, 6.0))
+    total = budget * sum(t.info.rows * t.info.cols for t in tables)
+    delta = total / resolution
+
+    def units_of(ci):
+        return int(np.ceil(ci / delta - 1e-9)) if ci > 0 else 0
+
+    want = _dp_picks_over_every_candidate(cands, resolution, units_of, weights)
+    got = allocate_dp(tables, budget, layer_weights=weights, candidates=cands,
+                      resolution=resolution)
+    assert got.layers == realise(tables, want).layers
+
+
+def test_can_win_drops_only_candidates_that_never_win():
+    units = np.array([0, 1, 1, 2, 2, 3])
+    cost = np.array([5.0, 4.0, 4.0, 4.0, 1.0, 1.0])
+    # 2 ties 1 (same units, same cost, later), 3 is beaten by 1 (fewer units, same cost,
+    # earlier), 5 by 4; 0, 1, 4 can each be a first minimum
+    assert _can_win(units, cost).tolist() == [0, 1, 4]
+    # a candidate that ties an earlier-sorted one but has the smaller index stays
+    assert _can_win(np.array([1, 0]), np.array([2.0, 2.0])).tolist() == [0, 1]
 
 
 def test_infeasible_budget_states_the_smallest_feasible_one():
