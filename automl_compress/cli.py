@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--finetune-steps", type=int, default=0)
     p.add_argument("--evaluations", type=float, default=None,
                    help="fine-tune until this many validation passes are spent")
+    p.add_argument("--check-dp", action="store_true",
+                   help="zero-shot: score the rollout and the calibrated DP plan on the "
+                        "validation split (2 evaluations) and keep the better")
     p.add_argument("--out", required=True, help="run directory")
 
     p = sub.add_parser("evaluate", help="re-evaluate a run's plan on the held-out split")
@@ -185,7 +188,7 @@ def _dispatch_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     from automl_compress.commands import apply
 
     return apply.run(cfg, out, policy_dir=Path(args.policy), finetune_steps=args.finetune_steps,
-                     evaluations=args.evaluations)
+                     evaluations=args.evaluations, check_dp=args.check_dp)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -4,6 +4,8 @@ Per seed: ``train`` on the source model with E evaluations (the default form, th
 hierarchy), then on the target model, all at the same budget:
 
 - ``zero-shot``: one deterministic rollout of the source policy (no evaluation spent);
+- ``zero-shot-checked``: the same rollout scored against the calibrated DP plan on validation,
+  the better kept (``apply --check-dp``: 2 evaluations, 1 when they are the same plan);
 - ``fine-tuned``: the source policy trained further with F = ``--finetune-share`` × E
   evaluations (10 % by default; the objective and correction choice and the final candidates
   included);
@@ -39,7 +41,7 @@ from automl_compress.database.allocate import plan_avg_bits
 from automl_compress.io import atomic_write_json
 
 STEPS_PER_EVALUATION = 400
-METHODS = ("zero-shot", "fine-tuned", "fresh", "evo", "dp")
+METHODS = ("zero-shot", "zero-shot-checked", "fine-tuned", "fresh", "evo", "dp")
 
 
 def _seeded(cfg: Config, budget: float, seed: int) -> Config:
@@ -69,10 +71,10 @@ def _train(prepared: pipeline.Prepared, cfg: Config, policy_dir: Path,
 
 
 def _apply(prepared: pipeline.Prepared, cfg: Config, policy_dir: Path,
-           evaluations: float | None) -> dict[str, Any]:
+           evaluations: float | None, check_dp: bool = False) -> dict[str, Any]:
     t0 = time.perf_counter()
     steps = 0 if evaluations is None else int(STEPS_PER_EVALUATION * evaluations)
-    source = agent_run.open_policy(cfg, policy_dir, steps, evaluations)
+    source = agent_run.open_policy(cfg, policy_dir, steps, evaluations, check_dp)
     prepared.cfg = source.cfg
     res = agent_run.apply_policy(prepared, source, steps, evaluations, progress=False)
     return _row(prepared, res.plan, res.selection, t0, {"env_steps": res.steps})
@@ -117,6 +119,7 @@ def bench(src_cfg: Config, tgt_cfg: Config, out: Path, budget: float, evaluation
         tc = _seeded(tgt_base, budget, s)
         once(f"source/{s}", _train, src, _seeded(src_base, budget, s), pol, float(evaluations))
         once(f"zero-shot/{s}", _apply, tgt, tc, pol, None)
+        once(f"zero-shot-checked/{s}", _apply, tgt, tc, pol, None, True)
         once(f"fine-tuned/{s}", _apply, tgt, tc, pol, ft)
         once(f"fresh/{s}", _train, tgt, tc, out / f"fresh_{tgt_cfg.task.name}_{s}", ft)
         once(f"evo/{s}", _search, tgt, tc, "evo", ft)

@@ -44,7 +44,8 @@ def one_run(config: str, budget: float, evaluations: int, seed: int, threads: in
     for o in overrides:
         cmd += ["--set", o]
     t0 = time.perf_counter()
-    subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
+    with open(run / "train.log", "w") as log:  # the progress bar and any error go here
+        subprocess.run(cmd, env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     res = json.loads((run / "results.json").read_text())
     return {"seed": seed, "threads": threads, "metric": res["metric"],
             "metric_val": res["metric_val"], "evaluations": res["evaluations"],

@@ -62,11 +62,25 @@ class PolicyRun:
 
 
 def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
-                zero_shot: bool = False) -> tuple[CompressionPlan, float | None]:
-    """The run's plan and its validation metric (None for an unscored zero-shot rollout)."""
+                zero_shot: bool = False, check_dp: bool = False) \
+        -> tuple[CompressionPlan, float | None]:
+    """The run's plan and its validation metric (None for an unscored zero-shot rollout).
+
+    ``check_dp`` (zero-shot only): the rollout and the calibrated DP plan are scored on the
+    whole validation split and the better one is kept.
+    """
     if zero_shot:
         s = search.rollout(True, cfg.env.budget_bits, measure=False)
         best_plan, value = s.plan, None
+        if check_dp:
+            assert search.oracle is not None
+            cands = [s.plan, search.dp_plan(cfg.env.budget_bits)]
+            scores = search.oracle.measure_many(cands)
+            keys = [(m if m is not None else -math.inf) for m in scores]
+            k = 0 if keys[0] >= keys[1] else 1  # a tie keeps the policy's plan
+            best_plan, value = cands[k], scores[k]
+            extra_meta = {**extra_meta, "checked_against_dp": True,
+                          "kept": ("policy", "dp")[k]}
     else:
         best = search.finalize()
         best_plan, value = best.plan, best.metric if math.isfinite(best.metric) else None
@@ -262,16 +276,19 @@ class PolicySource:
         cfg: the target config with the policy's controllers (and, zero-shot, the corrections
             its training run chose).
         zero_shot: no fine-tuning: one deterministic rollout, no validation evaluations.
+        check_dp: zero-shot: the rollout is kept only if it scores at least the DP plan on
+            validation (2 evaluations).
     """
 
     folder: Path
     manifest: dict[str, Any]
     cfg: Config
     zero_shot: bool
+    check_dp: bool = False
 
 
 def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
-                evaluations: float | None = None) -> PolicySource:
+                evaluations: float | None = None, check_dp: bool = False) -> PolicySource:
     """Read a trained policy and fit the target config to it.
 
     Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the statistics corrections
@@ -283,17 +300,22 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
         policy: a train run directory (or its ``policy/`` folder).
         finetune_steps: env steps of fine-tuning (0 = zero-shot unless ``evaluations``).
         evaluations: fine-tuning's validation budget.
+        check_dp: zero-shot: keep the better of the rollout and the DP plan on validation.
 
     Returns:
         The policy and the fitted config.
 
     Raises:
-        ConfigError: negative ``finetune_steps``.
+        ConfigError: negative ``finetune_steps``; ``check_dp`` with fine-tuning.
         PolicyMismatchError: the policy's feature spec, menu or env spec does not fit.
     """
     if finetune_steps < 0:
         raise ConfigError(f"--finetune-steps must be >= 0, found {finetune_steps}")
     zero_shot = finetune_steps == 0 and evaluations is None
+    if check_dp and not zero_shot:
+        raise ConfigError("--check-dp is for a zero-shot apply; fine-tuning already keeps the "
+                          "DP plan among its final candidates (drop --check-dp, or drop "
+                          "--finetune-steps / --evaluations)")
     pdir = policy_folder(policy)
     manifest = read_manifest(pdir)
     ctrl = manifest.get("controllers", {})
@@ -316,7 +338,7 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
         warnings.warn(f"--budget-bits {cfg.env.budget_bits:g} is outside the range the policy "
                       f"was trained for ({rng[0]:g}-{rng[1]:g}); the plan is an extrapolation",
                       stacklevel=2)
-    return PolicySource(pdir, manifest, cfg, zero_shot)
+    return PolicySource(pdir, manifest, cfg, zero_shot, check_dp)
 
 
 def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_steps: int = 0,
@@ -325,9 +347,11 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
     """Compress the prepared model with a trained policy.
 
     Zero-shot: one deterministic rollout at the budget with the policy's corrections; it spends
-    no validation evaluations. Fine-tuned: the corrections are chosen on this model's validation
-    split, the controllers train ``finetune_steps`` more steps (or until ``evaluations`` are
-    spent) and the plan is chosen like training's.
+    no validation evaluations, or two with ``source.check_dp`` (the rollout and the calibrated
+    DP plan are scored on the validation split and the better is kept, so the result is never
+    below dp there). Fine-tuned: the corrections are chosen on this model's validation split, the
+    controllers train ``finetune_steps`` more steps (or until ``evaluations`` are spent) and the
+    plan is chosen like training's (the DP plan is always among its final candidates).
 
     Args:
         prepared: the target task, prepared with ``source.cfg``.
@@ -369,7 +393,7 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
             search.train(steps)
         plan, value_val = _final_plan(search, cfg, {"policy": str(source.folder),
                                                     "finetune_steps": finetune_steps},
-                                      zero_shot=zero_shot)
+                                      zero_shot=zero_shot, check_dp=source.check_dp)
         if not zero_shot and save_dir is not None:
             save_policy(Path(save_dir), search.models, cfg, prog.steps)
     finally:
@@ -378,6 +402,7 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
     extra = {"policy": str(source.folder),
              "policy_model_family": source.manifest.get("model_family"),
              "finetune_steps": int(finetune_steps), "zero_shot": zero_shot,
+             "checked_against_dp": bool(zero_shot and source.check_dp),
              "env_steps": prog.steps if not zero_shot else 0,
              "episodes": search.tracker.episodes, "form": cfg.agent.form,
              "action": cfg.agent.action}

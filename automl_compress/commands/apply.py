@@ -15,7 +15,7 @@ from automl_compress.config import Config
 
 
 def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: int = 0,
-        progress: bool = True, evaluations: float | None = None) -> int:
+        progress: bool = True, evaluations: float | None = None, check_dp: bool = False) -> int:
     """Apply the policy at ``cfg.env.budget_bits`` and write the run directory.
 
     A fine-tuned policy goes under ``out/policy``. Prints the run's line beside dp and uniform at
@@ -30,18 +30,19 @@ def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: in
         progress: show the progress bar.
         evaluations: fine-tuning's validation budget (corrections and final candidates
             included).
+        check_dp: zero-shot: keep the better of the rollout and the DP plan on validation.
 
     Returns:
         0 on success.
 
     Raises:
-        ConfigError: negative ``finetune_steps``.
+        ConfigError: negative ``finetune_steps``; ``check_dp`` with fine-tuning.
         PolicyMismatchError: the policy's feature spec, menu or env spec does not fit.
         InfeasibleBudgetError: the budget is below the feasible minimum.
     """
     t0 = time.perf_counter()
     out = Path(out)
-    source = agent_run.open_policy(cfg, policy_dir, finetune_steps, evaluations)
+    source = agent_run.open_policy(cfg, policy_dir, finetune_steps, evaluations, check_dp)
     prepared = pipeline.prepare(source.cfg, out, progress=progress)
     result = agent_run.apply_policy(prepared, source, finetune_steps, evaluations,
                                     tb_dir=out / "tb", save_dir=out / "policy",
@@ -51,5 +52,7 @@ def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: in
                            time.perf_counter() - t0, extra=result.extra,
                            selection=result.selection)
     label = "zero-shot" if source.zero_shot else f"fine-tuned {result.steps} steps"
+    if result.extra.get("checked_against_dp"):
+        label += f", checked against dp (kept the {result.plan.meta['kept']} plan)"
     rundir.print_against_baselines(prepared, res, out, label)
     return 0

@@ -102,3 +102,26 @@ def test_apply_fine_tuned_within_its_evaluations(trained):
     res = json.loads((out / "results.json").read_text())
     assert not res["zero_shot"] and 0 < res["evaluations"] <= 24 + 1e-9
     assert res["metric_val"] >= 0.0 and (out / "policy/manifest.json").is_file()
+
+
+def test_apply_check_dp_scores_rollout_and_dp_on_validation(trained, capsys):
+    root, run = trained
+    out = root / "checked"
+    assert main(["apply", "--policy", str(run), "--config", str(root / "c.yaml"),
+                 "--budget-bits", "2.5", "--check-dp", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    # two plans scored, or one when the rollout is the DP plan (a repeated plan is free)
+    assert res["zero_shot"] and res["checked_against_dp"] and res["evaluations"] in (1, 2)
+    assert res["metric_val"] is not None
+    assert CompressionPlan.load(out / "plan.json").meta["kept"] in ("policy", "dp")
+    assert "checked against dp" in capsys.readouterr().out
+
+
+def test_check_dp_with_fine_tuning_is_refused_before_any_work(trained, tmp_path, capsys):
+    root, run = trained
+    out = tmp_path / "x"
+    assert main(["apply", "--policy", str(run), "--config", str(root / "c.yaml"),
+                 "--budget-bits", "3", "--evaluations", "12", "--check-dp", "--out",
+                 str(out)]) == 2
+    assert "--check-dp is for a zero-shot apply" in capsys.readouterr().err
+    assert not out.exists()  # refused before the database or the run directory

@@ -73,3 +73,40 @@ def test_policy_folder_of_a_run_or_itself(tmp_path):
     assert policy_folder(tmp_path) == tmp_path
     (tmp_path / "policy").mkdir()
     assert policy_folder(tmp_path) == tmp_path / "policy"
+
+
+@pytest.mark.parametrize("prefer", ["policy", "dp"])
+def test_check_dp_keeps_the_better_of_an_untrained_rollout_and_the_dp_plan(prefer):
+    # an untrained coefficient policy: its deterministic rollout is not the DP plan; the metric
+    # rewards the proxy error (the rollout wins) or penalises it (the DP plan, its minimiser)
+    import dataclasses
+
+    import torch
+    from synth import synth_config, synth_tables
+
+    from automl_compress.agents.hierarchical import Search
+    from automl_compress.database.allocate import plan_error
+
+    tables = synth_tables(0)
+    cfg = synth_config(3.0)
+    cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, action="coefficient"))
+    sign = 1.0 if prefer == "policy" else -1.0
+    search = Search(tables, cfg, metric_fn=lambda p: sign * plan_error(p, tables))
+    with torch.no_grad():  # away from the neutral prior: coefficients that vary by layer
+        net = search.models["layer_controller"].policy.action_net
+        net.weight *= 1000.0
+        net.bias.zero_()
+    rollout = search.rollout(True, 3.0, measure=False).plan
+    dp = search.dp_plan(3.0)
+    assert rollout.layers != dp.layers
+    plan, value = agent_run._final_plan(search, cfg, {}, zero_shot=True, check_dp=True)
+    want = rollout if prefer == "policy" else dp
+    assert plan.layers == want.layers and plan.meta["kept"] == prefer
+    assert value == pytest.approx(sign * plan_error(want, tables))
+    assert search.oracle.evaluations == 2
+    search.close()
+
+
+def test_check_dp_with_fine_tuning_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="zero-shot"):
+        agent_run.open_policy(tiny_config(), tmp_path, finetune_steps=10, check_dp=True)
