@@ -23,7 +23,8 @@ Usage (databases under OUT/db_<task>, results resumed from OUT/search_<task>.jso
         --methods dp evo spdy rl-coef
 
 ``--range LOW HIGH`` instead trains one budget-conditioned policy per seed with E evaluations and
-compares its zero-shot plans at every budget of the grid with dedicated runs there.
+compares its zero-shot plans at every budget of the grid (as they are, and checked against the
+DP plan on validation, ``apply --check-dp``) with dedicated runs there.
 """
 
 from __future__ import annotations
@@ -40,6 +41,8 @@ from typing import Any
 from automl_compress import pipeline, selection
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
+from automl_compress.agents.run import checked_rollout
+from automl_compress.agents.tracking import MetricOracle
 from automl_compress.config import Config, load_config
 from automl_compress.database.allocate import plan_avg_bits
 from automl_compress.io import atomic_write_json
@@ -157,16 +160,22 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
     grid = _with(base, mid, 0, {"budget_range": (lo, hi)}).env.budgets()
     for s in seeds:
         label = f"range/{s}"
-        if label not in result["runs"]:
+        if "checked" not in result["runs"].get(label, {}):  # (re)train: same seed, same policy
             c = _with(base, mid, s, {"budget_range": (lo, hi)}, **LEARNED[method])
             row, search = learned(prepared, c, float(evaluations))
-            zero = {}
+            zero, checked = {}, {}
             for b in grid:
                 prepared.cfg = _with(c, b, s, {"budget_range": (lo, hi)})
                 plan = search.rollout(True, b, measure=False).plan
                 zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0}, time.perf_counter())
+                t0 = time.perf_counter()
+                oracle = MetricOracle(selection.evaluator(prepared))
+                plan, val, kept = checked_rollout(search, b, oracle)
+                checked[f"{b:g}"] = _row(prepared, plan, {"metric_val": val,
+                                                          "evaluations": oracle.evaluations},
+                                         t0, {"kept": kept})
             search.close()
-            result["runs"][label] = {"trained": row, "zero_shot": zero}
+            result["runs"][label] = {"trained": row, "zero_shot": zero, "checked": checked}
             atomic_write_json(path, result)
         for b in grid:
             label = f"dedicated/{b:g}/{s}"
@@ -190,19 +199,21 @@ def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
     """The budget-range comparison as TensorBoard metric-vs-bits curves (means over seeds).
 
     Methods: ``zero-shot`` (one budget-conditioned policy per seed, one rollout per budget),
+    ``zero-shot-checked`` (that rollout or the DP plan, the better on validation: 2 evaluations),
     ``dedicated`` (one training run per budget and seed) and ``dp``; x = mean avg_bits.
     """
     from torch.utils.tensorboard import SummaryWriter
 
     from automl_compress.logs import log_curve
 
-    rows: dict[str, dict[str, list[dict[str, Any]]]] = {"zero-shot": {}, "dedicated": {},
-                                                         "dp": {}}
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {
+        "zero-shot": {}, "zero-shot-checked": {}, "dedicated": {}, "dp": {}}
     for label, row in result["runs"].items():
         kind, rest = label.split("/", 1)
         if kind == "range":
-            for b, r in row["zero_shot"].items():
-                rows["zero-shot"].setdefault(b, []).append(r)
+            for key, method in (("zero_shot", "zero-shot"), ("checked", "zero-shot-checked")):
+                for b, r in row.get(key, {}).items():
+                    rows[method].setdefault(b, []).append(r)
         elif kind in ("dedicated", "dp"):
             rows[kind].setdefault(rest.split("/")[0], []).append(row)
     writer = SummaryWriter(str(tb_dir / "range"))

@@ -26,6 +26,7 @@ from typing import Any
 from automl_compress import pipeline, selection
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
+from automl_compress.agents.tracking import MetricOracle
 from automl_compress.agents.transfer import (
     check_manifest,
     controller_names,
@@ -61,26 +62,43 @@ class PolicyRun:
     wall_before: float = 0.0
 
 
+def checked_rollout(search: Search, budget: float, oracle: MetricOracle | None = None) \
+        -> tuple[CompressionPlan, float | None, str]:
+    """The deterministic rollout at ``budget`` or the DP plan, whichever scores higher.
+
+    Both are scored on the whole validation split by a counting oracle (two evaluations, one
+    when they are the same plan); a tie keeps the policy's plan.
+
+    Args:
+        search: the trained search (its policy and its DP reference).
+        budget: average bits per compressible weight.
+        oracle: the scorer (default: the search's own).
+
+    Returns:
+        The kept plan, its validation metric, and which it is ('policy' or 'dp').
+    """
+    oracle = oracle or search.oracle
+    assert oracle is not None
+    cands = [search.rollout(True, budget, measure=False).plan, search.dp_plan(budget)]
+    scores = oracle.measure_many(cands)
+    keys = [(m if m is not None else -math.inf) for m in scores]
+    k = 0 if keys[0] >= keys[1] else 1
+    return cands[k], scores[k], ("policy", "dp")[k]
+
+
 def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
                 zero_shot: bool = False, check_dp: bool = False) \
         -> tuple[CompressionPlan, float | None]:
     """The run's plan and its validation metric (None for an unscored zero-shot rollout).
 
-    ``check_dp`` (zero-shot only): the rollout and the calibrated DP plan are scored on the
-    whole validation split and the better one is kept.
+    ``check_dp`` (zero-shot only): :func:`checked_rollout`.
     """
-    if zero_shot:
-        s = search.rollout(True, cfg.env.budget_bits, measure=False)
-        best_plan, value = s.plan, None
-        if check_dp:
-            assert search.oracle is not None
-            cands = [s.plan, search.dp_plan(cfg.env.budget_bits)]
-            scores = search.oracle.measure_many(cands)
-            keys = [(m if m is not None else -math.inf) for m in scores]
-            k = 0 if keys[0] >= keys[1] else 1  # a tie keeps the policy's plan
-            best_plan, value = cands[k], scores[k]
-            extra_meta = {**extra_meta, "checked_against_dp": True,
-                          "kept": ("policy", "dp")[k]}
+    if zero_shot and check_dp:
+        best_plan, value, kept = checked_rollout(search, cfg.env.budget_bits)
+        extra_meta = {**extra_meta, "checked_against_dp": True, "kept": kept}
+    elif zero_shot:
+        best_plan = search.rollout(True, cfg.env.budget_bits, measure=False).plan
+        value = None
     else:
         best = search.finalize()
         best_plan, value = best.plan, best.metric if math.isfinite(best.metric) else None
