@@ -160,12 +160,15 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
     grid = _with(base, mid, 0, {"budget_range": (lo, hi)}).env.budgets()
     for s in seeds:
         label = f"range/{s}"
-        if "checked" not in result["runs"].get(label, {}):  # (re)train: same seed, same policy
+        if "corrections" not in result["runs"].get(label, {}):  # (re)train: same seed, same policy
             c = _with(base, mid, s, {"budget_range": (lo, hi)}, **LEARNED[method])
             row, search = learned(prepared, c, float(evaluations))
+            # the objective and corrections the range run chose, as `apply` reads them from the
+            # policy's manifest; every budget's rollout is scored under them
+            chosen = prepared.cfg
             zero, checked = {}, {}
             for b in grid:
-                prepared.cfg = _with(c, b, s, {"budget_range": (lo, hi)})
+                prepared.cfg = _with(chosen, b, s, {"budget_range": (lo, hi)})
                 plan = search.rollout(True, b, measure=False).plan
                 zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0}, time.perf_counter())
                 t0 = time.perf_counter()
@@ -175,7 +178,9 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                                                           "evaluations": oracle.evaluations},
                                          t0, {"kept": kept})
             search.close()
-            result["runs"][label] = {"trained": row, "zero_shot": zero, "checked": checked}
+            result["runs"][label] = {"trained": row, "zero_shot": zero, "checked": checked,
+                                     "corrections": dataclasses.asdict(chosen.eval),
+                                     "objective": chosen.alloc.objective}
             atomic_write_json(path, result)
         for b in grid:
             label = f"dedicated/{b:g}/{s}"
