@@ -1,14 +1,21 @@
 """The train/apply library (automl_compress/agents/run.py) without training: the budget checked
-once, the corrections chosen, the evaluation budget split, the arguments checked up front."""
+once, the corrections chosen, the evaluation budget split, the arguments checked up front, a
+zero-shot rollout checked against the DP plan."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
+import torch
 from _compress_task import tiny_config
+from synth import synth_config, synth_tables
 
 from automl_compress import pipeline
 from automl_compress.agents import run as agent_run
+from automl_compress.agents.hierarchical import Search
 from automl_compress.agents.transfer import policy_folder
+from automl_compress.database.allocate import plan_error
 from automl_compress.errors import ConfigError, InfeasibleBudgetError, PolicyMismatchError
 
 TASK = "_compress_task:make_task"
@@ -79,14 +86,6 @@ def test_policy_folder_of_a_run_or_itself(tmp_path):
 def test_check_dp_keeps_the_better_of_an_untrained_rollout_and_the_dp_plan(prefer):
     # an untrained coefficient policy: its deterministic rollout is not the DP plan; the metric
     # rewards the proxy error (the rollout wins) or penalises it (the DP plan, its minimiser)
-    import dataclasses
-
-    import torch
-    from synth import synth_config, synth_tables
-
-    from automl_compress.agents.hierarchical import Search
-    from automl_compress.database.allocate import plan_error
-
     tables = synth_tables(0)
     cfg = synth_config(3.0)
     cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, action="coefficient"))
