@@ -26,38 +26,21 @@ Usage (databases under OUT/db_<task>, results resumed from OUT/transfer_<src>_<t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from automl_compress import pipeline, selection
+# the search bench's row, seeding, scoring and aggregation (bench/ is on sys.path when run)
+from search import STEPS_PER_EVALUATION, _agg, _row, _with, non_learned
+
+from automl_compress import pipeline
 from automl_compress.agents import run as agent_run
 from automl_compress.config import Config, load_config
-from automl_compress.database.allocate import plan_avg_bits
 from automl_compress.io import atomic_write_json
 
-STEPS_PER_EVALUATION = 400
 METHODS = ("zero-shot", "zero-shot-checked", "fine-tuned", "fresh", "evo", "dp")
-
-
-def _seeded(cfg: Config, budget: float, seed: int) -> Config:
-    return dataclasses.replace(cfg, seed=seed,
-                               env=dataclasses.replace(cfg.env, budget_bits=float(budget)))
-
-
-def _row(prepared: pipeline.Prepared, plan, sel: dict[str, Any], t0: float,
-         extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    val = sel.get("metric_val")
-    if val is None:
-        val = pipeline.validate_plan(prepared, plan)
-    return {"metric": pipeline.evaluate_plan(prepared, plan), "metric_val": float(val),
-            "evaluations": float(sel["evaluations"]),
-            "avg_bits": plan_avg_bits(plan, prepared.tables_for(plan), prepared.cfg.cost),
-            "wall_seconds": time.perf_counter() - t0, **(extra or {})}
 
 
 def _train(prepared: pipeline.Prepared, cfg: Config, policy_dir: Path,
@@ -78,14 +61,6 @@ def _apply(prepared: pipeline.Prepared, cfg: Config, policy_dir: Path,
     prepared.cfg = source.cfg
     res = agent_run.apply_policy(prepared, source, steps, evaluations, progress=False)
     return _row(prepared, res.plan, res.selection, t0, {"env_steps": res.steps})
-
-
-def _search(prepared: pipeline.Prepared, cfg: Config, method: str,
-            evaluations: float | None) -> dict[str, Any]:
-    t0 = time.perf_counter()
-    prepared.cfg = cfg
-    plan, sel = selection.compress(prepared, method, cfg.env.budget_bits, evaluations)
-    return _row(prepared, plan, sel, t0)
 
 
 def bench(src_cfg: Config, tgt_cfg: Config, out: Path, budget: float, evaluations: int,
@@ -112,23 +87,19 @@ def bench(src_cfg: Config, tgt_cfg: Config, out: Path, budget: float, evaluation
         print(f"{label}: test {row['metric']:.4f} val {row['metric_val']:.4f} "
               f"({row['evaluations']:.0f} evaluations, {row['wall_seconds']:.0f} s)", flush=True)
 
-    once("dp/0", _search, tgt, _seeded(tgt_base, budget, 0), "dp", None)
-    once("source-dp/0", _search, src, _seeded(src_base, budget, 0), "dp", None)
+    once("dp/0", non_learned, tgt, _with(tgt_base, budget, 0), "dp", None)
+    once("source-dp/0", non_learned, src, _with(src_base, budget, 0), "dp", None)
     for s in seeds:
         pol = out / f"policy_{src_cfg.task.name}_{s}"
-        tc = _seeded(tgt_base, budget, s)
-        once(f"source/{s}", _train, src, _seeded(src_base, budget, s), pol, float(evaluations))
+        tc = _with(tgt_base, budget, s)
+        once(f"source/{s}", _train, src, _with(src_base, budget, s), pol, float(evaluations))
         once(f"zero-shot/{s}", _apply, tgt, tc, pol, None)
         once(f"zero-shot-checked/{s}", _apply, tgt, tc, pol, None, True)
         once(f"fine-tuned/{s}", _apply, tgt, tc, pol, ft)
         once(f"fresh/{s}", _train, tgt, tc, out / f"fresh_{tgt_cfg.task.name}_{s}", ft)
-        once(f"evo/{s}", _search, tgt, tc, "evo", ft)
+        once(f"evo/{s}", non_learned, tgt, tc, "evo", ft)
     src.cfg, tgt.cfg = src_base, tgt_base
     return result
-
-
-def _sd(x: list[float]) -> float:
-    return statistics.stdev(x) if len(x) > 1 else 0.0
 
 
 def table(result: dict[str, Any]) -> str:
@@ -146,13 +117,11 @@ def table(result: dict[str, Any]) -> str:
         rows = groups.get(m)
         if not rows:
             continue
-        t = [r["metric"] for r in rows]
-        v = [r["metric_val"] for r in rows]
-        lines.append(f"| {m} | {statistics.fmean(t):.4f} ± {_sd(t):.4f} | "
-                     f"{' / '.join(f'{x:.4f}' for x in t) if len(t) > 1 else ''} | "
-                     f"{statistics.fmean(v):.4f} ± {_sd(v):.4f} | "
-                     f"{statistics.fmean(r['evaluations'] for r in rows):.0f} | "
-                     f"{statistics.fmean(r['wall_seconds'] for r in rows):.0f} |")
+        a = _agg(rows)
+        seeds = " / ".join(f"{r['metric']:.4f}" for r in rows) if len(rows) > 1 else ""
+        lines.append(f"| {m} | {a['metric']:.4f} ± {a['metric_std']:.4f} | {seeds} | "
+                     f"{a['metric_val']:.4f} ± {a['metric_val_std']:.4f} | "
+                     f"{a['evaluations']:.0f} | {a['wall_seconds']:.0f} |")
     return "\n".join(lines)
 
 
