@@ -44,7 +44,7 @@ from automl_compress.solvers.hessian import (
 )
 from automl_compress.solvers.lazy_inverse import LazyInverse
 from automl_compress.solvers.lstsq import masked_solve
-from automl_compress.solvers.numerics import auto_row_batch, solve_dtype
+from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_dtype
 from automl_compress.solvers.result import SolveResult
 
 DEFAULT_LAZY_RANK = 32
@@ -94,6 +94,8 @@ def greedy_prune(
         n, m = n_m
         zeros_in_group = torch.zeros((R, inv.cols // m), dtype=torch.int64, device=dev)
         one = torch.ones((R, 1), dtype=torch.int64, device=dev)
+        members = torch.arange(m, device=dev)[None, :]
+        idx_seen = slot_group = None
     wanted, snaps = set(snapshots), {}
     for t in range(steps + 1):
         if t in wanted:
@@ -102,7 +104,7 @@ def greedy_prune(
             break
         w = inv.w
         # argmin over free j of w_j²/[H⁻¹]_jj; fixed and closed slots carry diag = −1
-        p = torch.div(inv.diag, w * w).argmax(1)
+        p = row_argmax(torch.div(inv.diag, w * w))
         j = inv.original(p)
         order[:, t] = j
         r, piv = inv.eliminate(p, zero)
@@ -111,7 +113,12 @@ def greedy_prune(
             g = torch.div(j, m, rounding_mode="floor")[:, None]
             zeros_in_group.scatter_add_(1, g, one)
             full = zeros_in_group.gather(1, g) >= m - n
-            inv.close(full & (torch.div(inv.idx, m, rounding_mode="floor") == g))
+            if inv.identity:  # slot = column: the group's slots are g·M … g·M + M − 1
+                inv.close_slots(g * m + members, full)
+            else:
+                if inv.idx is not idx_seen:  # a compaction moved the slots
+                    idx_seen, slot_group = inv.idx, torch.div(inv.idx, m, rounding_mode="floor")
+                inv.close(full & (slot_group == g))
     return order, losses.mul_(0.5), snaps
 
 

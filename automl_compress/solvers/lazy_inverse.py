@@ -35,7 +35,7 @@ class LazyInverse:
             compaction replaces it).
         diag: (R, n) current diagonal of every row's inverse; −1 on fixed and closed slots.
         idx: (R, n) original column of every active slot.
-        fixed: (R, n) bool, slots fixed since the last compaction.
+        fixed: (R, n) bool, slots fixed since the last compaction (kept only when compacting).
         closed: (R, n) bool, slots a caller closed (kept at −1 across compactions), or None.
         out: (R, cols) final values of the slots dropped so far, in original column order.
     """
@@ -63,10 +63,13 @@ class LazyInverse:
             raise ValueError(f"lazy rank must be >= 1, found {rank}")
         R, n = w.shape
         dev, dt = w.device, w.dtype
-        self.base = Hinv.expand(R, n, n).contiguous()
-        self.diag = torch.diagonal(self.base, dim1=1, dim2=2).clone()
+        # a shared (n, n) inverse is read as it is until the first flush writes the R copies
+        self.shared = Hinv.dim() == 2
+        self.base = Hinv if self.shared else Hinv.contiguous()
+        self.diag = torch.diagonal(self.base, dim1=-2, dim2=-1).expand(R, n).clone()
         self.w = w.clone()
         self.idx = torch.arange(n, device=dev).expand(R, n).contiguous() if idx is None else idx
+        self.identity = idx is None  # slot i is column i (until a compaction)
         self.cols = n if cols is None else cols
         self.out = torch.zeros((R, self.cols + 1), dtype=dt, device=dev)  # +1: padding sink
         self.fixed = torch.zeros((R, n), dtype=torch.bool, device=dev)
@@ -88,13 +91,20 @@ class LazyInverse:
         """(R, c, n) current rows ``H⁻¹[P[r, i], :]`` of every row's inverse (P: (R, c))."""
         R, n = self.w.shape
         c = P.shape[1]
-        flat = (self._arn[:, None] + P).reshape(-1)
-        rows = self.base.view(R * n, n).index_select(0, flat).view(R, c, n)
+        rows = self._stored_rows(P).view(R, c, n)
         if self.k:
             U = self.U[:, : self.k]
             coef = U.gather(2, P[:, None, :].expand(R, self.k, c))  # (R, k, c)
-            rows = torch.baddbmm(rows, coef.transpose(1, 2), U, alpha=-1.0)
+            rows.baddbmm_(coef.transpose(1, 2), U, alpha=-1.0)  # rows is a fresh copy
         return rows
+
+    def _stored_rows(self, P: torch.Tensor) -> torch.Tensor:
+        """(R·c, n) rows ``P[r, i]`` of the stored matrices, pending downdates not applied."""
+        R, n = self.w.shape
+        if self.shared:
+            return self.base.index_select(0, P.reshape(-1))
+        flat = (self._arn[:, None] + P).reshape(-1)
+        return self.base.view(R * n, n).index_select(0, flat)
 
     def eliminate(self, p: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Fix slot ``p[r]`` of every row r at ``target[r]`` (one OBS step each).
@@ -113,7 +123,8 @@ class LazyInverse:
         u = torch.mul(row, piv.rsqrt(), out=self.U[:, self.k])
         self.diag.addcmul_(u, u, value=-1.0)
         self.diag.scatter_(1, pc, -1.0)
-        self.fixed.scatter_(1, pc, True)
+        if self.compact:
+            self.fixed.scatter_(1, pc, True)
         self._queued(1)
         return r, piv
 
@@ -136,6 +147,13 @@ class LazyInverse:
         self.closed = mask if self.closed is None else self.closed | mask
         self.diag.masked_fill_(mask, -1.0)
 
+    def close_slots(self, slots: torch.Tensor, where: torch.Tensor) -> None:
+        """Like :meth:`close` for the slots ``slots`` (R, c) of the rows where ``where`` (R, 1)."""
+        self.diag.scatter_(1, slots, self.diag.gather(1, slots).masked_fill_(where, -1.0))
+        if self.compact:  # remembered for the compactions to come
+            mask = torch.zeros_like(self.fixed).scatter_(1, slots, where.expand_as(slots))
+            self.closed = mask if self.closed is None else self.closed | mask
+
     def _queued(self, c: int) -> None:
         self.k += c
         self.since += c
@@ -150,6 +168,11 @@ class LazyInverse:
         left = self.n - self.since
         if self.compact and left > 0 and self.since >= max(self.rank, self.n // self.frac):
             self._compact(U, left)
+        elif self.shared:
+            R, n = self.w.shape
+            self.base = torch.baddbmm(self.base.expand(R, n, n), U.transpose(1, 2), U, alpha=-1.0)
+            self.shared = False
+            U.zero_()
         else:
             self.base.baddbmm_(U.transpose(1, 2), U, alpha=-1.0)
             U.zero_()
@@ -160,13 +183,14 @@ class LazyInverse:
         order = torch.argsort(self.fixed.to(torch.int8), dim=1, stable=True)  # free slots first
         gone, keep = order[:, left:], order[:, :left]
         self.out.scatter_(1, self.idx.gather(1, gone), self.w.gather(1, gone))
-        flat = (self._arn[:, None] + keep).reshape(-1)
-        rows = self.base.view(R * n, n).index_select(0, flat).view(R, left, n)
+        rows = self._stored_rows(keep).view(R, left, n)
         base = rows.gather(2, keep[:, None, :].expand(R, left, left))
         Uk = U.gather(2, keep[:, None, :].expand(R, self.k, left))
         self.base = base.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1.0)
+        self.shared = False
         self.w = self.w.gather(1, keep)
         self.idx = self.idx.gather(1, keep)
+        self.identity = False
         self.diag = torch.diagonal(self.base, dim1=1, dim2=2).clone()
         if self.closed is not None:
             self.closed = self.closed.gather(1, keep)
@@ -178,7 +202,7 @@ class LazyInverse:
 
     def original(self, p: torch.Tensor) -> torch.Tensor:
         """(R,) original columns of the active slots ``p`` (R,)."""
-        return self.idx.gather(1, p[:, None]).squeeze(1)
+        return p if self.identity else self.idx.gather(1, p[:, None]).squeeze(1)
 
     def track(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (R, cols), a per-column tensor, read at the current active slots."""

@@ -48,9 +48,14 @@ def _padded_support(mask: torch.Tensor, which: bool, m: int) -> tuple[torch.Tens
 
 def _restricted(M: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """``M[idx][:, idx]`` per row (n, m, m), identity on padded rows and columns."""
-    A = M[idx[:, :, None], idx[:, None, :]]
+    n, m = idx.shape
+    A = M.index_select(0, idx.reshape(-1)).view(n, m, -1).gather(2, idx[:, None, :].expand(n, m, m))
+    if bool(valid.all()):
+        return A
     vm = valid.to(M.dtype)
-    return A * (vm[:, :, None] * vm[:, None, :]) + torch.diag_embed(1.0 - vm)
+    A.mul_(vm[:, :, None]).mul_(vm[:, None, :])
+    A.diagonal(dim1=1, dim2=2).add_(1.0 - vm)
+    return A
 
 
 def masked_solve(
@@ -62,14 +67,15 @@ def masked_solve(
 ) -> torch.Tensor:
     """Least-squares optimum of every row of W on its mask under a (damped, PD) H.
 
-    Per row batch the cheaper of two exact forms is used, so no factorisation is larger than
-    cols/2 (about 1/8 of the work of a full per-row Cholesky):
+    Every row takes the cheaper of two exact forms, so no factorisation is larger than cols/2
+    (about 1/8 of the work of a full per-row Cholesky):
 
     * few kept (k ≤ cols/2): ``v_S = H_SS⁻¹ (H w)_S``;
     * few pruned (|P| < cols/2): remove P in one group-OBS step,
-      ``v = w − (H⁻¹)_{:,P} ((H⁻¹)_PP)⁻¹ w_P``.
+      ``v = w − (H⁻¹)_{:,P} ((H⁻¹)_PP)⁻¹ w_P`` (the correction as one dense GEMM).
 
-    Rows of a batch with the same mask share one factorisation.
+    Rows of one form are sorted by the size of their factorisation, so a batch pads little, and
+    rows of a batch with the same mask share one factorisation.
 
     Args:
         W: (rows, cols) weights in the working dtype.
@@ -86,40 +92,51 @@ def masked_solve(
     if rows == 0 or cols == 0:
         return out
     R = row_batch or auto_row_batch(rows, cols, W.dtype, W.device)
-    # Sort rows so that identical masks land in the same batch and share one factorisation.
-    _, inverse = torch.unique(mask.to(torch.uint8), dim=0, return_inverse=True)
-    perm = torch.argsort(inverse, stable=True)
     kept = mask.sum(dim=1)
-    HW = W @ H  # (H w)ᵀ for every row; H is symmetric
-    for start in range(0, rows, R):
-        idx_rows = perm[start : start + R]
-        m = mask[idx_rows]
-        n_keep = int(kept[idx_rows].max())
-        n_drop = cols - int(kept[idx_rows].min())
-        if n_drop == 0:
-            out[idx_rows] = W[idx_rows]
-            continue
-        uniq, inv = torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)
-        uniq = uniq.bool()
-        if n_keep <= n_drop:
-            sup, valid = _padded_support(uniq, True, max(n_keep, 1))
-            L = _cholesky_batched(_restricted(H, sup, valid), "H restricted to a row's support")
-            sup, valid = sup[inv], valid[inv]
-            b = torch.gather(HW[idx_rows], 1, sup) * valid
-            v = torch.cholesky_solve(b.unsqueeze(-1), L[inv]).squeeze(-1)
-            res = torch.zeros((len(idx_rows), cols), dtype=W.dtype, device=W.device)
-            res.scatter_add_(1, sup, v * valid)
-        else:
-            if Hinv is None:
-                Hinv = torch.cholesky_inverse(_cholesky_batched(H, "H"))
-            drop, valid = _padded_support(uniq, False, n_drop)
-            L = _cholesky_batched(_restricted(Hinv, drop, valid), "H⁻¹ on the pruned set")
-            drop, valid = drop[inv], valid[inv]
-            w = W[idx_rows]
-            b = torch.gather(w, 1, drop) * valid
-            z = torch.cholesky_solve(b.unsqueeze(-1), L[inv]).squeeze(-1) * valid
-            res = w - torch.bmm(z.unsqueeze(1), Hinv[drop]).squeeze(1)
-        out[idx_rows] = torch.where(m, res, torch.zeros_like(res))
+    few_kept = kept <= cols - kept
+    size = torch.where(few_kept, kept, cols - kept)
+    # identical masks of one size land next to each other and share one factorisation
+    _, same = torch.unique(mask.to(torch.uint8), dim=0, return_inverse=True)
+    HW = None
+    for form in (True, False):
+        (sel,) = torch.nonzero(few_kept == form, as_tuple=True)
+        if form is False and Hinv is None and sel.numel() and int(size[sel].max()):
+            Hinv = torch.cholesky_inverse(_cholesky_batched(H, "H"))
+        sel = sel[torch.argsort(size[sel] * rows + same[sel], stable=True)]
+        if form and sel.numel():
+            HW = W[sel] @ H  # (H w)ᵀ of these rows, in batch order; H is symmetric
+        for start in range(0, sel.numel(), R):
+            part = slice(start, start + R)
+            idx_rows = sel[part]
+            s = int(size[idx_rows].max())
+            if form is False and s == 0:
+                out[idx_rows] = W[idx_rows]
+                continue
+            m = mask[idx_rows]
+            uniq, inv = torch.unique(m.to(torch.uint8), dim=0, return_inverse=True)
+            if uniq.shape[0] == m.shape[0]:  # all masks differ: factor the rows as they are
+                uniq, inv = m, slice(None)
+            uniq = uniq.bool()
+            if form:
+                sup, valid = _padded_support(uniq, True, max(s, 1))
+                U = _cholesky_batched(_restricted(H, sup, valid), "H restricted to a row's support",
+                                      upper=True)
+                sup, valid = sup[inv], valid[inv]
+                b = torch.gather(HW[part], 1, sup) * valid
+                v = torch.cholesky_solve(b.unsqueeze(-1), U[inv], upper=True).squeeze(-1)
+                res = torch.zeros((len(idx_rows), cols), dtype=W.dtype, device=W.device)
+                res.scatter_add_(1, sup, v * valid)
+            else:
+                drop, valid = _padded_support(uniq, False, s)
+                U = _cholesky_batched(_restricted(Hinv, drop, valid), "H⁻¹ on the pruned set",
+                                      upper=True)
+                drop, valid = drop[inv], valid[inv]
+                w = W[idx_rows]
+                b = torch.gather(w, 1, drop) * valid
+                z = torch.cholesky_solve(b.unsqueeze(-1), U[inv], upper=True).squeeze(-1) * valid
+                zf = torch.zeros_like(w).scatter_add_(1, drop, z)
+                res = w - zf @ Hinv
+            out[idx_rows] = torch.where(m, res, torch.zeros_like(res))
     return out
 
 

@@ -38,7 +38,7 @@ from automl_compress.solvers.hessian import (
     support_inverse,
 )
 from automl_compress.solvers.lazy_inverse import LazyInverse
-from automl_compress.solvers.numerics import auto_row_batch, solve_dtype
+from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_dtype
 from automl_compress.solvers.quantizer import GridSpec, fit_grid
 from automl_compress.solvers.result import SolveResult
 
@@ -61,9 +61,10 @@ def greedy_quantize(
         code = x.clamp(lo, hi).round_()
         err2 = torch.sub(x, code).square_()
         # argmin over free j of err²/[H⁻¹]_jj; fixed slots carry diag < 0, so they score < 0
-        p = torch.div(inv.diag, err2).argmax(1)
+        p = row_argmax(torch.div(inv.diag, err2))
         if outlier_rule:
-            worst, p_out = err2.max(1)
+            p_out = row_argmax(err2)
+            worst = err2.gather(1, p_out[:, None]).squeeze(1)
             p = torch.where(worst > 0.25, p_out, p)
         inv.eliminate(p, code.gather(1, p[:, None]))
 

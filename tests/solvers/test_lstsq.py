@@ -52,6 +52,18 @@ def test_resolve_sparse_and_dense_masks(keep_fraction):
     torch.testing.assert_close(res.weight, _per_row_lstsq(W, X, mask), rtol=0, atol=1e-9)
 
 
+def test_resolve_rows_of_every_kept_count_in_small_batches():
+    # rows are sorted by the size of their factorisation and split by form: every kept count from
+    # 0 to cols, in shuffled row order, must come back in its own row
+    W, X, H, g = _layer(rows=21, cols=20, seed=7)
+    order = torch.randperm(21, generator=g)
+    mask = torch.zeros(W.shape, dtype=torch.bool)
+    for r, k in zip(order.tolist(), range(21), strict=True):
+        mask[r, torch.randperm(20, generator=g)[:k]] = True
+    res = resolve_on_mask(W, H, mask, damp=0.0, row_batch=4)
+    torch.testing.assert_close(res.weight, _per_row_lstsq(W, X, mask), rtol=0, atol=1e-9)
+
+
 def test_resolve_beats_any_other_weights_on_the_same_support():
     W, _, H, g = _layer(seed=1)
     mask = torch.rand(W.shape, generator=g) > 0.6

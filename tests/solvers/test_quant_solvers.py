@@ -111,7 +111,7 @@ def test_obq_first_step_is_the_brute_force_best_single_fix(make_layer):
             losses.append((float(0.5 * d @ H @ d), cand))
         best = min(range(cols), key=lambda j: losses[j][0])
         nearest_differs += best != int((w - q).abs().argmin())
-        assert torch.nonzero(inv.fixed[r]).flatten().tolist() == [best], r
+        assert torch.nonzero(inv.diag[r] == -1).flatten().tolist() == [best], r  # fixed: diag −1
         torch.testing.assert_close(inv.w[r] * s[r], losses[best][1], rtol=0, atol=1e-10)
     assert nearest_differs > 0
 
