@@ -160,11 +160,15 @@ def dp_candidates(tables: Sequence[LayerTable], cost: CostConfig | None = None,
 
 
 def layer_candidates(table: LayerTable, cost: CostConfig | None = None,
-                     max_cells: int = MAX_DP_CELLS) -> list[tuple[str, float, float]]:
-    """One layer's DP candidates (see :func:`dp_candidates`)."""
+                     max_cells: int = MAX_DP_CELLS,
+                     tables: dict | None = None) -> list[tuple[str, float, float]]:
+    """One layer's DP candidates (see :func:`dp_candidates`).
+
+    ``tables``: as for :func:`~automl_compress.database.knapsack.layer_curve`.
+    """
     pts = []
     for p in table.patterns:
-        cs, es = layer_curve(table, p, cost, max_cells=max_cells)
+        cs, es = layer_curve(table, p, cost, max_cells=max_cells, tables=tables)
         pts.extend((p, float(ci), float(ei)) for ci, ei in zip(cs, es, strict=True))
     return pts
 
@@ -183,7 +187,8 @@ def realise(tables: Sequence[LayerTable], picks: Sequence[tuple[str, float]],
         if memo is not None and key in memo:
             lp = memo[key]
         else:
-            rb = knapsack_layer(t, p, ci, cost, max_cells)
+            dp_tables = None if memo is None else memo.setdefault(("dp", i), {})
+            rb = knapsack_layer(t, p, ci, cost, max_cells, dp_tables)
             lp = LayerPlan(p, tuple(int(b) for b in rb))
             if memo is not None:
                 memo[key] = lp
@@ -200,6 +205,10 @@ def _can_win(units: np.ndarray, cost: np.ndarray) -> np.ndarray:
     choices, tie-breaking included, exactly as over all candidates.
     """
     order = np.lexsort((np.arange(len(units)), cost, units))
+    c_sorted = cost[order]
+    before = np.minimum.accumulate(np.concatenate([[math.inf], c_sorted[:-1]]))
+    if not np.any(c_sorted == before):  # no ties with the best so far: the strict rule alone
+        return np.sort(order[c_sorted < before])
     keep = []
     best, best_idx = math.inf, -1  # min cost so far, and the smallest index reaching it
     for j in order.tolist():
@@ -211,6 +220,18 @@ def _can_win(units: np.ndarray, cost: np.ndarray) -> np.ndarray:
             best_idx = j
             keep.append(j)
     return np.sort(np.asarray(keep, dtype=np.int64))
+
+
+def _candidate_arrays(pts: list, li: int, memo: dict | None) -> tuple[np.ndarray, np.ndarray]:
+    """(bits, errors) of one layer's candidates, kept in ``memo`` for the same candidate list."""
+    kept = None if memo is None else memo.get(("candidates", li))
+    if kept is not None and kept[0] is pts:
+        return kept[1], kept[2]
+    bits = np.array([ci for _, ci, _ in pts], dtype=np.float64)
+    errs = np.array([ei for _, _, ei in pts], dtype=np.float64)
+    if memo is not None:
+        memo[("candidates", li)] = (pts, bits, errs)
+    return bits, errs
 
 
 def allocate_dp(
@@ -258,9 +279,9 @@ def allocate_dp(
     steps = []  # per layer: F before it, the units and costs of its candidates that can win
     for li, pts in enumerate(cands):
         # G[t] = min_k F[t − units_k] + w·e_k over the layer's candidates that can win
-        bits = np.array([ci for _, ci, _ in pts])
+        bits, errs = _candidate_arrays(pts, li, memo)
         units = np.where(bits > 0, np.ceil(bits / delta - 1e-9), 0).astype(np.int64)
-        cost_k = w[li] * np.array([ei for _, _, ei in pts])
+        cost_k = w[li] * errs
         keep = _can_win(units, cost_k)
         u, c = np.minimum(units[keep], T + 1), cost_k[keep]
         steps.append((F, u, c, keep))

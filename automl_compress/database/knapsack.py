@@ -30,6 +30,9 @@ MAX_DP_CELLS = 20_000_000
 # row's option of the optimum)
 ENV_DP_CELLS = 200_000
 CURVE_POINTS = 256
+# the most rows x cost-states cells (int8 choices) one kept knapsack table may hold
+# (knapsack_layer's ``tables``): 1 MiB per (layer, pattern)
+KEPT_TABLE_CELLS = 1 << 20
 
 
 def pattern_index(table: LayerTable, pattern: str) -> int:
@@ -71,20 +74,15 @@ def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.nda
     f = np.full(cap + 1, np.inf)
     f[0] = 0.0
     choice = np.zeros((rows, cap + 1), dtype=np.int8)
+    fits = [(j, int(u[j])) for j in range(n_opt) if u[j] <= cap]
+    # cand[j, t] = f[t − u_j] + e[r, j]; the first u_j entries of row j stay infinite
+    cand = np.full((n_opt, cap + 1), np.inf)
     for r in range(rows):
-        g = np.full(cap + 1, np.inf)
-        arg = np.zeros(cap + 1, dtype=np.int8)
-        for j in range(n_opt):
-            uj = int(u[j])
-            if uj > cap:
-                continue
-            cand = np.full(cap + 1, np.inf)
-            cand[uj:] = f[: cap + 1 - uj] + e[r, j]
-            better = cand < g
-            g[better] = cand[better]
-            arg[better] = j
-        f = g
+        for j, uj in fits:
+            np.add(f[: cap + 1 - uj], e[r, j], out=cand[j, uj:])
+        arg = cand.argmin(axis=0)  # the first best option, as a strict-improvement scan keeps
         choice[r] = arg
+        f = np.take_along_axis(cand, arg[None, :], axis=0)[0]
     return f, choice
 
 
@@ -177,12 +175,61 @@ def _check_budget(table: LayerTable, c: np.ndarray, budget_bits: float) -> None:
         )
 
 
+@dataclass(frozen=True)
+class LayerKnapsack:
+    """The exact in-layer DP of one (layer, pattern) over total costs ``0 … cap`` units.
+
+    ``f[t]`` and the choices of a DP over ``0 … cap'`` are those of this one for every ``t ≤ cap'``
+    (each entry depends on smaller costs only), so one table answers every budget up to ``cap``
+    exactly as a DP run for that budget would: the searches and environments that realise many
+    layer budgets (:func:`~automl_compress.database.allocate.realise`) build it once.
+    """
+
+    unit: int  # bits per cost unit
+    u: np.ndarray  # (options,) cost of each option in units
+    bits: np.ndarray  # (options,) bit-width of each option
+    f: np.ndarray  # (cap + 1,) least error at total cost exactly t units
+    choice: np.ndarray  # (rows, cap + 1) int8 option of each row on the optimal path
+
+    @property
+    def cap(self) -> int:
+        """The widest total cost the table answers, in units."""
+        return len(self.f) - 1
+
+    def solve(self, cap: int) -> np.ndarray:
+        """(rows,) bit-widths of the least-error assignment costing at most ``cap`` units."""
+        t = int(np.argmin(self.f[: cap + 1]))
+        return self.bits[_backtrack(self.choice, self.u, t)]
+
+
+def _units(table: LayerTable, c: np.ndarray) -> tuple[int, np.ndarray, bool]:
+    """Bits per cost unit, option costs in units, and whether the exact integer DP applies."""
+    g = _unit(c)
+    u = np.rint(c / g).astype(np.int64)
+    return g, u, bool(abs(g * u - c).max() < 1e-9)
+
+
+def _budget_cap(table: LayerTable, budget_bits: float, g: int, u: np.ndarray) -> int:
+    return int(min(math.floor(budget_bits / g + 1e-9), table.info.rows * int(u.max())))
+
+
+def layer_knapsack(
+    table: LayerTable, pattern: str, cap: int, cost: CostConfig | None = None
+) -> LayerKnapsack:
+    """The exact DP table of ``pattern`` up to ``cap`` units (see :class:`LayerKnapsack`)."""
+    c, e = _costs_and_errors(table, pattern, cost)
+    g, u, _ = _units(table, c)
+    f, choice = _dp_rows(e, u, cap)
+    return LayerKnapsack(g, u, np.asarray(table.bits, dtype=np.int64), f, choice)
+
+
 def knapsack_layer(
     table: LayerTable,
     pattern: str,
     budget_bits: float,
     cost: CostConfig | None = None,
     max_cells: int = MAX_DP_CELLS,
+    tables: dict | None = None,
 ) -> np.ndarray:
     """Per-row bit-widths minimising the layer error with total row bits <= ``budget_bits``.
 
@@ -193,6 +240,9 @@ def knapsack_layer(
         cost: size accounting (default :class:`CostConfig`).
         max_cells: the exact DP runs when ``rows × (budget states)`` is at most this; above it the
             convex-hull greedy is used (exact at hull breakpoints).
+        tables: a dict the caller keeps for this layer table: the exact DP is then built once
+            per pattern, as far as ``max_cells`` and :data:`KEPT_TABLE_CELLS` allow, and every
+            later budget within it is read off it (the same result as without).
 
     Returns:
         (rows,) int64 array of bit-widths from ``table.bits``.
@@ -204,15 +254,42 @@ def knapsack_layer(
     c, e = _costs_and_errors(table, pattern, cost)
     _check_budget(table, c, budget_bits)
     rows = table.info.rows
-    g = _unit(c)
-    u = np.rint(c / g).astype(np.int64)
-    cap = int(min(math.floor(budget_bits / g + 1e-9), rows * int(u.max())))
-    bits = np.asarray(table.bits, dtype=np.int64)
-    if rows * (cap + 1) <= max_cells and abs(g * u - c).max() < 1e-9:
-        f, choice = _dp_rows(e, u, cap)
-        t = int(np.argmin(f))
-        return bits[_backtrack(choice, u, t)]
-    return bits[_hull_greedy(e, c, budget_bits)]
+    g, u, integer = _units(table, c)
+    cap = _budget_cap(table, budget_bits, g, u)
+    if not (integer and rows * (cap + 1) <= max_cells):
+        return np.asarray(table.bits, dtype=np.int64)[_hull_greedy(e, c, budget_bits)]
+    if tables is None:
+        return layer_knapsack(table, pattern, cap, cost).solve(cap)
+    dp = tables.get(pattern)
+    if dp is None or dp.cap < cap:
+        # as wide as asked the first time; at least twice as wide at every rebuild
+        widest = min(rows * int(u.max()), max_cells // rows - 1)
+        dp = layer_knapsack(table, pattern, max(cap, min(2 * dp.cap if dp else 0, widest)), cost)
+        if dp.choice.size <= KEPT_TABLE_CELLS:
+            tables[pattern] = dp
+    return dp.solve(cap)
+
+
+def _pareto(errs: np.ndarray) -> np.ndarray:
+    """Mask of the Pareto points of a curve in cost order.
+
+    A point is kept only if it beats every cheaper kept one by more than 1e-15 relative; the
+    first point is always kept.
+    """
+    before = np.minimum.accumulate(np.concatenate([[np.inf], errs[:-1]]))
+    finite = np.isfinite(before)
+    margin = np.where(finite, 1e-15 * np.maximum(np.abs(np.where(finite, before, 0.0)), 1.0), 0.0)
+    keep = ~finite | (errs < before - margin)
+    if not np.any(~keep & (errs < before)):  # no point dropped by the tolerance alone
+        return keep
+    keep = np.ones(len(errs), dtype=bool)  # else the running best of the kept points only
+    best = np.inf
+    for i in range(len(errs)):
+        if not np.isfinite(best) or errs[i] < best - 1e-15 * max(abs(best), 1.0):
+            best = errs[i]
+        else:
+            keep[i] = False
+    return keep
 
 
 def layer_curve(
@@ -221,11 +298,13 @@ def layer_curve(
     cost: CostConfig | None = None,
     max_points: int = CURVE_POINTS,
     max_cells: int = MAX_DP_CELLS,
+    tables: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """A layer's error-vs-bits curve under one pattern (Pareto points, at most ``max_points``).
 
     Every returned point (bits, error) is reached by :func:`knapsack_layer` at that budget with an
-    error no larger than the one listed.
+    error no larger than the one listed. ``tables``: as for :func:`knapsack_layer`; the curve's
+    exact DP is kept there (when it fits :data:`KEPT_TABLE_CELLS`) for later budgets.
 
     Returns:
         (costs, errors): ascending total row bits and descending errors.
@@ -236,7 +315,9 @@ def layer_curve(
     u = np.rint(c / g).astype(np.int64)
     cap = rows * int(u.max())
     if rows * (cap + 1) <= max_cells and abs(g * u - c).max() < 1e-9:
-        f, _ = _dp_rows(e, u, cap)
+        f, choice = _dp_rows(e, u, cap)
+        if tables is not None and choice.size <= KEPT_TABLE_CELLS:
+            tables[pattern] = LayerKnapsack(g, u, np.asarray(table.bits, dtype=np.int64), f, choice)
         costs = np.arange(cap + 1, dtype=np.float64) * g
         errs = f
     else:
@@ -247,14 +328,7 @@ def layer_curve(
         )
     ok = np.isfinite(errs)
     costs, errs = costs[ok], errs[ok]
-    # Pareto filter: keep a point only if it beats every cheaper one
-    keep = np.ones(len(errs), dtype=bool)
-    best = np.inf
-    for i in range(len(errs)):
-        if not np.isfinite(best) or errs[i] < best - 1e-15 * max(abs(best), 1.0):
-            best = errs[i]
-        else:
-            keep[i] = False
+    keep = _pareto(errs)
     costs, errs = costs[keep], errs[keep]
     if len(costs) > max_points:
         sel = np.unique(np.round(np.linspace(0, len(costs) - 1, max_points)).astype(np.int64))

@@ -210,7 +210,7 @@ class CoefficientEnv(gym.Env):
     # -------------------------------------------------------------------------------------
     # The plan
 
-    def _layer_candidates(self, l_: int, v: np.ndarray) -> tuple[LayerTable, list]:
+    def _layer_candidates(self, l_: int, v: np.ndarray) -> tuple[LayerTable, list, dict]:
         key = (l_, tuple(int(x) for x in v))
         if key not in self._cands:
             t = self.tables[l_]
@@ -218,7 +218,10 @@ class CoefficientEnv(gym.Env):
             for g, level in zip(self.groups[l_], v, strict=True):
                 mult[g] = 10.0 ** self.values[level]
             wt = LayerTable(t.info, t.bits, t.patterns, t.errors * mult[:, None, None])
-            self._cands[key] = (wt, layer_candidates(wt, self.cfg.cost, ENV_DP_CELLS))
+            # the third item keeps this weighted layer's knapsack tables (database.knapsack),
+            # starting with the curves' own DPs
+            kept: dict = {}
+            self._cands[key] = (wt, layer_candidates(wt, self.cfg.cost, ENV_DP_CELLS, kept), kept)
         return self._cands[key]
 
     def plan_for(self, budget: float, u: Sequence[int], v: Sequence[Sequence[int]]) \
@@ -229,6 +232,8 @@ class CoefficientEnv(gym.Env):
             pairs = [self._layer_candidates(i, np.asarray(g)) for i, g in enumerate(v)]
             # knapsack solutions depend on the group multipliers only, not on u or the budget
             memo = self._knapsacks.setdefault(key[2], {})
+            for i, p in enumerate(pairs):  # a layer's tables depend on its own multipliers only
+                memo.setdefault(("dp", i), p[2])
             plan = allocate_dp([p[0] for p in pairs], budget, self.cfg.cost,
                                layer_weights=10.0 ** self.values[np.asarray(u)],
                                candidates=[p[1] for p in pairs], max_cells=ENV_DP_CELLS,

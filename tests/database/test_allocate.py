@@ -144,6 +144,17 @@ def test_can_win_drops_only_candidates_that_never_win():
     assert _can_win(np.array([1, 0]), np.array([2.0, 2.0])).tolist() == [0, 1]
 
 
+def test_can_win_without_ties_is_the_staircase_of_a_brute_force_check():
+    # continuous costs (no ties): j can win iff no candidate with units <= u_j is strictly cheaper
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        units = rng.integers(0, 30, 60)
+        cost = rng.random(60)
+        brute = [j for j in range(60)
+                 if not np.any((units <= units[j]) & (cost < cost[j]))]
+        assert _can_win(units, cost).tolist() == brute
+
+
 def test_infeasible_budget_states_the_smallest_feasible_one():
     tables = tables_set(bits=(2, 4, 8))
     minimum = min_feasible_avg_bits(tables)

@@ -56,6 +56,37 @@ def test_hull_mode_stays_within_budget_and_is_exact_at_breakpoints():
     assert t.error_of("dense", hull) >= t.error_of("dense", knapsack_layer(t, "dense", mid)) - 1e-9
 
 
+@pytest.mark.parametrize("max_cells", [10**9, 2_000, 0])
+def test_kept_tables_answer_every_budget_as_a_fresh_knapsack(max_cells, monkeypatch):
+    # one kept DP table per pattern answers later budgets (up and down, past its width too)
+    # with exactly the assignment a fresh knapsack gives; tables wider than the cap are not kept
+    import automl_compress.database.knapsack as ks
+
+    monkeypatch.setattr(ks, "KEPT_TABLE_CELLS", 3_000)
+    t = random_table(rows=12, cols=32, seed=5)
+    kept: dict = {}
+    rng = np.random.default_rng(0)
+    for pattern in ("dense", "50%"):
+        c = t.option_bits()[t.patterns.index(pattern)]
+        lo, hi = 12 * c.min(), 12 * c.max()
+        for budget in rng.uniform(lo, hi, 25):
+            fresh = knapsack_layer(t, pattern, budget, max_cells=max_cells)
+            again = knapsack_layer(t, pattern, budget, max_cells=max_cells, tables=kept)
+            assert again.tolist() == fresh.tolist()
+    assert all(dp.choice.size <= 3_000 for dp in kept.values())
+    assert bool(kept) == (max_cells > 0)
+    # the curve's own DP, kept by layer_curve, answers budgets the same way
+    small = random_table(rows=6, cols=16, seed=6)
+    from_curve: dict = {}
+    layer_curve(small, "dense", max_cells=max_cells, tables=from_curve)
+    assert bool(from_curve) == (max_cells > 0)
+    c = small.option_bits()[0]
+    for budget in rng.uniform(6 * c.min(), 6 * c.max(), 25):
+        fresh = knapsack_layer(small, "dense", budget, max_cells=max_cells)
+        again = knapsack_layer(small, "dense", budget, max_cells=max_cells, tables=from_curve)
+        assert again.tolist() == fresh.tolist()
+
+
 def test_knapsack_infeasible_budget_names_the_minimum():
     t = random_table(rows=4, cols=16, bits=(2, 4, 8), seed=2)
     minimum = 4 * t.option_bits()[0].min()
@@ -63,3 +94,29 @@ def test_knapsack_infeasible_budget_names_the_minimum():
         knapsack_layer(t, "dense", minimum - 1)
     assert ei.value.minimum == pytest.approx(minimum / t.info.numel)
     assert "smallest feasible budget" in str(ei.value)
+
+
+def test_pareto_filter_equals_the_running_best_scan():
+    from automl_compress.database.knapsack import _pareto
+
+    def scan(errs):  # keep i iff it beats the best kept so far by more than 1e-15 relative
+        keep, best = [], np.inf
+        for v in errs:
+            ok = not np.isfinite(best) or v < best - 1e-15 * max(abs(best), 1.0)
+            keep.append(ok)
+            best = v if ok else best
+        return keep
+
+    # a point inside the tolerance is dropped and must not tighten the bar for the next one
+    within = [0.0, -0.5e-15, -1.2e-15]
+    assert _pareto(np.array(within)).tolist() == scan(within) == [True, False, True]
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        n = int(rng.integers(1, 30))
+        errs = np.cumsum(rng.normal(-1, 1, n))
+        if rng.random() < 0.4:  # a point within the tolerance of the best so far
+            i = int(rng.integers(1, n)) if n > 1 else 0
+            errs[i] = errs[:i].min() * (1 - 1e-16) if i else errs[i]
+        if rng.random() < 0.3:
+            errs = np.round(errs)  # exact ties
+        assert _pareto(errs).tolist() == scan(errs)
