@@ -173,6 +173,15 @@ def layer_candidates(table: LayerTable, cost: CostConfig | None = None,
     return pts
 
 
+def knapsack_memo(layer_tables: Sequence[dict]) -> dict:
+    """A fresh ``memo`` for :func:`realise` / :func:`allocate_dp`.
+
+    Layer i keeps its knapsack tables in ``layer_tables[i]``, a dict the caller may share between
+    the memos of the same weighted layer table.
+    """
+    return {("dp", i): kept for i, kept in enumerate(layer_tables)}
+
+
 def realise(tables: Sequence[LayerTable], picks: Sequence[tuple[str, float]],
             cost: CostConfig | None = None, meta: dict | None = None,
             max_cells: int = MAX_DP_CELLS, memo: dict | None = None) -> CompressionPlan:

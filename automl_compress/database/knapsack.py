@@ -185,7 +185,6 @@ class LayerKnapsack:
     layer budgets (:func:`~automl_compress.database.allocate.realise`) build it once.
     """
 
-    unit: int  # bits per cost unit
     u: np.ndarray  # (options,) cost of each option in units
     bits: np.ndarray  # (options,) bit-width of each option
     f: np.ndarray  # (cap + 1,) least error at total cost exactly t units
@@ -213,14 +212,10 @@ def _budget_cap(table: LayerTable, budget_bits: float, g: int, u: np.ndarray) ->
     return int(min(math.floor(budget_bits / g + 1e-9), table.info.rows * int(u.max())))
 
 
-def layer_knapsack(
-    table: LayerTable, pattern: str, cap: int, cost: CostConfig | None = None
-) -> LayerKnapsack:
-    """The exact DP table of ``pattern`` up to ``cap`` units (see :class:`LayerKnapsack`)."""
-    c, e = _costs_and_errors(table, pattern, cost)
-    g, u, _ = _units(table, c)
+def _layer_knapsack(table: LayerTable, e: np.ndarray, u: np.ndarray, cap: int) -> LayerKnapsack:
+    """The exact DP table of one pattern's errors ``e`` up to ``cap`` units."""
     f, choice = _dp_rows(e, u, cap)
-    return LayerKnapsack(g, u, np.asarray(table.bits, dtype=np.int64), f, choice)
+    return LayerKnapsack(u, np.asarray(table.bits, dtype=np.int64), f, choice)
 
 
 def knapsack_layer(
@@ -259,12 +254,12 @@ def knapsack_layer(
     if not (integer and rows * (cap + 1) <= max_cells):
         return np.asarray(table.bits, dtype=np.int64)[_hull_greedy(e, c, budget_bits)]
     if tables is None:
-        return layer_knapsack(table, pattern, cap, cost).solve(cap)
+        return _layer_knapsack(table, e, u, cap).solve(cap)
     dp = tables.get(pattern)
     if dp is None or dp.cap < cap:
         # as wide as asked the first time; at least twice as wide at every rebuild
         widest = min(rows * int(u.max()), max_cells // rows - 1)
-        dp = layer_knapsack(table, pattern, max(cap, min(2 * dp.cap if dp else 0, widest)), cost)
+        dp = _layer_knapsack(table, e, u, max(cap, min(2 * dp.cap if dp else 0, widest)))
         if dp.choice.size <= KEPT_TABLE_CELLS:
             tables[pattern] = dp
     return dp.solve(cap)
@@ -311,15 +306,14 @@ def layer_curve(
     """
     c, e = _costs_and_errors(table, pattern, cost)
     rows = table.info.rows
-    g = _unit(c)
-    u = np.rint(c / g).astype(np.int64)
+    g, u, integer = _units(table, c)
     cap = rows * int(u.max())
-    if rows * (cap + 1) <= max_cells and abs(g * u - c).max() < 1e-9:
-        f, choice = _dp_rows(e, u, cap)
-        if tables is not None and choice.size <= KEPT_TABLE_CELLS:
-            tables[pattern] = LayerKnapsack(g, u, np.asarray(table.bits, dtype=np.int64), f, choice)
+    if integer and rows * (cap + 1) <= max_cells:
+        dp = _layer_knapsack(table, e, u, cap)
+        if tables is not None and dp.choice.size <= KEPT_TABLE_CELLS:
+            tables[pattern] = dp
         costs = np.arange(cap + 1, dtype=np.float64) * g
-        errs = f
+        errs = dp.f
     else:
         h = _hull(e, c)
         costs = float(c[h.start].sum()) + np.concatenate([[0.0], np.cumsum(h.step_dc)])

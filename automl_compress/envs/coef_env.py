@@ -43,6 +43,7 @@ import numpy as np
 from automl_compress.config import Config
 from automl_compress.database.allocate import (
     allocate_dp,
+    knapsack_memo,
     layer_candidates,
     min_feasible_avg_bits,
     plan_avg_bits,
@@ -231,9 +232,10 @@ class CoefficientEnv(gym.Env):
         if key not in self._plans:
             pairs = [self._layer_candidates(i, np.asarray(g)) for i, g in enumerate(v)]
             # knapsack solutions depend on the group multipliers only, not on u or the budget
-            memo = self._knapsacks.setdefault(key[2], {})
-            for i, p in enumerate(pairs):  # a layer's tables depend on its own multipliers only
-                memo.setdefault(("dp", i), p[2])
+            # a layer's knapsack tables depend on its own multipliers only
+            memo = self._knapsacks.get(key[2])
+            if memo is None:
+                memo = self._knapsacks[key[2]] = knapsack_memo([p[2] for p in pairs])
             plan = allocate_dp([p[0] for p in pairs], budget, self.cfg.cost,
                                layer_weights=10.0 ** self.values[np.asarray(u)],
                                candidates=[p[1] for p in pairs], max_cells=ENV_DP_CELLS,

@@ -96,6 +96,33 @@ def test_group_and_layer_coefficients_move_the_plan(tables):
                                                                        cfg.cost)
 
 
+def test_plans_equal_a_fresh_dp_over_the_weighted_tables_whatever_was_solved_before(tables):
+    # the env keeps each layer's knapsack tables per (layer, group multipliers) across plans:
+    # every plan must still be the DP over that action's weighted tables, solved from scratch
+    from automl_compress.database.tables import LayerTable
+
+    cfg = synth_config(3.0)
+    env = CoefficientEnv(tables, cfg, mode="channel")
+    rng = np.random.default_rng(4)
+    levels = env.action_space.n
+    # three group-multiplier vectors revisited with new layer coefficients and budgets, so later
+    # plans re-use tables kept by earlier ones
+    vs = [[rng.integers(0, levels, len(g)) for g in env.groups] for _ in range(3)]
+    for k in range(15):
+        v = vs[k % 3]
+        u = rng.integers(0, levels, len(tables))
+        budget = float(rng.choice(RANGE))
+        weighted = []
+        for t, groups, vl in zip(tables, env.groups, v, strict=True):
+            mult = np.empty(t.info.rows)
+            for g, level in zip(groups, vl, strict=True):
+                mult[g] = 10.0 ** env.values[level]
+            weighted.append(LayerTable(t.info, t.bits, t.patterns, t.errors * mult[:, None, None]))
+        fresh = allocate_dp(weighted, budget, cfg.cost, layer_weights=10.0 ** env.values[u],
+                            max_cells=ENV_DP_CELLS)
+        assert env.plan_for(budget, u, v).key() == fresh.key()
+
+
 def _cfg(**agent):
     cfg = synth_config(3.0, budget_range=(2.5, 3.5), budget_step=0.25)
     base = {"action": "coefficient", "total_steps": 512, "n_steps": 64, "batch_size": 32,
