@@ -122,8 +122,9 @@ class SolverConfig:
     """How layers are solved (the registry: automl_compress/solvers/registry.py).
 
     Attributes:
-        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (GPTQ candidates +
-            refinement); every option uses it, sparse ones on their kept weights.
+        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (OBQ inside column
+            blocks, GPTQ across them, 1-opt); every option uses it, sparse ones on their kept
+            weights.
         prune: 'exact_obs' (exact greedy), 'sparsegpt' (fixed order; with quant 'gptq' one
             joint prune + quantize pass) or 'chita' (ExactOBS's mask refined by swaps).
         symmetric: symmetric per-row grid (else asymmetric).

@@ -32,7 +32,9 @@ from automl_compress.specs import Task, model_fingerprint
 
 __all__ = ["SOLVER_VERSION", "build_database", "fingerprints"]
 
-SOLVER_VERSION = "2"  # 2: sparse options honour solver.quant; float32 greedy solves
+#: 2: sparse options honour solver.quant, float32 greedy solves; 3: the fast mode is the block
+#: greedy of solvers/refine.py (its tables differ from version 2's).
+SOLVER_VERSION = "3"
 
 
 def fingerprints(task: Task, cfg: Config) -> dict[str, Any]:

@@ -46,7 +46,7 @@ def quantize_target(grid: QuantGrid, keep: torch.Tensor | None) -> Target:
     scale, zero, maxq = grid.scale, grid.zero, grid.maxq
 
     def target(i: int, W1: torch.Tensor, j: int) -> torch.Tensor:
-        q = scale * (torch.clamp(torch.round(W1[:, j] / scale) + zero, 0, maxq) - zero)
+        q = torch.div(W1[:, j], scale).round_().add_(zero).clamp_(0, maxq).sub_(zero).mul_(scale)
         return q if keep is None else q.masked_fill(~keep[:, i], 0.0)
 
     return target

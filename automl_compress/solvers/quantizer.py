@@ -109,10 +109,14 @@ def fit_grid(W: torch.Tensor, bits: int, spec: GridSpec | None = None) -> QuantG
     if spec.search == "minmax":
         return QuantGrid(scale, zero, bits)
     best = torch.full_like(scale, float("inf"))
+    buf = torch.empty_like(x)
     for i in range(int(spec.max_shrink * spec.grid)):
         p = 1.0 - i / spec.grid
         s1, z1 = _range_to_grid(p * xmin, p * xmax, maxq, spec.symmetric)
-        err = (quantize(x, s1, z1, maxq) - x).abs().pow(spec.norm).sum(dim=1)
+        s_, z_ = s1[:, None], z1[:, None]
+        # |quantize(x) − x|^norm in place (the same operations as :func:`quantize`)
+        q = torch.div(x, s_, out=buf).round_().add_(z_).clamp_(0, maxq).sub_(z_).mul_(s_)
+        err = q.sub_(x).abs_().pow_(spec.norm).sum(dim=1)
         better = err < best
         best = torch.where(better, err, best)
         scale = torch.where(better, s1, scale)

@@ -1,23 +1,41 @@
-"""Fast mode: per-row best of fixed-order GPTQ candidates, then 1-opt moves (docs/solvers.md §7).
+"""Fast mode: OBQ's greedy inside column blocks, GPTQ across them, then 1-opt (docs/solvers.md §7).
 
-Rows are independent problems sharing H, so taking, row by row, the best of several candidate
-solutions is exact. 1-opt then moves single weights by one grid step while that lowers the row's
-true error ``0.5·eHeᵀ`` (e = ŵ − w): moving coordinate j by δ changes it by
-``Δ = δ·(eH)_j + δ²·H_jj / 2``. Each sweep applies, in every row at once, the best improving move.
+GPTQ fixes the columns in one shared order, so one Cholesky factor U of H⁻¹ (``H⁻¹ = UᵀU``)
+serves every row; OBQ lets every row choose its own order, at one (cols × cols) inverse per row.
+The fast mode splits the shared order into blocks of B columns. When a block starts, every earlier
+column is fixed and the free set F is the block and every later column, whose inverse restricted
+to the block is ``U_BBᵀ U_BB`` (shared). Inside the block each row runs OBQ's greedy on that B × B
+inverse (its own order, the later columns' correction deferred); after it, the later columns take
+the correction of the whole block at once, which does not depend on the order inside the block:
+with the block's residuals ``r = x_B − q_B``, ``E = r · U_BB⁻¹`` and ``x_L −= E · U_BL`` (GPTQ's
+lazy batch, docs/solvers.md §6). B = cols is OBQ; B = 1 is GPTQ.
+
+1-opt then moves single weights by one grid step while that lowers the row's true error
+``0.5·eHeᵀ`` (e = ŵ − w): moving coordinate j by δ changes it by ``Δ = δ·(eH)_j + δ²·H_jj / 2``.
+Each sweep applies, in every row still improving, that row's best improving move.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
+from automl_compress.errors import ShapeMismatchError
 from automl_compress.solvers.checks import check_bits, check_hessian, check_weight
-from automl_compress.solvers.gptq import gptq_quantize
-from automl_compress.solvers.hessian import DEFAULT_DAMP, row_errors
-from automl_compress.solvers.obq import obq_quantize
-from automl_compress.solvers.quantizer import GridSpec
+from automl_compress.solvers.gptq import column_order, gptq_quantize
+from automl_compress.solvers.hessian import (
+    DEFAULT_DAMP,
+    prepare_hessian,
+    row_errors,
+    upper_cholesky_of_inverse,
+)
+from automl_compress.solvers.lazy_inverse import LazyInverse
+from automl_compress.solvers.numerics import row_argmax, solve_dtype
+from automl_compress.solvers.obq import greedy_quantize
+from automl_compress.solvers.quantizer import GridSpec, fit_grid
 from automl_compress.solvers.result import SolveResult
+
+#: Columns per block (bench/reference.py: 64 keeps the fast mode within 3x GPTQ's time).
+DEFAULT_BLOCK = 64
 
 
 def one_opt(
@@ -32,6 +50,12 @@ def one_opt(
     max_sweeps: int | None = None,
 ) -> torch.Tensor:
     """Polish a quantized W_hat by improving ±1-grid-step moves (best move per row per sweep).
+
+    In grid units (e = ŵ/s − w/s, g = eH, the error divided by s²) the move δ = ±1 of weight j
+    changes the error by ``±g_j + H_jj/2``, so a row's best move is the j that maximises
+    ``|g_j| − H_jj/2`` in the direction ``−sign(g_j)`` (the other direction only raises it). A
+    row with no improving move is finished (rows are independent), so every sweep works on the
+    rows still improving only.
 
     Args:
         W: (rows, cols) original weights.
@@ -51,55 +75,60 @@ def one_opt(
     s = scale.to(dt)[:, None]
     z = zero.to(dt)[:, None]
     maxq = 2**bits - 1
-    codes = torch.round(W_hat.to(dt) / s) + z
-    E = W_hat.to(dt) - W.to(dt)
-    G = E @ Hd
-    hdiag = torch.diagonal(Hd)[None, :]
-    movable = torch.ones_like(codes, dtype=torch.bool) if mask is None else mask.to(torch.bool)
-    rows = W.shape[0]
-    ar = torch.arange(rows, device=W.device)
-    inf = torch.tensor(float("inf"), dtype=dt, device=W.device)
+    out = torch.round(W_hat.to(dt) / s) + z  # codes of every row
+    half = torch.diagonal(Hd)[None, :] / 2
+    left = torch.arange(W.shape[0], device=W.device)  # rows still improving
+    codes = out.clone()
+    G = (codes - z - W.to(dt) / s) @ Hd
+    frozen = None if mask is None else ~mask.to(torch.bool)
     for _ in range(max_sweeps or 4 * W.shape[1]):
-        up = torch.where(movable & (codes < maxq), s * G + s * s * hdiag / 2, inf)
-        down = torch.where(movable & (codes > 0), -s * G + s * s * hdiag / 2, inf)
-        best_up, j_up = up.min(dim=1)
-        best_dn, j_dn = down.min(dim=1)
-        use_up = best_up <= best_dn
-        gain = torch.where(use_up, best_up, best_dn)
-        j = torch.where(use_up, j_up, j_dn)
-        step = torch.where(use_up, 1.0, -1.0).to(dt)
-        improve = gain < -1e-12 * (G.abs().sum(1) * s[:, 0] + 1e-300)
-        if not bool(improve.any()):
-            break
-        step = step * improve.to(dt)
+        gain = G.abs().sub_(half)
+        blocked = torch.where(G > 0, codes <= 0, codes >= maxq)
+        if frozen is not None:
+            blocked |= frozen
+        gain.masked_fill_(blocked, -float("inf"))
+        j = row_argmax(gain)
+        best = gain.gather(1, j[:, None]).squeeze(1)
+        improve = best > 1e-12 * G.abs().sum(1)
+        if not bool(improve.all()):  # finished rows leave the sweep
+            done = ~improve
+            out[left[done]] = codes[done]
+            if not bool(improve.any()):
+                return (s * (out - z)).to(W_hat.dtype)
+            keep = improve.nonzero().squeeze(1)
+            left, codes, G, j = left[keep], codes[keep], G[keep], j[keep]
+            if frozen is not None:
+                frozen = frozen[keep]
+        ar = torch.arange(len(left), device=W.device)
+        step = -torch.sign(G[ar, j])
         codes[ar, j] += step
-        delta = step * s[:, 0]
-        E[ar, j] += delta
-        G += delta[:, None] * Hd[j]
-    return (s * (codes - z)).to(W_hat.dtype)
+        G.addcmul_(step[:, None], Hd[j])
+    out[left] = codes
+    return (s * (out - z)).to(W_hat.dtype)
 
 
-def _candidates(
-    W: torch.Tensor, H: torch.Tensor, bits: int, names: Sequence[str], seed: int, **kw
-) -> list[SolveResult]:
-    out = []
-    gen = torch.Generator().manual_seed(seed)
-    for name in names:
-        if name == "natural":
-            out.append(gptq_quantize(W, H, bits, **kw))
-        elif name == "act_order":
-            out.append(gptq_quantize(W, H, bits, act_order=True, **kw))
-        elif name == "obq":
-            out.append(obq_quantize(W, H, bits, **kw))
-        elif name.startswith("random:"):
-            for _ in range(int(name.split(":", 1)[1])):
-                order = torch.randperm(W.shape[1], generator=gen)
-                out.append(gptq_quantize(W, H, bits, order=order, **kw))
-        else:
-            raise ValueError(
-                f"candidate must be 'natural', 'act_order', 'obq' or 'random:K', found {name!r}"
-            )
-    return out
+def _block_greedy(
+    inv: LazyInverse, lo: torch.Tensor, hi: torch.Tensor, steps: int, prune: torch.Tensor | None
+) -> None:
+    """OBQ's greedy on one block, the slots in ``prune`` (R, n) fixed to 0 before any other.
+
+    Without ``prune`` it is :func:`~automl_compress.solvers.obq.greedy_quantize` as it is.
+    """
+    if prune is None:
+        greedy_quantize(inv, lo, hi, steps, outlier_rule=True)
+        return
+    for _ in range(steps):
+        x = inv.w
+        code = x.clamp(lo, hi).round_().masked_fill_(prune, 0.0)
+        err2 = torch.sub(x, code).square_()
+        score = torch.div(inv.diag, err2).masked_fill_(prune & (inv.diag > 0), float("inf"))
+        p = row_argmax(score)
+        out = err2.masked_fill(prune, 0.0)
+        p_out = row_argmax(out)
+        worst = out.gather(1, p_out[:, None]).squeeze(1)
+        first = score.gather(1, p[:, None]).squeeze(1) == float("inf")
+        p = torch.where((worst > 0.25) & ~first, p_out, p)
+        inv.eliminate(p, code.gather(1, p[:, None]))
 
 
 def fast_quantize(
@@ -107,57 +136,89 @@ def fast_quantize(
     H: torch.Tensor,
     bits: int = 4,
     *,
-    candidates: Sequence[str] = ("natural", "act_order", "random:4"),
+    block_size: int = DEFAULT_BLOCK,
+    act_order: bool = True,
     one_opt_polish: bool = True,
     grid: GridSpec | None = None,
     damp: float = DEFAULT_DAMP,
     mask: torch.Tensor | None = None,
-    seed: int = 0,
     row_batch: int | None = None,
     dtype: torch.dtype | None = None,
+    lazy_rank: int = 16,
 ) -> SolveResult:
-    """Quantize W by the per-row best of several fixed-order candidates, then 1-opt.
+    """Quantize W by OBQ's greedy inside blocks of columns and GPTQ across them, then 1-opt.
 
     Args:
         W: (rows, cols) weights.
         H: (cols, cols) Hessian ``2·XᵀX/n``.
         bits: 2..8, or 0 to remove every row.
-        candidates: 'natural', 'act_order', 'obq' and 'random:K' (K seeded random orders).
-        one_opt_polish: run the 1-opt pass on the chosen rows.
-        grid: how the per-row grid is fitted, as for :func:`gptq_quantize`; all candidates
-            share the grid.
+        block_size: columns per block B (B >= cols is OBQ with GPTQ's damping).
+        act_order: blocks follow decreasing diag H (else the natural order).
+        one_opt_polish: run :func:`one_opt` on the result.
+        grid: how the per-row grid is fitted, as for :func:`gptq_quantize`.
         damp: relative damping of H, as for :func:`gptq_quantize`.
-        mask: (rows, cols) bool, False where the weight is pruned, as for :func:`gptq_quantize`.
+        mask: (rows, cols) bool, False where the weight is pruned (it ends exactly 0).
+        row_batch: rows per sweep (rows are independent; default all at once).
         dtype: working precision, as for :func:`gptq_quantize`.
-        seed: seed of the random orders.
-        row_batch: rows per batch of every candidate (rows are independent).
+        lazy_rank: pending downdates per flush inside a block (the result does not depend on it).
 
     Returns:
-        SolveResult with ``row_error`` under the undamped H; ``info["chosen"]`` is the index of
-        the candidate each row came from.
+        SolveResult with ``row_error`` under the undamped H.
     """
     check_weight(W)
-    check_hessian(H, W.shape[1])
+    rows, cols = W.shape
+    check_hessian(H, cols)
     check_bits(bits)
-    if not candidates:
-        raise ValueError("candidates must name at least one candidate, found none")
-    kw = {"grid": grid, "damp": damp, "mask": mask, "dtype": dtype, "row_batch": row_batch}
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, found {block_size}")
+    if mask is not None and mask.shape != W.shape:
+        raise ShapeMismatchError(
+            f"mask must have W's shape {tuple(W.shape)}, found {tuple(mask.shape)}"
+        )
     if bits == 0:
-        return gptq_quantize(W, H, 0, **kw)
-    cands = _candidates(W, H, bits, candidates, seed, **kw)
-    errs = torch.stack([c.row_error for c in cands])  # (C, rows)
-    chosen = errs.argmin(dim=0)
-    stack = torch.stack([c.weight for c in cands])
-    W_hat = stack[chosen, torch.arange(W.shape[0], device=W.device)]
-    first = cands[0]
+        return gptq_quantize(W, H, 0)
+    dt = solve_dtype(W, dtype)
+    g = fit_grid(W, bits, grid)
+    prep = prepare_hessian(H.to(W.device), damp)
+    perm = column_order(prep.H, act_order)
+    U = upper_cholesky_of_inverse(
+        type(prep)(H=prep.H[perm][:, perm], dead=prep.dead[perm], damp=prep.damp)
+    )
+    s = g.scale.to(dt)[:, None]
+    X = (W.to(dt) / s).masked_fill(prep.dead[None, :], 0.0)[:, perm]  # grid units, sweep order
+    lo, hi = -g.zero.to(dt)[:, None], g.maxq - g.zero.to(dt)[:, None]
+    keep = None if mask is None else mask.to(device=W.device, dtype=torch.bool)
+    prune = None if keep is None else ~keep[:, perm]
+    Ud = U.to(dt)
+    codes = torch.empty_like(X)
+    R = row_batch or max(rows, 1)
+    for r1 in range(0, rows, R):
+        b = slice(r1, min(r1 + R, rows))
+        Xb = X[b]
+        for i1 in range(0, cols, block_size):
+            i2 = min(i1 + block_size, cols)
+            U_BB = U[i1:i2, i1:i2]
+            # the free set is this block and every later column: its inverse on the block
+            inv = LazyInverse(Xb[:, i1:i2], (U_BB.mT @ U_BB).to(dt), min(lazy_rank, i2 - i1),
+                              False)
+            _block_greedy(inv, lo[b], hi[b], i2 - i1, None if prune is None else prune[b, i1:i2])
+            c = torch.clamp(inv.result().round(), lo[b], hi[b])
+            codes[b, i1:i2] = c
+            if i2 < cols:  # the later columns' correction does not depend on the block's order
+                E = torch.linalg.solve_triangular(Ud[i1:i2, i1:i2], Xb[:, i1:i2] - c,
+                                                  upper=True, left=False)
+                Xb[:, i2:] -= E @ Ud[i1:i2, i2:]
+    W_hat = (s * codes[:, torch.argsort(perm)]).to(W.dtype)
+    if keep is not None:
+        W_hat = W_hat.masked_fill(~keep, 0.0)
     if one_opt_polish:
-        W_hat = one_opt(W, W_hat, H, first.scale, first.zero, bits, mask=mask)
+        W_hat = one_opt(W, W_hat, H, g.scale, g.zero, bits, mask=keep)
     return SolveResult(
         W_hat,
         row_errors(W, W_hat, H),
-        mask=None if mask is None else mask.to(torch.bool),
-        scale=first.scale,
-        zero=first.zero,
+        mask=keep,
+        scale=g.scale,
+        zero=g.zero,
         bits=bits,
-        info={"method": "fast", "chosen": chosen, "candidates": tuple(candidates)},
+        info={"method": "fast", "block_size": block_size, "act_order": act_order},
     )

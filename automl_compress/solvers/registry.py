@@ -40,7 +40,7 @@ class QuantSolver(StrEnum):
 
     OBQ = "obq"  #: exact greedy per row (OBC)
     GPTQ = "gptq"  #: fixed column order
-    FAST = "fast"  #: fixed-order candidates, then exact coordinate refinement
+    FAST = "fast"  #: OBQ inside column blocks, fixed order across them, then 1-opt
 
 
 class PruneSolver(StrEnum):

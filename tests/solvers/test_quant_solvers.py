@@ -18,6 +18,8 @@ from automl_compress.solvers import (
     obq_quantize,
     rtn_quantize,
 )
+from automl_compress.solvers.gptq import column_order
+from automl_compress.solvers.hessian import DEFAULT_DAMP, prepare_hessian
 from automl_compress.solvers.lazy_inverse import LazyInverse
 from automl_compress.solvers.obq import greedy_quantize
 from automl_compress.solvers.refine import fast_quantize, one_opt
@@ -82,6 +84,73 @@ def _naive_greedy_obq(w, H, scale, zero, maxq, free, outlier_rule=True):
         w[free[k]] = q[k]
         order.append(free.pop(k))
     return w, order
+
+
+def _naive_block_greedy(w, H, scale, zero, maxq, order, B, prune):
+    """The fast mode by definition: OBQ's greedy may only pick inside the current block of B
+    columns (of ``order``), and every OBS step corrects every free weight at once, later blocks
+    included; weights in ``prune`` are fixed to 0 first."""
+    w = w.clone()
+    free = list(order)
+    for i1 in range(0, len(order), B):
+        todo = list(order[i1:i1 + B])
+        while todo:
+            Hinv = torch.linalg.inv(H[free][:, free])
+            x = w[free]
+            q = scale * (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero)
+            pos = [free.index(c) for c in todo]
+            cut = [j for j, c in zip(pos, todo, strict=True) if prune[c]]
+            err2 = (x - q) ** 2
+            if cut:
+                k = cut[0]
+                q[k] = 0.0
+            else:
+                e2 = err2[pos]
+                k = pos[int(torch.argmax(e2))] if bool((e2 > scale**2 / 4).any()) else pos[
+                    int(torch.argmin(e2 / torch.diagonal(Hinv)[pos]))]
+            w[free] = x - (x[k] - q[k]) / Hinv[k, k] * Hinv[:, k]
+            w[free[k]] = q[k]
+            todo.remove(free.pop(k))
+    return w
+
+
+@pytest.mark.parametrize(("block", "act_order", "masked"), [
+    (1, True, False), (4, False, False), (5, True, False), (4, True, True), (12, False, True),
+])
+def test_fast_mode_is_obq_inside_blocks_and_a_fixed_order_across_them(
+    block, act_order, masked, make_layer
+):
+    """Deferring the later columns' correction to the end of each block gives exactly the
+    greedy that corrects them at every step (block 1 is GPTQ in that order, block = cols OBQ)."""
+    rows, cols = 16, 12
+    L = make_layer(rows, cols, seed=21)
+    D = torch.linspace(0.4, 2.5, cols, dtype=torch.float64).diag()
+    H = D @ L.H @ D  # uneven diag H, so act-order is not the natural order
+    W, mask = L.W, None
+    if masked:
+        pruned = exact_obs_prune(L.W, H, sparsity=0.5)
+        W, mask = pruned.weight, pruned.mask
+    res = fast_quantize(W, H, 4, block_size=block, act_order=act_order, one_opt_polish=False,
+                        mask=mask, dtype=torch.float64)
+    Hd = prepare_hessian(H, DEFAULT_DAMP).H
+    order = column_order(Hd, act_order).tolist()
+    prune = torch.zeros(rows, cols, dtype=torch.bool) if mask is None else ~mask
+    for r in range(rows):
+        w = _naive_block_greedy(W[r], Hd, res.scale[r], res.zero[r], 15, order, block, prune[r])
+        torch.testing.assert_close(res.weight[r], w, rtol=0, atol=1e-9)
+    if block == 1 and not masked:
+        gptq = gptq_quantize(W, H, 4, act_order=act_order, dtype=torch.float64)
+        assert torch.equal(res.codes(), gptq.codes())
+
+
+def test_fast_mode_at_full_width_is_obq_and_1_opt_only_lowers_it(make_layer):
+    L = make_layer(10, 24, seed=22)
+    obq = obq_quantize(L.W, L.H, 4, dtype=torch.float64)
+    full = fast_quantize(L.W, L.H, 4, block_size=24, act_order=False, one_opt_polish=False,
+                         dtype=torch.float64)
+    assert torch.equal(full.codes(), obq.codes())
+    polished = fast_quantize(L.W, L.H, 4, block_size=24, act_order=False, dtype=torch.float64)
+    assert torch.all(polished.row_error <= obq.row_error + 1e-15)
 
 
 def test_obq_first_step_is_the_brute_force_best_single_fix(make_layer):
@@ -227,6 +296,26 @@ def test_one_opt_never_increases_any_row_error(make_layer):
     after = L.direct_row_error(polished)
     assert torch.all(after <= before + 1e-12)
     assert float(after.sum()) < float(before.sum())
+
+
+def test_one_opt_ends_every_row_at_a_local_optimum_of_single_steps(make_layer):
+    """Rows leave the sweeps when they stop improving; none may leave early: after the polish no
+    ±1 move of any free weight lowers any row's error (checked move by move)."""
+    L = make_layer(24, 16, seed=23)
+    g = gptq_quantize(L.W, L.H, 3)
+    keep = torch.rand(L.W.shape, generator=torch.Generator().manual_seed(0)) > 0.2
+    W_hat = one_opt(L.W, g.weight * keep, L.H, g.scale, g.zero, 3, mask=keep)
+    assert torch.all(W_hat[~keep] == 0)
+    codes = torch.round(W_hat / g.scale[:, None] + g.zero[:, None])
+    base = L.direct_row_error(W_hat)
+    for r in range(L.W.shape[0]):
+        for j in range(L.W.shape[1]):
+            for step in (-1.0, 1.0):
+                if not keep[r, j] or not 0 <= codes[r, j] + step <= 7:
+                    continue
+                moved = W_hat.clone()
+                moved[r, j] += step * g.scale[r]
+                assert L.direct_row_error(moved)[r] >= base[r] - 1e-12 * base[r], (r, j, step)
 
 
 def test_zero_bits_removes_every_row(make_layer):
