@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automl_compress.solvers import exact_obs_prune, gptq_quantize, obq_quantize  # noqa: E402
-from automl_compress.solvers.refine import fast_quantize  # noqa: E402
+from automl_compress.solvers.refine import fast_quantize, polish  # noqa: E402
 from bench.solvers import make_layer  # noqa: E402
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
@@ -171,52 +171,69 @@ def warm_up(ref: Reference, bits: int) -> None:
     W, H = make_layer(16, 64, "cpu")
     for fn in (ref.obq, ref.unstructured, ref.nm, ref.gptq_quant):
         fn(W, H)
-    obq_quantize(W, H, bits, damp=0.0)
+    polish(W, H, obq_quantize(W, H, bits, damp=0.0))
     exact_obs_prune(W, H, [0.5, 0.9], damp=0.0)
     exact_obs_prune(W, H, n_m=(2, 4), damp=0.0)
     gptq_quantize(W, H, bits)
     fast_quantize(W, H, bits)
 
 
-def exact_cells(ref: Reference, Ws: torch.Tensor, H: torch.Tensor, b: int,
-                rep: int) -> tuple[list[str], float]:
-    """The OBQ, ExactOBS-pass and 2:4 cells on the rows Ws, and OBQ's relative error."""
-    cells = []
+def obq_cell(ref: Reference, Ws: torch.Tensor, H: torch.Tensor, b: int, rep: int) -> str:
+    """OBQ's greedy against the reference's, and the greedy followed by 1-opt (solver.polish)."""
     r, o, tr, to = pair(lambda: ref.obq(Ws, H), lambda: obq_quantize(Ws, H, b, damp=0.0), rep)
-    e_obq = rel_error(Ws, o.weight, H)
-    cells.append(f"{tr / to:.1f}× ({tr:.2f}/{to:.2f} s), err {e_obq / rel_error(Ws, r, H):.4f}, "
-                 f"same codes {same_codes(r, o.weight, o.scale)}")
-    # ExactOBS one pass, read at 50 % and 90 %
+    _, p, _, tp = pair(lambda: None, lambda: polish(Ws, H, o), rep)
+    e_ref = rel_error(Ws, r, H)
+    return (f"{tr / to:.1f}× ({tr:.2f}/{to:.2f} s), err {rel_error(Ws, o.weight, H) / e_ref:.4f}, "
+            f"same codes {same_codes(r, o.weight, o.scale)}; with 1-opt {tr / (to + tp):.1f}×, "
+            f"err {rel_error(Ws, p.weight, H) / e_ref:.4f}")
+
+
+def exact_obs_cell(ref: Reference, Ws: torch.Tensor, H: torch.Tensor, rep: int) -> str:
+    """The ExactOBS one pass read at 50 % and 90 %."""
     r, o, tr, to = pair(lambda: ref.unstructured(Ws, H),
                         lambda: exact_obs_prune(Ws, H, [0.5, 0.9], damp=0.0), rep)
     errs = [rel_error(Ws, oo.weight, H) / rel_error(Ws, rr, H) for rr, oo in zip(r, o, strict=True)]
-    cells.append(f"{tr / to:.1f}× ({tr:.2f}/{to:.2f} s), err {errs[0]:.3f} / {errs[1]:.3f}")
-    # 2:4
+    return f"{tr / to:.1f}× ({tr:.2f}/{to:.2f} s), err {errs[0]:.3f} / {errs[1]:.3f}"
+
+
+def nm_cell(ref: Reference, Ws: torch.Tensor, H: torch.Tensor, rep: int) -> str:
+    """ExactOBS at 2:4."""
     r, o, tr, to = pair(lambda: ref.nm(Ws, H),
                         lambda: exact_obs_prune(Ws, H, n_m=(2, 4), damp=0.0), rep)
-    cells.append(f"{tr / to:.1f}× ({tr:.2f}/{to:.2f} s), err "
-                 f"{rel_error(Ws, o.weight, H) / rel_error(Ws, r, H):.4f}")
-    return cells, e_obq
+    return (f"{tr / to:.1f}× ({tr:.2f}/{to:.2f} s), err "
+            f"{rel_error(Ws, o.weight, H) / rel_error(Ws, r, H):.4f}")
+
+
+def gptq_and_fast_cells(ref: Reference, W: torch.Tensor, H: torch.Tensor, b: int, rep: int,
+                        fast: bool) -> list[str]:
+    """GPTQ against the reference's, and the fast mode against GPTQ's time and OBQ's error (on
+    the whole layer)."""
+    r, o, tr, to = pair(lambda: ref.gptq_quant(W, H), lambda: gptq_quantize(W, H, b), max(rep, 3))
+    cells = [f"{tr / to:.2f}× ({tr:.3f}/{to:.3f} s), err "
+             f"{rel_error(W, o.weight, H) / rel_error(W, r, H):.4f}"]
+    if fast:
+        _, f, _, tf = pair(lambda: None, lambda: fast_quantize(W, H, b), max(rep, 3))
+        full = rel_error(W, obq_quantize(W, H, b, damp=0.0).weight, H)
+        cells.append(f"{tf / tr:.2f}× GPTQ-ref time, {tf / to:.2f}× ours; "
+                     f"err {rel_error(W, f.weight, H) / full:.3f}× OBQ")
+    return cells
+
+
+COLUMNS = ("obq", "exact_obs", "nm", "gptq", "fast")
 
 
 def run_shape(ref: Reference, rows: int, cols: int, sub: int, args) -> list[str]:
     W, H = make_layer(rows, cols, "cpu")
     Ws = W[:sub].contiguous()
-    b, rep = args.bits, args.repeats
-    if args.fast_only:
-        cells, e_obq = ["–", "–", "–"], None
-    else:
-        cells, e_obq = exact_cells(ref, Ws, H, b, rep)
-    # GPTQ and the fast mode, whole layer
-    r, o, tr, to = pair(lambda: ref.gptq_quant(W, H), lambda: gptq_quantize(W, H, b), max(rep, 3))
-    cells.append(f"{tr / to:.2f}× ({tr:.3f}/{to:.3f} s), err "
-                 f"{rel_error(W, o.weight, H) / rel_error(W, r, H):.4f}")
-    _, f, _, tf = pair(lambda: None, lambda: fast_quantize(W, H, b), max(rep, 3))
-    full = e_obq if sub == rows and e_obq is not None else rel_error(
-        W, obq_quantize(W, H, b, damp=0.0).weight, H)
-    cells.append(f"{tf / tr:.2f}× GPTQ-ref time, {tf / to:.2f}× ours; "
-                 f"err {rel_error(W, f.weight, H) / full:.3f}× OBQ")
-    return cells
+    b, rep, want = args.bits, args.repeats, set(args.columns.split(","))
+    cells = [
+        obq_cell(ref, Ws, H, b, rep) if "obq" in want else "–",
+        exact_obs_cell(ref, Ws, H, rep) if "exact_obs" in want else "–",
+        nm_cell(ref, Ws, H, rep) if "nm" in want else "–",
+    ]
+    if want & {"gptq", "fast"}:
+        cells += gptq_and_fast_cells(ref, W, H, b, rep, "fast" in want)
+    return cells + ["–"] * (len(COLUMNS) - len(cells))
 
 
 def main() -> None:
@@ -229,10 +246,13 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-malloc-tuning", action="store_true")
-    ap.add_argument("--fast-only", action="store_true",
-                    help="only the GPTQ and fast-mode columns (the fast mode's error is still "
-                         "against OBQ on the whole layer)")
+    ap.add_argument("--columns", default=",".join(COLUMNS),
+                    help="columns to run, of " + ",".join(COLUMNS) + " (fast times against the "
+                         "GPTQ reference, so it runs GPTQ too)")
     args = ap.parse_args()
+    unknown = set(args.columns.split(",")) - set(COLUMNS)
+    if unknown:
+        ap.error(f"--columns takes {','.join(COLUMNS)}, found {','.join(sorted(unknown))}")
     if not args.no_malloc_tuning and os.environ.get("GLIBC_TUNABLES") != TUNABLES:
         os.environ["GLIBC_TUNABLES"] = TUNABLES
         os.execv(sys.executable, [sys.executable, *sys.argv])

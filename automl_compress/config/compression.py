@@ -133,6 +133,8 @@ class SolverConfig:
         row_batch: rows per batch (None: sized to the device).
         exact_max_s: with quant 'obq', layer pieces whose estimated one-core OBQ time exceeds
             this many seconds use the fast mode instead (None: always OBQ).
+        polish: 1-opt after the quantization solver (never raises a row's error; OBQ's codes
+            then differ from the paper's greedy in the rows it improves).
     """
 
     quant: str = "obq"
@@ -142,6 +144,7 @@ class SolverConfig:
     damp: float = 0.01
     row_batch: int | None = None
     exact_max_s: float | None = None
+    polish: bool = True
 
     def __post_init__(self) -> None:
         for key, names in (("quant", QuantSolver), ("prune", PruneSolver)):

@@ -33,7 +33,7 @@ from automl_compress.specs import Task, model_fingerprint
 __all__ = ["SOLVER_VERSION", "build_database", "fingerprints"]
 
 #: 2: sparse options honour solver.quant, float32 greedy solves; 3: the fast mode is the block
-#: greedy of solvers/refine.py (its tables differ from version 2's).
+#: greedy of solvers/refine.py, and 1-opt follows every quantization solver (solver.polish).
 SOLVER_VERSION = "3"
 
 

@@ -54,6 +54,7 @@ def solve_options(pattern: str, bits: int, cfg: SolverConfig, area: int = 1) -> 
         row_batch=cfg.row_batch,
         kernel_area=area,
         allocation="uniform",  # one exact count per row, so every row's stored cost is exact
+        polish=cfg.polish,
     )
 
 

@@ -107,6 +107,18 @@ def one_opt(
     return (s * (out - z)).to(W_hat.dtype)
 
 
+def polish(W: torch.Tensor, H: torch.Tensor, res: SolveResult) -> SolveResult:
+    """``res`` with :func:`one_opt` applied to its weights (on its mask), ``row_error`` anew.
+
+    Never raises a row's error; 0-bit results are returned as they are.
+    """
+    if res.bits == 0 or res.scale is None or res.zero is None:
+        return res
+    W_hat = one_opt(W, res.weight, H, res.scale, res.zero, res.bits, mask=res.mask)
+    return SolveResult(W_hat, row_errors(W, W_hat, H), mask=res.mask, scale=res.scale,
+                       zero=res.zero, bits=res.bits, info={**res.info, "one_opt": True})
+
+
 def _block_greedy(
     inv: LazyInverse, lo: torch.Tensor, hi: torch.Tensor, steps: int, prune: torch.Tensor | None
 ) -> None:

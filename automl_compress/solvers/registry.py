@@ -30,7 +30,7 @@ from automl_compress.solvers.hessian import DEFAULT_DAMP
 from automl_compress.solvers.numerics import auto_row_batch
 from automl_compress.solvers.obq import obq_quantize
 from automl_compress.solvers.quantizer import GridSpec
-from automl_compress.solvers.refine import fast_quantize
+from automl_compress.solvers.refine import fast_quantize, polish
 from automl_compress.solvers.result import SolveResult, on_mask
 from automl_compress.solvers.sparsegpt import sparsegpt_prune
 
@@ -66,6 +66,8 @@ class SolveOptions:
     :param kernel_area: kh·kw of a conv (N:M groups run along input channels), 1 for Linear.
     :param allocation: per-row zero counts of unstructured sparsity: "uniform" (every row the
         same count, so every row's cost is exact) or "global" (counts chosen for the layer).
+    :param polish: 1-opt after every quantization solver (``refine.polish``: never raises a
+        row's error, a few ms per layer).
     """
 
     bits: int = 4
@@ -77,6 +79,7 @@ class SolveOptions:
     dtype: torch.dtype | None = None
     kernel_area: int = 1
     allocation: str = "uniform"
+    polish: bool = True
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -112,19 +115,23 @@ QuantFn = Callable[[torch.Tensor, torch.Tensor, SolveOptions, "torch.Tensor | No
 PruneFn = Callable[[torch.Tensor, torch.Tensor, SolveOptions], SolveResult]
 
 
+def _polished(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, res: SolveResult) -> SolveResult:
+    return polish(W, H, res) if o.polish else res
+
+
 def _obq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor | None):
-    return obq_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
-                        row_batch=o.row_batch, dtype=o.dtype)
+    return _polished(W, H, o, obq_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
+                                           row_batch=o.row_batch, dtype=o.dtype))
 
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor | None):
-    return gptq_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
-                         row_batch=o.row_batch, dtype=o.dtype)
+    return _polished(W, H, o, gptq_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
+                                            row_batch=o.row_batch, dtype=o.dtype))
 
 
 def _fast(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor | None):
     return fast_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
-                         row_batch=o.row_batch, dtype=o.dtype)
+                         row_batch=o.row_batch, dtype=o.dtype, one_opt_polish=o.polish)
 
 
 def _exact_obs(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
@@ -151,10 +158,12 @@ def _chita(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
 
 def _sparsegpt_gptq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
     """SparseGPT's joint pass: later mask choices see earlier rounding and vice versa."""
-    return sparsegpt_prune(W, H, 0.0 if o.sparsity is None else o.sparsity, n_m=o.n_m,
-                           bits=o.bits, grid=o.grid, kernel_area=o.kernel_area,
-                           allocation=o.allocation, row_batch=o.row_batch, damp=o.damp,
-                           dtype=o.dtype)
+    res = sparsegpt_prune(W, H, 0.0 if o.sparsity is None else o.sparsity, n_m=o.n_m,
+                          bits=o.bits, grid=o.grid, kernel_area=o.kernel_area,
+                          allocation=o.allocation, row_batch=o.row_batch, damp=o.damp,
+                          dtype=o.dtype)
+    assert isinstance(res, SolveResult)
+    return _polished(W, H, o, res)
 
 
 #: Quantization solvers: ``fn(W, H, options, mask) -> SolveResult`` (mask: True = kept).

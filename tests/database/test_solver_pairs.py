@@ -12,7 +12,7 @@ from _layers import make_layer
 from automl_compress.capture import LayerHessian
 from automl_compress.config import MenuConfig, SolverConfig
 from automl_compress.database import solve, work
-from automl_compress.solvers import registry
+from automl_compress.solvers import obq_quantize, registry
 from automl_compress.solvers.registry import PruneSolver, QuantSolver, SolveOptions
 from automl_compress.specs import LayerInfo
 
@@ -120,3 +120,24 @@ def test_chita_through_the_registry_refines_exact_obs(pattern):
     assert torch.all(ch.row_error <= eo.row_error + 1e-9)
     if "n_m" in pattern:
         assert ch.row_error.sum() < eo.row_error.sum()
+
+
+@pytest.mark.parametrize(("quant", "pattern"), list(itertools.product(
+    QuantSolver, [{}, {"sparsity": 0.5}])))
+def test_polish_only_lowers_the_row_errors_and_is_off_when_asked(quant, pattern):
+    """solver.polish runs 1-opt after every quantization solver: no row ends above the plain
+    solver, the layer ends below it here, and polish=False is the plain solver itself."""
+    L = make_layer(16, 32, seed=25)
+    W = L.W.float()
+    plain = SolveOptions(bits=3, polish=False, **pattern)
+    a = registry.solve(W, L.H, plain, quant, PruneSolver.EXACT_OBS)
+    b = registry.solve(W, L.H, dataclasses.replace(plain, polish=True), quant,
+                       PruneSolver.EXACT_OBS)
+    assert torch.all(b.row_error <= a.row_error * (1 + 1e-9))
+    assert b.error < a.error
+    if quant is QuantSolver.OBQ and not pattern:  # the paper's greedy, as it is
+        assert torch.equal(a.weight, obq_quantize(W, L.H, 3, grid=plain.grid).weight)
+    if pattern:
+        assert torch.equal(b.mask, a.mask) and torch.all(b.weight[~b.mask] == 0)
+    cfg = SolverConfig(quant=str(quant), polish=False)
+    assert work.solve_options("dense", 3, cfg).polish is False
