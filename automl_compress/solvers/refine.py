@@ -34,7 +34,7 @@ from automl_compress.solvers.obq import greedy_quantize
 from automl_compress.solvers.quantizer import GridSpec, fit_grid
 from automl_compress.solvers.result import SolveResult
 
-#: Columns per block (bench/reference.py: 64 keeps the fast mode within 3x GPTQ's time).
+#: Columns per block (64: 2.5–3.2× GPTQ's time from 256 to 1536 columns, docs/solvers.md §9.1).
 DEFAULT_BLOCK = 64
 
 
