@@ -15,6 +15,7 @@ the solver or explicitly rejected (e.g. ``row_batch`` with SparseGPT's joint-ove
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -205,7 +206,8 @@ def solve(
 
     :param W: (rows, cols) weights.
     :param H: (cols, cols) undamped Hessian.
-    :param options: the option and the solver settings.
+    :param options: the option and the solver settings (with ``polish``, the result is polished
+        by 1-opt against the dense W, the error the database stores).
     :param quant: the quantization solver.
     :param prune_with: the pruning solver (used by sparse options).
     :param pruned: the result of :func:`prune` for this option's pattern, to reuse one pruning
@@ -220,8 +222,10 @@ def solve(
     if joint is not None:
         return joint(W, H, options)
     pruned = pruned if pruned is not None else prune(W, H, options, prune_with)
-    res = QUANT[quant](pruned.weight, H, options, pruned.mask)
-    return on_mask(W, H, pruned, res, f"{prune_with}+{quant}")
+    # the quantizer's target is the pruned weights; the polish's is the dense W (the stored
+    # error), which differ where the pruned weights are not the least-squares optimum on the mask
+    res = QUANT[quant](pruned.weight, H, dataclasses.replace(options, polish=False), pruned.mask)
+    return _polished(W, H, options, on_mask(W, H, pruned, res, f"{prune_with}+{quant}"))
 
 
 

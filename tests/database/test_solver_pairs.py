@@ -63,7 +63,7 @@ def test_sparse_options_honour_the_quantizer():
     """Regression: sparse options used to run OBQ whatever solver.quant said."""
     L = make_layer(8, 16, seed=22)
     W = L.W.float()
-    opts = SolveOptions(bits=3, sparsity=0.5)
+    opts = SolveOptions(bits=3, sparsity=0.5, polish=False)
     pruned = registry.prune(W, L.H, opts, PruneSolver.EXACT_OBS)
     for quant in QuantSolver:
         res = registry.solve(W, L.H, opts, quant, PruneSolver.EXACT_OBS, pruned)
@@ -122,17 +122,22 @@ def test_chita_through_the_registry_refines_exact_obs(pattern):
         assert ch.row_error.sum() < eo.row_error.sum()
 
 
-@pytest.mark.parametrize(("quant", "pattern"), list(itertools.product(
-    QuantSolver, [{}, {"sparsity": 0.5}])))
-def test_polish_only_lowers_the_row_errors_and_is_off_when_asked(quant, pattern):
+POLISH_CASES = [(q, {}, PruneSolver.EXACT_OBS) for q in QuantSolver] + [
+    (q, {"sparsity": 0.5}, p) for q in QuantSolver for p in (PruneSolver.EXACT_OBS,
+                                                             PruneSolver.SPARSEGPT)]
+
+
+@pytest.mark.parametrize(("quant", "pattern", "prune"), POLISH_CASES)
+def test_polish_only_lowers_the_row_errors_and_is_off_when_asked(quant, pattern, prune):
     """solver.polish runs 1-opt after every quantization solver: no row ends above the plain
-    solver, the layer ends below it here, and polish=False is the plain solver itself."""
+    solver (against the dense W, also on SparseGPT's masks, whose weights are not the
+    least-squares optimum the quantizer starts from), the layer ends below it here, and
+    polish=False is the plain solver itself."""
     L = make_layer(16, 32, seed=25)
     W = L.W.float()
     plain = SolveOptions(bits=3, polish=False, **pattern)
-    a = registry.solve(W, L.H, plain, quant, PruneSolver.EXACT_OBS)
-    b = registry.solve(W, L.H, dataclasses.replace(plain, polish=True), quant,
-                       PruneSolver.EXACT_OBS)
+    a = registry.solve(W, L.H, plain, quant, prune)
+    b = registry.solve(W, L.H, dataclasses.replace(plain, polish=True), quant, prune)
     assert torch.all(b.row_error <= a.row_error * (1 + 1e-9))
     assert b.error < a.error
     if quant is QuantSolver.OBQ and not pattern:  # the paper's greedy, as it is
