@@ -47,7 +47,12 @@ DEFAULT_LAZY_RANK = 32
 
 
 def greedy_quantize(
-    inv: LazyInverse, lo: torch.Tensor, hi: torch.Tensor, steps: int, outlier_rule: bool
+    inv: LazyInverse,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    steps: int,
+    outlier_rule: bool,
+    prune: torch.Tensor | None = None,
 ) -> None:
     """Run ``steps`` OBQ steps on every row of ``inv`` (weights in grid units, in place).
 
@@ -55,17 +60,28 @@ def greedy_quantize(
     :param lo: (R, 1) lowest code (−zero point); ``hi``: (R, 1) highest code.
     :param steps: greedy steps (the number of free coordinates of the widest row).
     :param outlier_rule: fix the worst weight outside the clipped grid first.
+    :param prune: (R, n) slots to fix at 0 before any other (needs ``inv`` without compaction,
+        so that slots stay columns), or None.
     """
     for _ in range(steps):
         x = inv.w
         code = x.clamp(lo, hi).round_()
+        if prune is not None:
+            code.masked_fill_(prune, 0.0)
         err2 = torch.sub(x, code).square_()
-        # argmin over free j of err²/[H⁻¹]_jj; fixed slots carry diag < 0, so they score < 0
-        p = row_argmax(torch.div(inv.diag, err2))
+        # argmax over free j of [H⁻¹]_jj/err²; fixed slots carry diag < 0, so they score < 0
+        score = torch.div(inv.diag, err2)
+        if prune is not None:
+            score.masked_fill_(prune & (inv.diag > 0), float("inf"))
+        p = row_argmax(score)
         if outlier_rule:
-            p_out = row_argmax(err2)
-            worst = err2.gather(1, p_out[:, None]).squeeze(1)
-            p = torch.where(worst > 0.25, p_out, p)
+            out = err2 if prune is None else err2.masked_fill(prune, 0.0)
+            p_out = row_argmax(out)
+            worst = out.gather(1, p_out[:, None]).squeeze(1)
+            take = worst > 0.25
+            if prune is not None:  # pruned slots still open come first
+                take &= score.gather(1, p[:, None]).squeeze(1) != float("inf")
+            p = torch.where(take, p_out, p)
         inv.eliminate(p, code.gather(1, p[:, None]))
 
 

@@ -119,30 +119,6 @@ def polish(W: torch.Tensor, H: torch.Tensor, res: SolveResult) -> SolveResult:
                        zero=res.zero, bits=res.bits, info={**res.info, "one_opt": True})
 
 
-def _block_greedy(
-    inv: LazyInverse, lo: torch.Tensor, hi: torch.Tensor, steps: int, prune: torch.Tensor | None
-) -> None:
-    """OBQ's greedy on one block, the slots in ``prune`` (R, n) fixed to 0 before any other.
-
-    Without ``prune`` it is :func:`~automl_compress.solvers.obq.greedy_quantize` as it is.
-    """
-    if prune is None:
-        greedy_quantize(inv, lo, hi, steps, outlier_rule=True)
-        return
-    for _ in range(steps):
-        x = inv.w
-        code = x.clamp(lo, hi).round_().masked_fill_(prune, 0.0)
-        err2 = torch.sub(x, code).square_()
-        score = torch.div(inv.diag, err2).masked_fill_(prune & (inv.diag > 0), float("inf"))
-        p = row_argmax(score)
-        out = err2.masked_fill(prune, 0.0)
-        p_out = row_argmax(out)
-        worst = out.gather(1, p_out[:, None]).squeeze(1)
-        first = score.gather(1, p[:, None]).squeeze(1) == float("inf")
-        p = torch.where((worst > 0.25) & ~first, p_out, p)
-        inv.eliminate(p, code.gather(1, p[:, None]))
-
-
 def fast_quantize(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -213,7 +189,8 @@ def fast_quantize(
             # the free set is this block and every later column: its inverse on the block
             inv = LazyInverse(Xb[:, i1:i2], (U_BB.mT @ U_BB).to(dt), min(lazy_rank, i2 - i1),
                               False)
-            _block_greedy(inv, lo[b], hi[b], i2 - i1, None if prune is None else prune[b, i1:i2])
+            greedy_quantize(inv, lo[b], hi[b], i2 - i1, True,
+                            None if prune is None else prune[b, i1:i2])
             c = torch.clamp(inv.result().round(), lo[b], hi[b])
             codes[b, i1:i2] = c
             if i2 < cols:  # the later columns' correction does not depend on the block's order

@@ -68,7 +68,7 @@ class SolveOptions:
     :param allocation: per-row zero counts of unstructured sparsity: "uniform" (every row the
         same count, so every row's cost is exact) or "global" (counts chosen for the layer).
     :param polish: 1-opt after every quantization solver (``refine.polish``: never raises a
-        row's error; under 1 % of an OBQ pass, docs/solvers.md §9.1).
+        row's error; at most about 2 % of an OBQ pass, docs/solvers.md §9.1).
     """
 
     bits: int = 4

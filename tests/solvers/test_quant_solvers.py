@@ -127,9 +127,8 @@ def test_fast_mode_is_obq_inside_blocks_and_a_fixed_order_across_them(
     D = torch.linspace(0.4, 2.5, cols, dtype=torch.float64).diag()
     H = D @ L.H @ D  # uneven diag H, so act-order is not the natural order
     W, mask = L.W, None
-    if masked:
-        pruned = exact_obs_prune(L.W, H, sparsity=0.5)
-        W, mask = pruned.weight, pruned.mask
+    if masked:  # the dense weights under the mask: fixing the pruned ones first compensates
+        mask = exact_obs_prune(L.W, H, sparsity=0.5).mask
     res = fast_quantize(W, H, 4, block_size=block, act_order=act_order, one_opt_polish=False,
                         mask=mask, dtype=torch.float64)
     Hd = prepare_hessian(H, DEFAULT_DAMP).H
