@@ -43,7 +43,7 @@ from automl_compress.config import Config
 from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import CompressionEnv, EpisodeSummary
-from automl_compress.envs.coef_env import NEUTRAL, CoefficientEnv
+from automl_compress.envs.coef_env import NEUTRAL, Anchors, CoefficientEnv
 from automl_compress.envs.haq_env import HAQEnv
 from automl_compress.logs import SearchWriter, sb3_logger
 from automl_compress.plan import CompressionPlan
@@ -87,6 +87,7 @@ class Search:
         self.writer = SearchWriter(tb_dir, purge_step) if tb_dir is not None else None
         self.tb_dir = tb_dir
         self.tracker = Tracker(self.tables, self.writer, self.progress, cfg.env.budget_bits)
+        self.anchors = Anchors()  # the incumbents of env.coef_anchor='best', shared by the envs
         self.metric_dense = metric_dense
         self.names = controller_names(cfg)
         self.refs = {n: controllers.PolicyRef() for n in ("layer_controller",
@@ -142,7 +143,11 @@ class Search:
         return {"metric_fn": self.oracle, "metric_dense": self.metric_dense,
                 "episode_hook": self.tracker}
 
-    def _make_raw_env(self, name: str) -> Any:
+    def _make_raw_env(self, name: str, anchors: Anchors | None = None) -> Any:
+        """The env controller ``name`` trains in.
+
+        Coefficient form: on ``anchors`` (default: the search's own incumbents).
+        """
         a = self.cfg.agent
         if self.coefficient:
             channel = self.refs["channel_controller"] if a.channel_controller == "learned" \
@@ -155,7 +160,8 @@ class Search:
                 layer_policy=layer, channel_policy=channel,
                 metric_fn=(lambda p, b: oracle(p)) if oracle is not None else None,
                 reference_fn=self.reference if oracle is not None else None,
-                episode_hook=self.tracker, budgets=self.cfg.env.budgets())
+                episode_hook=self.tracker, budgets=self.cfg.env.budgets(),
+                anchors=self.anchors if anchors is None else anchors)
         kw = self._env_kwargs()
         if name == "haq":
             return HAQEnv(self.tables, self.cfg, **kw)
@@ -219,7 +225,9 @@ class Search:
         Its plan is scored on the whole validation split when ``measure``.
         """
         name = self.names[0]
-        env = self._make_raw_env(name)
+        # a rollout starts from the incumbents but never moves them: its score may be on the
+        # whole split, theirs are on the training fraction
+        env = self._make_raw_env(name, Anchors(dict(self.anchors.best)))
         model = self.models[name]
         saved = (self.oracle.force, env.metric_fn) if self.oracle is not None else None
         if self.oracle is not None:

@@ -215,6 +215,7 @@ class Training:
                         models=self.models, purge_step=done or None, evaluator=ev)
         if state.get("tracker"):
             search.tracker.restore(state["tracker"])
+        search.anchors.restore(state.get("anchors", {}))
         wall0 = float(state.get("wall_seconds", 0.0))
         if search.writer is not None:
             search.writer.config(dump_config(cfg))
@@ -223,7 +224,8 @@ class Training:
             save_policy(self.policy_dir, search.models, cfg, prog.steps)
             atomic_write_json(self.policy_dir / CHECKPOINT, {
                 "steps": prog.steps, "total_steps": self.total_steps,
-                "tracker": search.tracker.state(), "metric_calls": ev.calls,
+                "tracker": search.tracker.state(), "anchors": search.anchors.state(),
+                "metric_calls": ev.calls,
                 "samples": ev.samples, "wall_seconds": wall0 + time.perf_counter() - t0})
 
         try:

@@ -46,7 +46,8 @@ def spec_of(cfg: Config) -> dict[str, Any]:
     a = cfg.agent
     coefficient = a.form == "hierarchical" and a.action == "coefficient"
     env = ({"groups": cfg.env.groups, "coef_levels": cfg.env.coef_levels,
-            "coef_span": cfg.env.coef_span} if coefficient else
+            "coef_span": cfg.env.coef_span, "coef_anchor": cfg.env.coef_anchor}
+           if coefficient else
            {"groups": cfg.env.groups, "layer_levels": cfg.env.layer_levels,
             "prune_fractions": list(cfg.env.prune_fractions)})
     layout = features.coef_layout if coefficient else features.budget_layout

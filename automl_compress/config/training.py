@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 from automl_compress.errors import ConfigError
 
+COEF_ANCHORS = ("dp", "best")
+
 
 @dataclass(frozen=True)
 class EnvConfig:
@@ -39,6 +41,9 @@ class EnvConfig:
         coef_span: the largest |log10| coefficient of the coefficient form.
         coef_proxy_weight: the coefficient form's w_step: the weight of its penalty for leaving
             the proxy optimum (envs/coef_env.py).
+        coef_anchor: what a coefficient action is relative to: 'dp' (the action is the
+            coefficient; neutral = the calibrated DP plan) or 'best' (a move from the best-scoring
+            action vector found so far; neutral = repeat it).
     """
 
     budget_bits: float = 4.0
@@ -53,6 +58,7 @@ class EnvConfig:
     coef_levels: int = 9
     coef_span: float = 1.0
     coef_proxy_weight: float = 0.1
+    coef_anchor: str = "dp"
 
     def budgets(self) -> tuple[float, ...]:
         """The budgets episodes draw from: the grid of ``budget_range``, else ``budget_bits``."""
@@ -69,6 +75,9 @@ class EnvConfig:
         if self.coef_proxy_weight < 0:
             raise ConfigError(f"env.coef_proxy_weight must be >= 0, found "
                               f"{self.coef_proxy_weight}")
+        if self.coef_anchor not in COEF_ANCHORS:
+            raise ConfigError(f"env.coef_anchor must be one of {list(COEF_ANCHORS)}, found "
+                              f"{self.coef_anchor!r}")
         if not 0.0 < self.coef_span <= 4.0:
             raise ConfigError(f"env.coef_span must be in (0, 4], found {self.coef_span}")
         r = self.budget_range

@@ -16,6 +16,14 @@ exact in-layer knapsack: every action vector gives a feasible plan within budget
 (middle) action gives exactly the calibrated DP plan. So a learned controller can only move away
 from the calibrated optimum of the proxy where the true metric disagrees with it.
 
+Anchor (``env.coef_anchor``): with 'dp' an action is the coefficient itself, so the all-neutral
+episode is the calibrated DP plan. With 'best' an action is a move from the incumbent, the
+best-scoring action vector found so far at the episode's budget (:class:`Anchors`, shared by both
+controllers' envs; the DP's until an episode scores higher): the level taken is the incumbent's
+plus ``a − neutral``, clipped to the ladder, so the all-neutral episode repeats the incumbent and a
+policy learns which moves from it pay (a learned local search). The observation carries the
+incumbent's coefficient at the decision.
+
 Budget: each episode's budget is drawn from ``budgets`` (one budget, or the grid of a
 ``--budget-range``) unless ``reset(options={"budget": B})`` names one; the observation carries it,
 so one policy serves every budget in the range.
@@ -28,13 +36,21 @@ with m the plan's validation metric (when the orchestrator measured it; else the
 m_ref(B) the calibrated DP plan's validation metric at the same budget and validation fraction,
 E the plan's objective-weighted proxy error and E_dp(B) the DP plan's (the DP minimises E, so the
 second term is a penalty for leaving the proxy optimum that the metric term must outweigh);
-w_metric = ``env.metric_reward_weight``, w_proxy = ``env.coef_proxy_weight``.
+w_metric = ``env.metric_reward_weight``, w_proxy = ``env.coef_proxy_weight``. With the 'best'
+anchor the reward is the improvement over the incumbent only,
+
+    r = w_metric · 10 · max(0, m − m_inc(B)) / |m_inc(B)|,
+
+m_inc(B) the incumbent's metric on the same fraction (m_ref(B) until one is found): a move that
+does not improve is paid 0, like repeating the incumbent, so the policy is not driven to stop
+exploring; a plan that scores higher becomes the incumbent.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import gymnasium as gym
@@ -49,7 +65,6 @@ from automl_compress.database.allocate import (
     plan_avg_bits,
     plan_error,
 )
-from automl_compress.database.knapsack import ENV_DP_CELLS
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features
 from automl_compress.envs.episode import EpisodeSummary
@@ -59,6 +74,47 @@ from automl_compress.plan import CompressionPlan
 COEF_MODES = ("layer", "channel")
 NEUTRAL = "neutral"
 Policy = Callable[[np.ndarray, np.ndarray], int]
+
+
+@dataclass(frozen=True)
+class Incumbent:
+    """The best-scoring action vector at one budget (ladder indices) and its scores."""
+
+    u: tuple[int, ...]
+    v: tuple[tuple[int, ...], ...]
+    metric: float
+    proxy_error: float
+
+
+@dataclass
+class Anchors:
+    """The incumbents of the 'best' anchor, per budget; shared by the envs of one search."""
+
+    best: dict[float, Incumbent] = field(default_factory=dict)
+
+    def get(self, budget: float) -> Incumbent | None:
+        """The incumbent at ``budget`` (None: none yet, the DP plan is the anchor)."""
+        return self.best.get(round(float(budget), 6))
+
+    def offer(self, budget: float, inc: Incumbent) -> bool:
+        """Make ``inc`` the incumbent at ``budget`` if it scores higher; whether it did."""
+        cur = self.get(budget)
+        if cur is not None and not inc.metric > cur.metric:
+            return False
+        self.best[round(float(budget), 6)] = inc
+        return True
+
+    def state(self) -> dict[str, Any]:
+        """JSON-ready data for a checkpoint."""
+        return {str(b): {"u": list(x.u), "v": [list(g) for g in x.v], "metric": x.metric,
+                         "proxy_error": x.proxy_error} for b, x in self.best.items()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Set the incumbents back from :meth:`state`'s data."""
+        self.best = {float(b): Incumbent(tuple(int(a) for a in x["u"]),
+                                         tuple(tuple(int(a) for a in g) for g in x["v"]),
+                                         float(x["metric"]), float(x["proxy_error"]))
+                     for b, x in state.items()}
 
 
 class CoefficientEnv(gym.Env):
@@ -74,6 +130,8 @@ class CoefficientEnv(gym.Env):
         reference_fn: ``budget -> m_ref``, the calibrated DP plan's metric on the same split.
         episode_hook: called with an :class:`EpisodeSummary` after every episode.
         budgets: the budgets episodes draw from (default: ``cfg.env.budget_bits``).
+        anchors: the incumbents with ``env.coef_anchor='best'`` (share one between the envs of
+            a search; default: the env's own).
 
     Raises:
         InfeasibleBudgetError: a budget below the smallest feasible one.
@@ -88,7 +146,7 @@ class CoefficientEnv(gym.Env):
         metric_fn: Callable[[CompressionPlan, float], float | None] | None = None,
         reference_fn: Callable[[float], float] | None = None,
         episode_hook: Callable[[EpisodeSummary], None] | None = None,
-        budgets: Sequence[float] | None = None,
+        budgets: Sequence[float] | None = None, anchors: Anchors | None = None,
     ) -> None:
         super().__init__()
         if mode not in COEF_MODES:
@@ -100,6 +158,8 @@ class CoefficientEnv(gym.Env):
         self.metric_fn, self.reference_fn, self.episode_hook = metric_fn, reference_fn, \
             episode_hook
         e = cfg.env
+        self.anchors = (anchors if anchors is not None else Anchors()) \
+            if e.coef_anchor == "best" else None
         self.budgets = tuple(float(b) for b in (budgets or (e.budget_bits,)))
         self.min_bits = min_feasible_avg_bits(self.tables, cfg.cost)
         for b in self.budgets:
@@ -176,18 +236,31 @@ class CoefficientEnv(gym.Env):
     def _reset_state(self, budget: float) -> None:
         L = len(self.tables)
         self.budget = budget
-        self._u = np.full(L, self.neutral, dtype=np.int64)
-        self._v = [np.full(len(g), self.neutral, dtype=np.int64) for g in self.groups]
+        inc = self.anchors.get(budget) if self.anchors is not None else None
+        if inc is None:
+            self._base_u = np.full(L, self.neutral, dtype=np.int64)
+            self._base_v = [np.full(len(g), self.neutral, dtype=np.int64) for g in self.groups]
+        else:
+            self._base_u = np.asarray(inc.u, dtype=np.int64)
+            self._base_v = [np.asarray(g, dtype=np.int64) for g in inc.v]
+        self._u = self._base_u.copy()
+        self._v = [g.copy() for g in self._base_v]
         self._l, self._j, self._phase = 0, 0, "layer"
         self._steps, self._projections, self._done = 0, 0, False
         self.summary: EpisodeSummary | None = None
 
+    def _level(self, a: int, base: int) -> int:
+        """The ladder index action ``a`` takes (a move from ``base`` with the 'best' anchor)."""
+        if self.anchors is None:
+            return a
+        return min(max(base + a - self.neutral, 0), len(self.values) - 1)
+
     def _apply(self, a: int) -> None:
         if self._phase == "layer":
-            self._u[self._l] = a
+            self._u[self._l] = self._level(a, self._base_u[self._l])
             self._phase, self._j = "group", 0
         else:
-            self._v[self._l][self._j] = a
+            self._v[self._l][self._j] = self._level(a, self._base_v[self._l][self._j])
             self._j += 1
         if self._phase == "group" and self._j >= len(self.groups[self._l]):
             self._l += 1
@@ -222,7 +295,7 @@ class CoefficientEnv(gym.Env):
             # the third item keeps this weighted layer's knapsack tables (database.knapsack),
             # starting with the curves' own DPs
             kept: dict = {}
-            self._cands[key] = (wt, layer_candidates(wt, self.cfg.cost, ENV_DP_CELLS, kept), kept)
+            self._cands[key] = (wt, layer_candidates(wt, self.cfg.cost, tables=kept), kept)
         return self._cands[key]
 
     def plan_for(self, budget: float, u: Sequence[int], v: Sequence[Sequence[int]]) \
@@ -238,8 +311,7 @@ class CoefficientEnv(gym.Env):
                 memo = self._knapsacks[key[2]] = knapsack_memo([p[2] for p in pairs])
             plan = allocate_dp([p[0] for p in pairs], budget, self.cfg.cost,
                                layer_weights=10.0 ** self.values[np.asarray(u)],
-                               candidates=[p[1] for p in pairs], max_cells=ENV_DP_CELLS,
-                               memo=memo)
+                               candidates=[p[1] for p in pairs], memo=memo)
             self._plans[key] = CompressionPlan(plan.layers, meta={"method": "rl",
                                                                   "budget_bits": budget})
         return self._plans[key]
@@ -256,12 +328,25 @@ class CoefficientEnv(gym.Env):
         plan = self.plan_for(self.budget, self._u, self._v)
         err = plan_error(plan, self.tables)
         e = self.cfg.env
-        ref_err = max(self.dp_error(self.budget), 1e-300)
-        reward = -e.coef_proxy_weight * (err - ref_err) / ref_err
         m = self.metric_fn(plan, self.budget) if self.metric_fn is not None else None
-        if m is not None and math.isfinite(m) and self.reference_fn is not None:
-            ref = self.reference_fn(self.budget)
-            reward += e.metric_reward_weight * 10.0 * (m - ref) / max(abs(ref), 1e-12)
+        measured = m is not None and math.isfinite(m) and self.reference_fn is not None
+        if self.anchors is None:
+            ref_err = max(self.dp_error(self.budget), 1e-300)
+            reward = -e.coef_proxy_weight * (err - ref_err) / ref_err
+            if measured:
+                ref = self.reference_fn(self.budget)
+                reward += e.metric_reward_weight * 10.0 * (m - ref) / max(abs(ref), 1e-12)
+        else:
+            reward = 0.0
+            if measured:
+                inc = self.anchors.get(self.budget)
+                ref = inc.metric if inc is not None else self.reference_fn(self.budget)
+                reward = e.metric_reward_weight * 10.0 * max(0.0, m - ref) / max(abs(ref), 1e-12)
+                if m > ref:
+                    self.anchors.offer(self.budget, Incumbent(
+                        tuple(int(x) for x in self._u), tuple(tuple(int(x) for x in g)
+                                                              for g in self._v),
+                        float(m), float(err)))
         self.summary = EpisodeSummary(
             plan=plan, reward=float(reward), metric=float(m) if m is not None else math.nan,
             avg_bits=plan_avg_bits(plan, self.tables, self.cfg.cost), proxy_error=err,
@@ -279,6 +364,11 @@ class CoefficientEnv(gym.Env):
         group = np.zeros(2 + self.nz)
         decided = [0.0, 0.0]
         phase = 0.0
+        anchor = [0.0]
+        if self.anchors is not None and not self._done:
+            base = (self._base_u[l_] if self._phase == "layer"
+                    else self._base_v[l_][self._j])
+            anchor = [self.values[base] / span]
         if self._phase == "group" and not self._done:
             gf = self.group_feats[l_][self._j]
             group = np.concatenate([[self._j / len(self.groups[l_])], gf])
@@ -287,4 +377,4 @@ class CoefficientEnv(gym.Env):
                 decided[1] = self.values[self._v[l_][self._j - 1]] / span
             phase = 1.0
         return self.layout.build(layer=self.static[l_], budget=budget, phase=[phase], group=group,
-                                 decided=decided)
+                                 decided=decided, anchor=anchor)

@@ -35,7 +35,7 @@ import numpy as np
 
 from automl_compress.database.tables import LayerTable
 
-FEATURE_VERSION = 2  # 2: group actions relative to the fair share
+FEATURE_VERSION = 3  # 2: group actions relative to the fair share; 3: the coefficient anchor
 OBS_CLIP = 8.0
 KINDS = ("linear", "conv1d", "conv2d")
 _TINY = 1e-30
@@ -94,11 +94,12 @@ def coef_layout(menu_bits: Sequence[int], n_patterns: int) -> ObsLayout:
 
     The layer block (layer + error curve); the budget (B / 8, (B − B_min) / 8); the phase; the group
     (position, share of rows, error curve); the decided coefficients (the layer's, the previous
-    group's).
+    group's); the anchor's coefficient at this decision (0 with the DP anchor).
     """
     nz = sum(1 for b in menu_bits if b > 0)
     return ObsLayout((("layer", _static_size(menu_bits, n_patterns)), ("budget", 2),
-                      ("phase", 1), ("group", 2 + nz), ("decided", 2)))
+                      ("phase", 1), ("group", 2 + nz), ("decided", 2),
+                      ("anchor", 1)))
 
 
 def obs_size(menu_bits: Sequence[int], n_patterns: int) -> int:

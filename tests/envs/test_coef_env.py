@@ -4,19 +4,19 @@ range is met, the budget is in the observation; the orchestrator on it."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import numpy as np
 import pytest
 from gymnasium.utils.env_checker import check_env
 from stable_baselines3.common.env_checker import check_env as sb3_check_env
-from synth import synth_config, synth_tables
+from synth import SHAPES, synth_config, synth_tables
 
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
 from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
-from automl_compress.database.knapsack import ENV_DP_CELLS
-from automl_compress.envs.coef_env import NEUTRAL, CoefficientEnv
+from automl_compress.envs.coef_env import NEUTRAL, Anchors, CoefficientEnv, Incumbent
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.search import Evaluator
 
@@ -45,11 +45,19 @@ def test_check_env_both_checkers(tables, mode):
     sb3_check_env(env, warn=False)
 
 
-def test_neutral_actions_give_the_calibrated_dp_plan(tables):
-    cfg = synth_config(3.0)
+# 600 x 64: an in-layer knapsack past the hull greedy's threshold, where at 3.3 bits the greedy's
+# curve gives another (worse) plan than the exact one
+WIDE = (*SHAPES, ("wide", "linear", 600, 64, ()))
+
+
+@pytest.mark.parametrize("shapes,budget", [(SHAPES, 3.0), (WIDE, 3.3)], ids=["small", "wide"])
+def test_neutral_actions_give_the_calibrated_dp_plan(shapes, budget):
+    # exactly the plan `compress --method dp` (and spdy's start) gives, the wide layer included
+    tables = synth_tables(0, shapes)
+    cfg = synth_config(budget)
     env = CoefficientEnv(tables, cfg, mode="layer")
     s, _ = _episode(env, lambda e: e.neutral)
-    dp = allocate_dp(tables, 3.0, cfg.cost, max_cells=ENV_DP_CELLS)
+    dp = allocate_dp(tables, budget, cfg.cost)
     assert s.plan.key() == dp.key()
     assert s.reward == pytest.approx(0.0, abs=1e-12)  # no metric: only the proxy term, 0 at DP
     assert s.proxy_error == pytest.approx(plan_error(dp, tables))
@@ -118,21 +126,96 @@ def test_plans_equal_a_fresh_dp_over_the_weighted_tables_whatever_was_solved_bef
             for g, level in zip(groups, vl, strict=True):
                 mult[g] = 10.0 ** env.values[level]
             weighted.append(LayerTable(t.info, t.bits, t.patterns, t.errors * mult[:, None, None]))
-        fresh = allocate_dp(weighted, budget, cfg.cost, layer_weights=10.0 ** env.values[u],
-                            max_cells=ENV_DP_CELLS)
+        fresh = allocate_dp(weighted, budget, cfg.cost, layer_weights=10.0 ** env.values[u])
         assert env.plan_for(budget, u, v).key() == fresh.key()
 
 
-def _cfg(**agent):
+def _best_anchor(cfg):
+    return dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, coef_anchor="best"))
+
+
+def _anchor_obs(env, obs):
+    at = 0
+    for name, n in env.layout.blocks:
+        if name == "anchor":
+            return float(obs[at])
+        at += n
+    raise AssertionError("no anchor block")
+
+
+def _fc1_bits(plan, budget=None):  # a metric that disagrees with the proxy: more bits in fc1
+    return float(np.mean(plan.layers["fc1"].row_bits))
+
+
+def test_best_anchor_moves_from_the_incumbent_and_pays_only_improvements(tables):
+    cfg = _best_anchor(synth_config(3.0))
+    probe = CoefficientEnv(tables, cfg, mode="layer")
+    n, top = probe.neutral, probe.action_space.n - 1
+    groups_n = [[n] * len(g) for g in probe.groups]
+    ref = _fc1_bits(probe.plan_for(3.0, [n] * 4, groups_n))
+    env = CoefficientEnv(tables, cfg, mode="layer", metric_fn=_fc1_bits,
+                         reference_fn=lambda b: ref)
+
+    def actions(by_layer):
+        return lambda e: by_layer.get(e._l, n)
+
+    # the neutral episode is the DP plan: no improvement, no incumbent
+    s, _ = _episode(env, actions({}))
+    assert s.reward == 0.0 and env.anchors.get(3.0) is None
+    # fc1 (layer 2) weighted 10x: more bits there, paid 10 x the relative improvement
+    s, _ = _episode(env, actions({2: top}))
+    plan2 = env.plan_for(3.0, [n, n, top, n], groups_n)
+    assert s.plan.key() == plan2.key() and s.metric > ref
+    assert s.reward == pytest.approx(10.0 * (s.metric - ref) / ref)
+    inc = env.anchors.get(3.0)
+    assert inc.u == (n, n, top, n) and inc.metric == s.metric
+    # the neutral episode now repeats the incumbent, and the observation carries it
+    obs, _ = env.reset(options={"budget": 3.0})
+    seen = []
+    while True:
+        if env._phase == "layer":
+            seen.append(_anchor_obs(env, obs))
+        obs, r, done, _, info = env.step(n)
+        if done:
+            break
+    assert info["compression"].plan.key() == plan2.key() and r == 0.0
+    assert seen == [0.0, 0.0, 1.0, 0.0]
+    # moves are relative to the incumbent and clipped to the ladder; a worse plan is paid 0 and
+    # leaves the incumbent as it is
+    s, _ = _episode(env, actions({0: n + 1, 2: n - 1, 3: top}))
+    assert s.plan.key() == env.plan_for(3.0, [n + 1, n, top - 1, top], groups_n).key()
+    assert s.reward == pytest.approx(10.0 * max(0.0, s.metric - inc.metric) / inc.metric)
+    assert (env.anchors.get(3.0) is inc) == (s.metric <= inc.metric)
+    cur = env.anchors.get(3.0)
+    assert cur.u[2] >= top - 1
+    s, _ = _episode(env, actions({2: top}))  # n + 4 from level top or top - 1 stops at the top
+    assert s.plan.key() == env.plan_for(3.0, [cur.u[0], cur.u[1], top, cur.u[3]],
+                                        [list(g) for g in cur.v]).key()
+
+
+def test_anchors_keep_the_best_per_budget_and_survive_a_checkpoint():
+    a = Anchors()
+    first = Incumbent((1, 2), ((0, 1), (2,)), 0.5, 3.0)
+    assert a.offer(3.0, first) and a.get(3.0) is first and a.get(2.5) is None
+    assert not a.offer(3.0, Incumbent((0, 0), ((0, 0), (0,)), 0.5, 1.0))  # a tie keeps the old
+    better = Incumbent((4, 4), ((3, 3), (1,)), 0.75, 2.0)
+    assert a.offer(3.0, better) and a.get(3.0) is better
+    b = Anchors()
+    b.restore(json.loads(json.dumps(a.state())))
+    assert b.best == a.best
+
+
+def _cfg(env=None, **agent):
     cfg = synth_config(3.0, budget_range=(2.5, 3.5), budget_step=0.25)
     base = {"action": "coefficient", "total_steps": 512, "n_steps": 64, "batch_size": 32,
             "n_epochs": 2, "round_steps": 128, "final_candidates": 2, "metric_fraction": 0.5}
     return dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, **{**base, **agent}),
-                               env=dataclasses.replace(cfg.env, metric_every=1))
+                               env=dataclasses.replace(cfg.env, metric_every=1, **(env or {})))
 
 
 @pytest.mark.parametrize("agent", [{}, {"channel_controller": "knapsack"},
-                                   {"layer_controller": "dp"}])
+                                   {"layer_controller": "dp"},
+                                   {"env": {"coef_anchor": "best"}}])
 def test_search_stops_at_its_evaluations_and_never_loses_to_dp(tables, agent):
     cfg = _cfg(**agent)
 
@@ -153,6 +236,28 @@ def test_search_stops_at_its_evaluations_and_never_loses_to_dp(tables, agent):
     for b in RANGE:  # the trained policy answers every budget of the range within budget
         r = s.rollout(True, b, measure=False)
         assert plan_avg_bits(r.plan, tables, cfg.cost) <= b + 1e-9
+    for b, inc in s.anchors.best.items():  # incumbents only ever beat the DP plan's score
+        assert inc.metric > s.reference(b)
+    s.close()
+
+
+def test_best_anchor_search_climbs_from_the_dp_plan_and_final_rollouts_leave_it(tables):
+    cfg = dataclasses.replace(_cfg(env={"coef_anchor": "best"}), env=dataclasses.replace(
+        _cfg(env={"coef_anchor": "best"}).env, budget_range=()))
+
+    def metric(plan, fraction):  # strongly disagrees with the proxy: fc1's bits first
+        return _fc1_bits(plan) + 0.01 * math.exp(-plan_error(plan, tables) / 800.0) + fraction
+
+    ev = Evaluator(metric, lambda f: int(round(100 * f)), budget=20.0)
+    s = Search(tables, cfg, metric_dense=1.0, progress=Progress(512), evaluator=ev)
+    s.train(10_000)
+    inc = s.anchors.get(3.0)
+    assert inc is not None and inc.metric > s.reference(3.0)
+    assert s.tracker.best.metric == inc.metric  # the incumbent is the best training plan
+    incumbents = dict(s.anchors.best)
+    best = s.finalize()
+    assert s.anchors.best == incumbents  # final rollouts (scored in full) never move them
+    assert best.metric >= metric(s.dp_plan(3.0), 1.0) and ev.spent <= 20.0 + 1e-9
     s.close()
 
 
