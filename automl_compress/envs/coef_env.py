@@ -342,7 +342,7 @@ class CoefficientEnv(gym.Env):
                 inc = self.anchors.get(self.budget)
                 ref = inc.metric if inc is not None else self.reference_fn(self.budget)
                 reward = e.metric_reward_weight * 10.0 * max(0.0, m - ref) / max(abs(ref), 1e-12)
-                if m > ref:
+                if m > ref:  # above the incumbent (or, with none yet, the DP plan)
                     self.anchors.offer(self.budget, Incumbent(
                         tuple(int(x) for x in self._u), tuple(tuple(int(x) for x in g)
                                                               for g in self._v),

@@ -242,8 +242,7 @@ def test_search_stops_at_its_evaluations_and_never_loses_to_dp(tables, agent):
 
 
 def test_best_anchor_search_climbs_from_the_dp_plan_and_final_rollouts_leave_it(tables):
-    cfg = dataclasses.replace(_cfg(env={"coef_anchor": "best"}), env=dataclasses.replace(
-        _cfg(env={"coef_anchor": "best"}).env, budget_range=()))
+    cfg = _cfg(env={"coef_anchor": "best", "budget_range": ()})
 
     def metric(plan, fraction):  # strongly disagrees with the proxy: fc1's bits first
         return _fc1_bits(plan) + 0.01 * math.exp(-plan_error(plan, tables) / 800.0) + fraction
