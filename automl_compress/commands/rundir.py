@@ -27,8 +27,26 @@ RESULT_KEYS = (
     "method", "metric_name", "metric_dense", "metric", "metric_val", "metric_dense_val",
     "budget_bits", "avg_bits", "size_bytes", "compression_ratio", "objective",
     "objective_choice", "proxy_error",
-    "evaluations", "metric_calls", "forward_samples", "corrections", "wall_seconds", "layers",
+    "evaluations", "metric_calls", "forward_samples", "corrections", "wall_seconds", "provenance",
+    "layers",
 )
+
+
+def provenance(prepared: pipeline.Prepared) -> dict[str, Any]:
+    """What, beside the config and seed, a run's numbers depend on.
+
+    The dense model's and calibration data's fingerprints (a zoo model trained in-process can
+    come out different on another CPU, whose kernels sum in another order), the solver version,
+    and the software and threads the run had. Two runs with the same config, seed and provenance
+    give the same plan (docs/benchmarks.md, "What varies a result").
+    """
+    import torch
+
+    fp = prepared.db.fingerprints
+    return {"model": fp.get("model"), "calibration": fp.get("calibration"),
+            "solver": fp.get("solver"), "torch": torch.__version__,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
 
 
 def _layer_rows(prepared: pipeline.Prepared, plan: CompressionPlan) -> list[dict[str, Any]]:
@@ -101,6 +119,7 @@ def results_dict(
             "bias_correction": cfg.eval.bias_correction, "bn_reestimate": cfg.eval.bn_reestimate,
             "chosen_on": "config"}),
         "wall_seconds": float(wall_seconds),
+        "provenance": provenance(prepared),
         "layers": _layer_rows(prepared, plan),
     }
 

@@ -59,6 +59,13 @@ def test_compress_evaluate_export_in_process(config, tmp_path, capsys):
         assert sum(layer["bits_histogram"].values()) == layer["rows"]
         assert 0.0 <= layer["sparsity"] < 1.0 and layer["error"] >= 0.0
     assert res["proxy_error"] == pytest.approx(sum(l["error"] for l in res["layers"]))
+    # provenance: the database's model fingerprint is the dense model's, and the run's threads
+    manifest = json.loads((run / "db" / "manifest.json").read_text())["fingerprints"]
+    prov = res["provenance"]
+    assert prov["model"] == manifest["model"] and len(prov["model"]) == 64
+    assert prov["calibration"] == manifest["calibration"]
+    assert prov["solver"] == manifest["solver"] and prov["torch"] == torch.__version__
+    assert prov["threads"] == torch.get_num_threads() and prov["cpu_capability"]
     plan = CompressionPlan.load(run / "plan.json")
     assert plan.meta["method"] == "dp"
     assert (run / "config.yaml").is_file()
