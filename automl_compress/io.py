@@ -1,10 +1,18 @@
-"""Atomic file writes: a reader never sees a half-written file; a crash loses nothing written."""
+"""Atomic file writes and an exclusive folder lock.
+
+A reader never sees a half-written file and a crash loses nothing written; two processes that
+would write the same files (two builds of one layer database) take turns through
+:func:`exclusive_lock` instead of overwriting each other's records.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +41,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def atomic_write_json(path: str | Path, obj: Any) -> None:
     """Atomic JSON write, indented, keys in insertion order."""
     atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def exclusive_lock(
+    path: str | Path, on_wait: Callable[[str], None] | None = None
+) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path`` (created if missing) for the ``with`` body.
+
+    If another process holds it, ``on_wait`` is called once with what the holder wrote into the
+    lock file (its pid) and this call blocks until the holder releases it (or exits: the
+    operating system drops a dead process's lock, so a killed holder never leaves it stuck).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                fh.seek(0)
+                on_wait(fh.read().strip() or "unknown")
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}\n")
+            fh.flush()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)

@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -8,7 +11,7 @@ from automl_compress.config import CostConfig
 from automl_compress.database.costs import kept_per_row, pattern_fits, row_bits
 from automl_compress.database.tables import LayerTable
 from automl_compress.errors import CorruptCacheError, InvalidInputError
-from automl_compress.io import atomic_write_json
+from automl_compress.io import atomic_write_json, exclusive_lock
 from automl_compress.plan import CompressionPlan, LayerPlan
 from automl_compress.specs import LayerInfo
 
@@ -53,6 +56,29 @@ def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_json(tmp_path / "a.json", {"x": 2})
     assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+
+
+def test_exclusive_lock_names_the_holder_and_frees_when_it_is_killed(tmp_path):
+    lock = tmp_path / "sub" / ".lock"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from automl_compress.io import exclusive_lock\n"
+         f"with exclusive_lock({str(lock)!r}):\n    print('held', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        seen = []
+
+        def on_wait(who):
+            seen.append(who)
+            holder.kill()  # the operating system drops a dead holder's lock
+
+        with exclusive_lock(lock, on_wait=on_wait):
+            assert lock.read_text().strip() == f"pid {os.getpid()}"
+        assert seen == [f"pid {holder.pid}"]
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_layer_table_error_is_a_sum_of_entries():

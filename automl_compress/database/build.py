@@ -7,7 +7,11 @@ pattern) are solved and assembled into the exact error table and the stored solu
 through the local loop or a distributed executor, and keeps the database on disk.
 
 Each finished layer is written atomically and recorded in the manifest; a killed build resumes at
-the first unfinished layer. A layer file that fails its checksum is re-solved with a warning.
+the first unfinished layer. A layer file that fails its checksum is re-solved with a warning. A
+build holds the folder's lock file from opening the manifest to marking it complete, so a second
+build of the same folder (two benchmark jobs sharing a database) waits, with a warning, and then
+finds the layers the first one wrote instead of racing it and leaving manifest records that no
+longer match the files.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ from tqdm.auto import tqdm
 from automl_compress.capture import LayerHessian, capture_hessians
 from automl_compress.config import CaptureConfig, Config
 from automl_compress.database.solve import solve_layer
-from automl_compress.database.store import LayerDatabase, LayerSolutions
+from automl_compress.database.store import BUILD_LOCK, LayerDatabase, LayerSolutions
 from automl_compress.database.tables import LayerInfo
 from automl_compress.database.work import layer_work
+from automl_compress.io import exclusive_lock
 from automl_compress.specs import Task, model_fingerprint
 
 __all__ = ["SOLVER_VERSION", "build_database", "fingerprints"]
@@ -87,7 +92,7 @@ def _forget_corrupt(db: LayerDatabase) -> None:
         if problem is not None:
             warnings.warn(
                 f"layer database: {name!r} is corrupt ({problem}); re-solving that layer",
-                stacklevel=3,
+                stacklevel=4,
             )
             db.forget_layer(name)
 
@@ -120,6 +125,18 @@ def build_database(
     Raises:
         DatabaseMismatchError: ``root`` holds a database for another model/calibration/menu/solver.
     """
+    root = Path(root)
+
+    def waiting(holder: str) -> None:
+        warnings.warn(f"layer database {str(root)!r} is being built by another process ({holder}); "
+                      "waiting for it to finish, then resuming from what it wrote", stacklevel=5)
+
+    with exclusive_lock(root / BUILD_LOCK, on_wait=waiting):
+        return _build_locked(task, cfg, root, device, progress, on_layer_done, executor)
+
+
+def _build_locked(task: Task, cfg: Config, root: Path, device: str, progress: bool,
+                  on_layer_done: Callable[[str], None] | None, executor: Any) -> LayerDatabase:
     db = LayerDatabase.create_or_resume(root, fingerprints(task, cfg))
     if db.complete and all(db.verify_layer(i.name) is None for i in db.order):
         return db

@@ -5,6 +5,7 @@ Layout of a database folder::
     manifest.json            fingerprints (model, calibration, solver, menu, capture), the planned
                              layer list, and per finished layer its file name and SHA-256
     layers/0003.safetensors  one file per finished layer, written atomically
+    .build.lock              held by the one build that may write the folder (the pid inside)
 
 A layer file holds the exact per-row error table (rows × patterns × bits), the error table of
 round-to-nearest (the ``rtn`` baseline), and compact per-row solutions for every option: uint8 grid
@@ -40,6 +41,7 @@ from automl_compress.specs import LayerInfo
 
 DB_FORMAT = 1
 MANIFEST = "manifest.json"
+BUILD_LOCK = ".build.lock"
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

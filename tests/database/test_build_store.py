@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import threading
+import warnings
 
 import numpy as np
 import pytest
@@ -13,9 +15,10 @@ from _compress_task import make_task, tiny_config
 from automl_compress.capture import capture_hessians
 from automl_compress.database.build import build_database
 from automl_compress.database.costs import kept_per_row
-from automl_compress.database.store import LayerDatabase
+from automl_compress.database.store import BUILD_LOCK, LayerDatabase
 from automl_compress.database.work import kernel_area
 from automl_compress.errors import CorruptCacheError, DatabaseMismatchError
+from automl_compress.io import exclusive_lock
 from automl_compress.specs import Pattern
 
 
@@ -143,3 +146,28 @@ def test_corrupt_layer_file_raises_on_read_and_is_rebuilt(task, tmp_path):
         db = build_database(task, cfg, root, progress=False)
     assert db.verify_layer("fc1") is None
     assert db.table("fc1").errors.shape[0] == 32
+
+
+def test_second_build_of_one_folder_waits_for_the_first(task, tmp_path):
+    # two benchmark jobs sharing a database folder once raced: each wrote its own manifest over
+    # the other's, leaving records whose checksums no longer matched the files
+    cfg = tiny_config()
+    root = tmp_path / "db"
+    outcome: dict[str, object] = {}
+
+    def second_build():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            outcome["db"] = build_database(task, cfg, root, progress=False)
+        outcome["warnings"] = [str(w.message) for w in caught]
+
+    with exclusive_lock(root / BUILD_LOCK):  # the first build, as another process would hold it
+        thread = threading.Thread(target=second_build)
+        thread.start()
+        thread.join(timeout=2.0)
+        assert thread.is_alive(), "the second build did not wait for the lock"
+        assert not (root / "manifest.json").exists()
+    thread.join()
+    db = outcome["db"]
+    assert db.complete and all(db.verify_layer(i.name) is None for i in db.order)
+    assert any("being built by another process (pid " in m for m in outcome["warnings"])
