@@ -17,6 +17,7 @@ from automl_compress.commands import apply as apply_cmd
 from automl_compress.commands import train as train_cmd
 from automl_compress.config import load_config
 from automl_compress.errors import PolicyMismatchError
+from automl_compress.io import atomic_write_json
 from automl_compress.plan import CompressionPlan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -97,6 +98,27 @@ def test_apply_from_a_folder_without_policy_is_named_error(tmp_path):
     cfg = load_config(ROOT / "configs/digits_wide.yaml")
     with pytest.raises(PolicyMismatchError, match="manifest.json"):
         apply_cmd.run(cfg, tmp_path / "x", policy_dir=tmp_path, progress=False)
+
+
+def test_resumed_anchored_train_starts_from_the_checkpoints_incumbents(train_run, tmp_path):
+    """`--resume` of an `env.coef_anchor=best` run moves from the incumbents it had found."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "db").symlink_to(train_run / "db")  # the same digits database, built once
+    args = ["train", "--config", str(ROOT / "configs/digits.yaml"), "--budget-bits", "1",
+            "--out", str(run), *_sets([*SHORT, "env.coef_anchor=best"])]
+    assert main([*args, "--total-steps", "128"]) == 0
+    ckpt = run / "policy" / "checkpoint.json"
+    state = json.loads(ckpt.read_text())
+    assert state["anchors"], "the anchored run kept no incumbent"
+    # a score no plan can reach: only an incumbent restored from the checkpoint can carry it
+    for inc in state["anchors"].values():
+        inc["metric"] = 2.0
+    atomic_write_json(ckpt, state)
+    assert main([*args, "--total-steps", "256", "--resume"]) == 0
+    resumed = json.loads(ckpt.read_text())
+    assert resumed["steps"] >= 256
+    assert resumed["anchors"] == state["anchors"]
 
 
 def test_train_rejects_bad_steps(tmp_path):
