@@ -75,14 +75,20 @@ def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.nda
     f[0] = 0.0
     choice = np.zeros((rows, cap + 1), dtype=np.int8)
     fits = [(j, int(u[j])) for j in range(n_opt) if u[j] <= cap]
-    # cand[j, t] = f[t − u_j] + e[r, j]; the first u_j entries of row j stay infinite
-    cand = np.full((n_opt, cap + 1), np.inf)
+    g, cand = np.empty(cap + 1), np.empty(cap + 1)
+    better = np.empty(cap + 1, dtype=bool)
     for r in range(rows):
+        # g[t] = min_j f[t − u_j] + e[r, j], the first best option j kept on ties (a strict
+        # improvement over the options in order; option 0 where every candidate is infinite)
+        g.fill(np.inf)
         for j, uj in fits:
-            np.add(f[: cap + 1 - uj], e[r, j], out=cand[j, uj:])
-        arg = cand.argmin(axis=0)  # the first best option, as a strict-improvement scan keeps
-        choice[r] = arg
-        f = np.take_along_axis(cand, arg[None, :], axis=0)[0]
+            n = cap + 1 - uj
+            np.add(f[:n], e[r, j], out=cand[:n])
+            np.less(cand[:n], g[uj:], out=better[:n])
+            np.copyto(g[uj:], cand[:n], where=better[:n])
+            if j:
+                np.copyto(choice[r, uj:], np.int8(j), where=better[:n])
+        f, g = g, f
     return f, choice
 
 
@@ -147,11 +153,20 @@ def _hull(e: np.ndarray, c: np.ndarray) -> _Hull:
     return _Hull(starts, sr_a[idx], st_a[idx], sdc_a[idx], sde_a[idx])
 
 
-def _hull_greedy(e: np.ndarray, c: np.ndarray, budget: float) -> np.ndarray:
-    h = _hull(e, c)
+def _kept_hull(e: np.ndarray, c: np.ndarray, pattern: str, tables: dict | None) -> _Hull:
+    """The rows' hull steps of one pattern, kept in ``tables`` (a layer's kept tables)."""
+    h = None if tables is None else tables.get(("hull", pattern))
+    if h is None:
+        h = _hull(e, c)
+        if tables is not None:
+            tables[("hull", pattern)] = h
+    return h
+
+
+def _hull_greedy(h: _Hull, c: np.ndarray, budget: float) -> np.ndarray:
     pick = h.start.copy()
     used = float(c[pick].sum())
-    blocked = np.zeros(e.shape[0], dtype=bool)
+    blocked = np.zeros(len(pick), dtype=bool)
     for r, j, dc, de in zip(h.step_row, h.step_to, h.step_dc, h.step_de, strict=True):
         if blocked[r] or de >= 0:
             continue
@@ -237,7 +252,8 @@ def knapsack_layer(
             convex-hull greedy is used (exact at hull breakpoints).
         tables: a dict the caller keeps for this layer table: the exact DP is then built once
             per pattern, as far as ``max_cells`` and :data:`KEPT_TABLE_CELLS` allow, and every
-            later budget within it is read off it (the same result as without).
+            later budget within it is read off it (the same result as without); the hull
+            greedy's steps are kept there too (under ``("hull", pattern)``).
 
     Returns:
         (rows,) int64 array of bit-widths from ``table.bits``.
@@ -252,7 +268,8 @@ def knapsack_layer(
     g, u, integer = _units(table, c)
     cap = _budget_cap(table, budget_bits, g, u)
     if not (integer and rows * (cap + 1) <= max_cells):
-        return np.asarray(table.bits, dtype=np.int64)[_hull_greedy(e, c, budget_bits)]
+        h = _kept_hull(e, c, pattern, tables)
+        return np.asarray(table.bits, dtype=np.int64)[_hull_greedy(h, c, budget_bits)]
     if tables is None:
         return _layer_knapsack(table, e, u, cap).solve(cap)
     dp = tables.get(pattern)
@@ -315,7 +332,7 @@ def layer_curve(
         costs = np.arange(cap + 1, dtype=np.float64) * g
         errs = dp.f
     else:
-        h = _hull(e, c)
+        h = _kept_hull(e, c, pattern, tables)
         costs = float(c[h.start].sum()) + np.concatenate([[0.0], np.cumsum(h.step_dc)])
         errs = float(e[np.arange(rows), h.start].sum()) + np.concatenate(
             [[0.0], np.cumsum(h.step_de)]
