@@ -48,6 +48,9 @@ from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_d
 from automl_compress.solvers.result import SolveResult
 
 DEFAULT_LAZY_RANK = 32
+# N:M without compaction queues the whole pass (no flush at all) when its pending factors,
+# rows x steps x cols, fit in this many bytes: a flush is a GEMM over every row's n x n inverse
+QUEUE_BYTES = 64 << 20
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -211,7 +214,7 @@ def exact_obs_prune(
     damp: float = DEFAULT_DAMP,
     row_batch: int | None = None,
     dtype: torch.dtype | None = None,
-    lazy_rank: int = DEFAULT_LAZY_RANK,
+    lazy_rank: int | None = None,
     active_set: bool | None = None,
 ) -> SolveResult | list[SolveResult]:
     """Prune a layer with ExactOBS (greedy OBS per row, exact inverse downdates).
@@ -229,7 +232,9 @@ def exact_obs_prune(
     :param damp: relative damping of H for the solve (errors use the undamped H).
     :param row_batch: rows per batch (default: ``numerics.auto_row_batch``).
     :param dtype: working precision (default: ``numerics.solve_dtype``).
-    :param lazy_rank: pending rank-1 downdates before one batched GEMM flush (1 = eager).
+    :param lazy_rank: pending rank-1 downdates before one batched GEMM flush (1 = eager; default
+        :data:`DEFAULT_LAZY_RANK`, or for N:M without compaction the whole pass when its queue
+        fits :data:`QUEUE_BYTES`); the result does not depend on it.
     :param active_set: drop the removed coordinates at flushes (same result; default: on, except
         N:M on the CPU, where the shorter pass does not repay the copies).
     :returns: One :class:`SolveResult` (or a list, one per requested level) with ``weight`` in W's
@@ -249,7 +254,7 @@ def exact_obs_prune(
     check_hessian(H, cols)
     if allocation not in ALLOCATIONS:
         raise InvalidInputError(f"allocation must be one of {ALLOCATIONS}, found {allocation!r}")
-    if not isinstance(lazy_rank, int) or lazy_rank < 1:
+    if lazy_rank is not None and (not isinstance(lazy_rank, int) or lazy_rank < 1):
         raise InvalidInputError(f"lazy_rank must be an int >= 1, found {lazy_rank!r}")
     perm = channel_major_perm(cols, kernel_area)
     n_m = _check_structure(cols, kernel_area, n_m, block)
@@ -280,7 +285,12 @@ def exact_obs_prune(
         for s in range(0, rows, R):
             # N:M stops at (M−N)/M of the columns: compaction does not pay for itself on the CPU
             compact = active_set if active_set is not None else dev.type == "cuda"
-            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank, compact)
+            Wb = Wk[s : s + R]
+            rank = lazy_rank or DEFAULT_LAZY_RANK
+            if lazy_rank is None and not compact and \
+                    Wb.shape[0] * steps * cols * Wb.element_size() <= QUEUE_BYTES:
+                rank = max(steps, 1)
+            inv = LazyInverse(Wb, Hinv, rank, compact, steps=steps)
             o, l_, _ = greedy_prune(inv, steps, n_m)
             orders.append(o)
             losses.append(l_)
@@ -305,7 +315,8 @@ def exact_obs_prune(
         if block is None:
             # uniform counts: snapshot the pass at each count; global: the whole curve, replayed
             steps = int(counts.max()) if uniform else cols
-            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank, active_set is not False)
+            inv = LazyInverse(Wk[s : s + R], Hinv, lazy_rank or DEFAULT_LAZY_RANK,
+                              active_set is not False, steps=steps)
             at = sorted({int(k) for k in counts[:, 0]}) if uniform else []
             o, l_, snap = greedy_prune(inv, steps, snapshots=at)
             removed = torch.zeros_like(Wk[s : s + R], dtype=torch.bool).scatter_(1, o, True)
@@ -313,7 +324,7 @@ def exact_obs_prune(
             orders.append(torch.cat([o, rest], dim=1))
             snaps.append(snap)
         else:
-            o, l_ = _block_pass(Wk[s : s + R], Hinv, c, lazy_rank)
+            o, l_ = _block_pass(Wk[s : s + R], Hinv, c, lazy_rank or DEFAULT_LAZY_RANK)
             orders.append(o)
         losses.append(l_)
     unit_losses = torch.cat(losses).cpu().double()

@@ -48,6 +48,7 @@ class LazyInverse:
         compact: bool,
         idx: torch.Tensor | None = None,
         cols: int | None = None,
+        steps: int | None = None,
     ) -> None:
         """Start from weights ``w`` (R, n) and the inverse ``Hinv`` ((n, n) shared or (R, n, n)).
 
@@ -58,6 +59,8 @@ class LazyInverse:
         :param idx: (R, n) original column of each starting slot (default 0..n−1); an index equal
             to ``cols`` marks a padding slot whose value is discarded.
         :param cols: width of ``out`` (default n).
+        :param steps: the eliminations the caller will make, when known: the downdates queued
+            by the last ones are then never applied (no later step reads them).
         """
         if rank < 1:
             raise ValueError(f"lazy rank must be >= 1, found {rank}")
@@ -76,8 +79,10 @@ class LazyInverse:
         self.closed: torch.Tensor | None = None
         self.rank = rank
         self.compact = compact
-        self.U = torch.zeros((R, rank, n), dtype=dt, device=dev)  # pending factors u_s
+        # pending factors u_s: only the first k are ever read
+        self.U = torch.empty((R, rank, n), dtype=dt, device=dev)
         self.k = 0
+        self.left = steps  # eliminations still to come (None: unknown)
         self.since = 0  # eliminations since the last compaction
         self.frac = 8
         self._arn = torch.arange(R, device=dev) * n
@@ -113,7 +118,10 @@ class LazyInverse:
         :param target: (R, 1) value the slot must take.
         :returns: ``(r, piv)``, both (R, 1): the residual ``w_p − t`` and ``[H⁻¹]_pp``; the
             step's loss is ``r² / (2·piv)``.
+        :raises ValueError: more eliminations than the ``steps`` given at construction.
         """
+        if self.k == self.rank:  # only after the last declared step, which skipped its flush
+            raise ValueError("more eliminations than the steps declared at construction")
         pc = p[:, None]
         row = self.rows(pc).squeeze(1)  # (R, n)
         piv = row.gather(1, pc)
@@ -157,7 +165,9 @@ class LazyInverse:
     def _queued(self, c: int) -> None:
         self.k += c
         self.since += c
-        if self.k == self.rank:
+        if self.left is not None:
+            self.left -= c
+        if self.k == self.rank and (self.left is None or self.left > 0):
             self.flush()
 
     def flush(self) -> None:
@@ -172,10 +182,8 @@ class LazyInverse:
             R, n = self.w.shape
             self.base = torch.baddbmm(self.base.expand(R, n, n), U.transpose(1, 2), U, alpha=-1.0)
             self.shared = False
-            U.zero_()
         else:
             self.base.baddbmm_(U.transpose(1, 2), U, alpha=-1.0)
-            U.zero_()
         self.k = 0
 
     def _compact(self, U: torch.Tensor, left: int) -> None:
@@ -196,7 +204,7 @@ class LazyInverse:
             self.closed = self.closed.gather(1, keep)
             self.diag.masked_fill_(self.closed, -1.0)
         self.fixed = torch.zeros((R, left), dtype=torch.bool, device=self.w.device)
-        self.U = torch.zeros((R, self.rank, left), dtype=self.w.dtype, device=self.w.device)
+        self.U = torch.empty((R, self.rank, left), dtype=self.w.dtype, device=self.w.device)
         self._arn = torch.arange(R, device=self.w.device) * left
         self.since = 0
 

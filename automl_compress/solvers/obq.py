@@ -141,7 +141,7 @@ def obq_quantize(
     for r1 in range(0, rows, R):
         b = slice(r1, min(r1 + R, rows))
         if keep is None:
-            inv = LazyInverse(X[b], Hinv, lazy_rank, active_set)
+            inv = LazyInverse(X[b], Hinv, lazy_rank, active_set, steps=cols)
         else:
             idx, Hs = support_inverse(prep.H, keep[b])
             pad = idx == cols
@@ -150,7 +150,8 @@ def obq_quantize(
             v = (X[b].masked_fill(keep[b], 0.0).to(torch.float64) @ prep.H).gather(1, sup)
             xs = X[b].gather(1, sup).to(torch.float64) + torch.bmm(Hs, v[:, :, None]).squeeze(2)
             xs = xs.masked_fill(pad, 0.0).to(dt)
-            inv = LazyInverse(xs, Hs.to(dt), lazy_rank, active_set, idx=idx, cols=cols)
+            inv = LazyInverse(xs, Hs.to(dt), lazy_rank, active_set, idx=idx, cols=cols,
+                              steps=xs.shape[1])
         greedy_quantize(inv, lo[b], hi[b], inv.n, outlier_rule)
         codes[b] = torch.clamp(inv.result().round(), lo[b], hi[b])
     W_hat = (s * codes).to(W.dtype)

@@ -188,7 +188,7 @@ def fast_quantize(
             U_BB = U[i1:i2, i1:i2]
             # the free set is this block and every later column: its inverse on the block
             inv = LazyInverse(Xb[:, i1:i2], (U_BB.mT @ U_BB).to(dt), min(lazy_rank, i2 - i1),
-                              False)
+                              False, steps=i2 - i1)
             greedy_quantize(inv, lo[b], hi[b], i2 - i1, True,
                             None if prune is None else prune[b, i1:i2])
             c = torch.clamp(inv.result().round(), lo[b], hi[b])

@@ -153,7 +153,7 @@ def test_allocation_is_near_the_exact_dp_optimum():
 
 
 @pytest.mark.parametrize("active_set", [False, True])
-@pytest.mark.parametrize("lazy_rank", [1, 5, 64])
+@pytest.mark.parametrize("lazy_rank", [1, 5, 64, None])
 def test_lazy_downdates_active_set_and_row_batches_keep_the_greedy_order(lazy_rank, active_set):
     W, _, H = _layer(rows=12, cols=40, seed=6)
     ref = exact_obs_prune(W, H, sparsity=0.5, lazy_rank=1, row_batch=12, active_set=False)
