@@ -30,9 +30,36 @@ MAX_DP_CELLS = 20_000_000
 # row's option of the optimum)
 ENV_DP_CELLS = 200_000
 CURVE_POINTS = 256
-# the most rows x cost-states cells (int8 choices) one kept knapsack table may hold
-# (knapsack_layer's ``tables``): 1 MiB per (layer, pattern)
-KEPT_TABLE_CELLS = 1 << 20
+# the most bytes one kept knapsack table may hold (knapsack_layer's ``tables``), its least errors
+# and its choices, stored as int8 cells or as runs along the cost axis, whichever is smaller
+KEPT_TABLE_BYTES = 2 << 20
+# the environments keep tables per group-multiplier vector, so many more of them: int8 cells only,
+# 1 MiB each
+ENV_KEPT_BYTES = 1 << 20
+
+
+class KeptTables(dict):
+    """One layer table's kept knapsack state, with the limits of what it keeps.
+
+    Exact DP tables by pattern, hull steps by ``("hull", pattern)``: the ``tables`` argument of
+    :func:`knapsack_layer` and :func:`layer_curve` (a plain dict keeps with the defaults).
+
+    Args:
+        max_bytes: the most bytes one kept item may hold.
+        runs: whether a DP table past ``max_bytes`` in int8 cells may be kept as runs
+            (:class:`ChoiceRuns`).
+    """
+
+    def __init__(self, max_bytes: int = KEPT_TABLE_BYTES, runs: bool = True) -> None:
+        super().__init__()
+        self.max_bytes, self.runs = int(max_bytes), bool(runs)
+
+
+def _limits(tables: dict) -> tuple[int, bool]:
+    """(max_bytes, runs) of a kept-tables dict."""
+    if isinstance(tables, KeptTables):
+        return tables.max_bytes, tables.runs
+    return KEPT_TABLE_BYTES, True
 
 
 def pattern_index(table: LayerTable, pattern: str) -> int:
@@ -92,7 +119,47 @@ def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.nda
     return f, choice
 
 
-def _backtrack(choice: np.ndarray, u: np.ndarray, t: int) -> np.ndarray:
+@dataclass(frozen=True)
+class ChoiceRuns:
+    """A (rows, width) table of DP choices stored as runs along the cost axis.
+
+    Row r's runs start at ``starts[offsets[r]:offsets[r + 1]]`` (ascending, the first at 0), each
+    holding one choice of ``values``. An exact DP's choices change rarely along the cost axis
+    (about 2 % of the cells of a MiniLM attention matrix's table), so the runs take a small part
+    of the cells' bytes; a lookup is one binary search in the row's runs.
+    """
+
+    offsets: np.ndarray  # (rows + 1,) int64
+    starts: np.ndarray  # (runs,) uint16 (int64 past 65,536 costs)
+    values: np.ndarray  # (runs,) int8
+
+    @classmethod
+    def of(cls, choice: np.ndarray) -> ChoiceRuns:
+        """The runs of ``choice`` (rows, width)."""
+        rows, width = choice.shape
+        change = np.ones(choice.shape, dtype=bool)
+        np.not_equal(choice[:, 1:], choice[:, :-1], out=change[:, 1:])
+        r, t = np.nonzero(change)  # row-major: by row, then by cost
+        return cls(np.searchsorted(r, np.arange(rows + 1)).astype(np.int64),
+                   t.astype(np.uint16 if width <= 1 << 16 else np.int64), choice[r, t])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """(rows,), the rows of the table."""
+        return (len(self.offsets) - 1,)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return self.offsets.nbytes + self.starts.nbytes + self.values.nbytes
+
+    def __getitem__(self, key: tuple[int, int]) -> int:
+        r, t = key
+        lo, hi = int(self.offsets[r]), int(self.offsets[r + 1])
+        return int(self.values[lo + int(np.searchsorted(self.starts[lo:hi], t, "right")) - 1])
+
+
+def _backtrack(choice: np.ndarray | ChoiceRuns, u: np.ndarray, t: int) -> np.ndarray:
     rows = choice.shape[0]
     pick = np.zeros(rows, dtype=np.int64)
     for r in range(rows - 1, -1, -1):
@@ -158,7 +225,9 @@ def _kept_hull(e: np.ndarray, c: np.ndarray, pattern: str, tables: dict | None) 
     h = None if tables is None else tables.get(("hull", pattern))
     if h is None:
         h = _hull(e, c)
-        if tables is not None:
+        size = h.start.nbytes + h.step_row.nbytes + h.step_to.nbytes + h.step_dc.nbytes \
+            + h.step_de.nbytes
+        if tables is not None and size <= _limits(tables)[0]:
             tables[("hull", pattern)] = h
     return h
 
@@ -203,12 +272,29 @@ class LayerKnapsack:
     u: np.ndarray  # (options,) cost of each option in units
     bits: np.ndarray  # (options,) bit-width of each option
     f: np.ndarray  # (cap + 1,) least error at total cost exactly t units
-    choice: np.ndarray  # (rows, cap + 1) int8 option of each row on the optimal path
+    choice: np.ndarray | ChoiceRuns  # (rows, cap + 1) int8 option of each row on the optimal path
 
     @property
     def cap(self) -> int:
         """The widest total cost the table answers, in units."""
         return len(self.f) - 1
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held (least errors and choices)."""
+        return self.f.nbytes + self.choice.nbytes
+
+    def kept(self, max_bytes: int, runs: bool) -> LayerKnapsack | None:
+        """This table with its choices in the smaller form, if it fits ``max_bytes``; else None.
+
+        Runs (:class:`ChoiceRuns`) are tried only when ``runs``.
+        """
+        dp = self
+        if dp.nbytes > max_bytes and runs and isinstance(dp.choice, np.ndarray):
+            choice_runs = ChoiceRuns.of(dp.choice)
+            if choice_runs.nbytes < dp.choice.nbytes:
+                dp = LayerKnapsack(dp.u, dp.bits, dp.f, choice_runs)
+        return dp if dp.nbytes <= max_bytes else None
 
     def solve(self, cap: int) -> np.ndarray:
         """(rows,) bit-widths of the least-error assignment costing at most ``cap`` units."""
@@ -251,9 +337,10 @@ def knapsack_layer(
         max_cells: the exact DP runs when ``rows × (budget states)`` is at most this; above it the
             convex-hull greedy is used (exact at hull breakpoints).
         tables: a dict the caller keeps for this layer table: the exact DP is then built once
-            per pattern, as far as ``max_cells`` and :data:`KEPT_TABLE_CELLS` allow, and every
-            later budget within it is read off it (the same result as without); the hull
-            greedy's steps are kept there too (under ``("hull", pattern)``).
+            per pattern, as far as ``max_cells`` and the dict's byte limit (a
+            :class:`KeptTables`; a plain dict: :data:`KEPT_TABLE_BYTES`) allow, and every later
+            budget within it is read off it (the same result as without); the hull greedy's
+            steps are kept there too (under ``("hull", pattern)``).
 
     Returns:
         (rows,) int64 array of bit-widths from ``table.bits``.
@@ -277,8 +364,9 @@ def knapsack_layer(
         # as wide as asked the first time; at least twice as wide at every rebuild
         widest = min(rows * int(u.max()), max_cells // rows - 1)
         dp = _layer_knapsack(table, e, u, max(cap, min(2 * dp.cap if dp else 0, widest)))
-        if dp.choice.size <= KEPT_TABLE_CELLS:
-            tables[pattern] = dp
+        kept = dp.kept(*_limits(tables))
+        if kept is not None:
+            tables[pattern] = dp = kept
     return dp.solve(cap)
 
 
@@ -316,7 +404,7 @@ def layer_curve(
 
     Every returned point (bits, error) is reached by :func:`knapsack_layer` at that budget with an
     error no larger than the one listed. ``tables``: as for :func:`knapsack_layer`; the curve's
-    exact DP is kept there (when it fits :data:`KEPT_TABLE_CELLS`) for later budgets.
+    exact DP is kept there (when it fits the dict's byte limit) for later budgets.
 
     Returns:
         (costs, errors): ascending total row bits and descending errors.
@@ -327,8 +415,9 @@ def layer_curve(
     cap = rows * int(u.max())
     if integer and rows * (cap + 1) <= max_cells:
         dp = _layer_knapsack(table, e, u, cap)
-        if tables is not None and dp.choice.size <= KEPT_TABLE_CELLS:
-            tables[pattern] = dp
+        kept = dp.kept(*_limits(tables)) if tables is not None else None
+        if kept is not None:
+            tables[pattern] = kept
         costs = np.arange(cap + 1, dtype=np.float64) * g
         errs = dp.f
     else:

@@ -65,6 +65,7 @@ from automl_compress.database.allocate import (
     plan_avg_bits,
     plan_error,
 )
+from automl_compress.database.knapsack import ENV_KEPT_BYTES, KeptTables
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs import features
 from automl_compress.envs.episode import EpisodeSummary
@@ -293,8 +294,8 @@ class CoefficientEnv(gym.Env):
                 mult[g] = 10.0 ** self.values[level]
             wt = LayerTable(t.info, t.bits, t.patterns, t.errors * mult[:, None, None])
             # the third item keeps this weighted layer's knapsack tables (database.knapsack),
-            # starting with the curves' own DPs
-            kept: dict = {}
+            # starting with the curves' own DPs; one set per multiplier vector, so small ones
+            kept = KeptTables(ENV_KEPT_BYTES, runs=False)
             self._cands[key] = (wt, layer_candidates(wt, self.cfg.cost, tables=kept), kept)
         return self._cands[key]
 

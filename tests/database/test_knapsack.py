@@ -79,16 +79,19 @@ def test_hull_mode_stays_within_budget_and_is_exact_at_breakpoints():
     assert t.error_of("dense", hull) >= t.error_of("dense", knapsack_layer(t, "dense", mid)) - 1e-9
 
 
+@pytest.mark.parametrize("runs", [True, False])
 @pytest.mark.parametrize("max_cells", [10**9, 2_000, 0])
-def test_kept_tables_answer_every_budget_as_a_fresh_knapsack(max_cells, monkeypatch):
+def test_kept_tables_answer_every_budget_as_a_fresh_knapsack(max_cells, runs, monkeypatch):
     # one kept DP table per pattern answers later budgets (up and down, past its width too)
-    # with exactly the assignment a fresh knapsack gives; tables wider than the cap are not kept;
-    # past max_cells the hull greedy's steps are kept instead, with the same assignments
+    # with exactly the assignment a fresh knapsack gives; tables past the byte cap in int8 cells
+    # are kept as runs when those fit, else not kept; past max_cells the hull greedy's steps are
+    # kept instead, with the same assignments
     import automl_compress.database.knapsack as ks
 
-    monkeypatch.setattr(ks, "KEPT_TABLE_CELLS", 3_000)
+    monkeypatch.setattr(ks, "KEPT_TABLE_BYTES", 2_000)
     t = random_table(rows=12, cols=32, seed=5)
-    kept: dict = {}
+    # a plain dict keeps with the defaults; KeptTables sets its own limits (the envs': no runs)
+    kept: dict = {} if runs else ks.KeptTables(2_000, runs=False)
     rng = np.random.default_rng(0)
     for pattern in ("dense", "50%"):
         c = t.option_bits()[t.patterns.index(pattern)]
@@ -98,8 +101,10 @@ def test_kept_tables_answer_every_budget_as_a_fresh_knapsack(max_cells, monkeypa
             again = knapsack_layer(t, pattern, budget, max_cells=max_cells, tables=kept)
             assert again.tolist() == fresh.tolist()
     dps = {k: v for k, v in kept.items() if isinstance(k, str)}
-    assert all(dp.choice.size <= 3_000 for dp in dps.values())
+    assert all(dp.nbytes <= 2_000 for dp in dps.values())
     assert bool(dps) == (max_cells > 0)
+    if max_cells == 10**9:  # the widest tables fit only as runs
+        assert any(isinstance(dp.choice, ks.ChoiceRuns) for dp in dps.values()) == runs
     assert (("hull", "dense") in kept) == (max_cells == 0)
     # the curve's own DP, kept by layer_curve, answers budgets the same way
     small = random_table(rows=6, cols=16, seed=6)
@@ -111,6 +116,23 @@ def test_kept_tables_answer_every_budget_as_a_fresh_knapsack(max_cells, monkeypa
         fresh = knapsack_layer(small, "dense", budget, max_cells=max_cells)
         again = knapsack_layer(small, "dense", budget, max_cells=max_cells, tables=from_curve)
         assert again.tolist() == fresh.tolist()
+
+
+@pytest.mark.parametrize("width", [300, 70_000])
+def test_choice_runs_read_back_every_cell(width):
+    # the run-length form of a choice table gives every cell's value (uint16 starts up to 65,536
+    # costs, int64 past them)
+    from automl_compress.database.knapsack import ChoiceRuns
+
+    rng = np.random.default_rng(width)
+    choice = np.repeat(rng.integers(0, 5, size=(3, width // 10 + 1)), 10, axis=1)[:, :width]
+    choice[1] = 2  # a row of one run
+    choice = choice.astype(np.int8)
+    runs = ChoiceRuns.of(choice)
+    assert runs.shape == (3,) and runs.nbytes < choice.nbytes
+    for r in range(3):
+        for t in [0, width - 1, *rng.integers(0, width, 200).tolist()]:
+            assert runs[r, t] == choice[r, t]
 
 
 def test_knapsack_infeasible_budget_names_the_minimum():
