@@ -42,12 +42,11 @@ from automl_compress.solvers.hessian import (
     prepare_hessian,
     row_errors,
 )
-from automl_compress.solvers.lazy_inverse import LazyInverse
+from automl_compress.solvers.lazy_inverse import DEFAULT_LAZY_RANK, LazyInverse
 from automl_compress.solvers.lstsq import masked_solve
 from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_dtype
 from automl_compress.solvers.result import SolveResult
 
-DEFAULT_LAZY_RANK = 32
 # N:M without compaction queues the whole pass (no flush at all) when its pending factors,
 # rows x steps x cols, fit in this many bytes: a flush is a GEMM over every row's n x n inverse
 QUEUE_BYTES = 64 << 20

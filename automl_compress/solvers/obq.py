@@ -37,13 +37,10 @@ from automl_compress.solvers.hessian import (
     row_errors,
     support_inverse,
 )
-from automl_compress.solvers.lazy_inverse import LazyInverse
+from automl_compress.solvers.lazy_inverse import DEFAULT_LAZY_RANK, LazyInverse
 from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_dtype
 from automl_compress.solvers.quantizer import GridSpec, fit_grid
 from automl_compress.solvers.result import SolveResult
-
-#: Pending downdates per GEMM flush (bench/solvers.py: 32 is best from 256 to 1536 columns).
-DEFAULT_LAZY_RANK = 32
 
 
 def greedy_quantize(
