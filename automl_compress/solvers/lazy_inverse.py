@@ -27,8 +27,8 @@ from __future__ import annotations
 import torch
 
 # pending downdates per flush by default: with compaction every max(rank, n/8) steps, rank 64
-# halves the compactions at 256 columns against 32 (about 30 % faster OBQ and ExactOBS passes
-# there on one core, the same from 512 up; docs/solvers.md §9.1)
+# halves the compactions at 256 columns against 32 (OBQ and ExactOBS passes 20–23 % faster there
+# on one core under the default malloc, about the same from 512 up; docs/solvers.md §9.1)
 DEFAULT_LAZY_RANK = 64
 
 
