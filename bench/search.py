@@ -9,7 +9,10 @@ Methods (``--methods``):
 
 - ``dp``: the calibrated DP (the warm start of everything else);
 - ``evo``, ``spdy``: the true-metric searches (docs/objectives.md);
-- ``rl-coef``: the hierarchy on the coefficient action (both controllers learned);
+- ``rl-coef``: the default ``train``: the hierarchy on the coefficient action (both controllers
+  learned), moves from the incumbent (``env.coef_anchor=best``);
+- ``rl-coef-dp``: the default until 2026-12-06: coefficients relative to the DP plan
+  (``env.coef_anchor=dp``, ``agent.neutral_prior=2``, ``agent.metric_fraction=0.5``);
 - ``rl-coef-knapsack``: coefficient action, learned layer controller, neutral channel multipliers;
 - ``rl-budget``, ``rl-budget-knapsack``: the budget action (layer budget levels + per-group
   widths / the exact knapsack);
@@ -49,6 +52,8 @@ from automl_compress.io import atomic_write_json
 
 LEARNED = {
     "rl-coef": {"form": "hierarchical", "action": "coefficient"},
+    "rl-coef-dp": {"form": "hierarchical", "action": "coefficient", "neutral_prior": 2.0,
+                   "metric_fraction": 0.5, "env": {"coef_anchor": "dp"}},
     "rl-coef-knapsack": {"form": "hierarchical", "action": "coefficient",
                          "channel_controller": "knapsack"},
     "rl-budget": {"form": "hierarchical", "action": "budget"},
@@ -66,9 +71,13 @@ STEPS_PER_EVALUATION = 400
 
 
 def _with(cfg: Config, budget: float, seed: int, env: dict | None = None, **agent: Any) -> Config:
+    """``cfg`` at this budget and seed with env and agent overrides.
+
+    A method's own ``env`` entry (``LEARNED``) is merged under ``env``.
+    """
+    env = {**agent.pop("env", {}), **(env or {})}
     return dataclasses.replace(
-        cfg, seed=seed, env=dataclasses.replace(cfg.env, budget_bits=float(budget),
-                                                **(env or {})),
+        cfg, seed=seed, env=dataclasses.replace(cfg.env, budget_bits=float(budget), **env),
         agent=dataclasses.replace(cfg.agent, **agent))
 
 
@@ -166,6 +175,9 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
             # the objective and corrections the range run chose, as `apply` reads them from the
             # policy's manifest; every budget's rollout is scored under them
             chosen = prepared.cfg
+            # `apply` starts from no incumbent (env.coef_anchor=best): its rollouts move from the
+            # DP plan, not from the plans this run found at the grid's budgets
+            search.anchors.best.clear()
             zero, checked = {}, {}
             for b in grid:
                 prepared.cfg = _with(chosen, b, s, {"budget_range": (lo, hi)})

@@ -50,16 +50,19 @@ def test_check_env_both_checkers(tables, mode):
 WIDE = (*SHAPES, ("wide", "linear", 600, 64, ()))
 
 
+@pytest.mark.parametrize("anchor", ["best", "dp"])
 @pytest.mark.parametrize("shapes,budget", [(SHAPES, 3.0), (WIDE, 3.3)], ids=["small", "wide"])
-def test_neutral_actions_give_the_calibrated_dp_plan(shapes, budget):
-    # exactly the plan `compress --method dp` (and spdy's start) gives, the wide layer included
+def test_neutral_actions_give_the_calibrated_dp_plan(shapes, budget, anchor):
+    # exactly the plan `compress --method dp` (and spdy's start) gives, the wide layer included;
+    # with the 'best' anchor as long as no plan has scored above it
     tables = synth_tables(0, shapes)
-    cfg = synth_config(budget)
+    cfg = synth_config(budget, coef_anchor=anchor)
     env = CoefficientEnv(tables, cfg, mode="layer")
     s, _ = _episode(env, lambda e: e.neutral)
     dp = allocate_dp(tables, budget, cfg.cost)
     assert s.plan.key() == dp.key()
-    assert s.reward == pytest.approx(0.0, abs=1e-12)  # no metric: only the proxy term, 0 at DP
+    # no metric: 'dp' pays only its proxy term, 0 at the DP plan; 'best' pays nothing
+    assert s.reward == pytest.approx(0.0, abs=1e-12)
     assert s.proxy_error == pytest.approx(plan_error(dp, tables))
 
 
@@ -215,7 +218,7 @@ def _cfg(env=None, **agent):
 
 @pytest.mark.parametrize("agent", [{}, {"channel_controller": "knapsack"},
                                    {"layer_controller": "dp"},
-                                   {"env": {"coef_anchor": "best"}}])
+                                   {"env": {"coef_anchor": "dp"}}])
 def test_search_stops_at_its_evaluations_and_never_loses_to_dp(tables, agent):
     cfg = _cfg(**agent)
 
