@@ -312,7 +312,8 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
     """Read a trained policy and fit the target config to it.
 
     Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the statistics corrections
-    the policy's training run chose. A budget outside the policy's trained range warns.
+    the policy's training run chose. A budget outside the policy's trained range warns, and so
+    does a zero-shot rollout on another model than the policy's without ``check_dp``.
 
     Args:
         cfg: the resolved config of the target model (its menu and env spec must match the
@@ -358,6 +359,12 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
         warnings.warn(f"--budget-bits {cfg.env.budget_bits:g} is outside the range the policy "
                       f"was trained for ({rng[0]:g}-{rng[1]:g}); the plan is an extrapolation",
                       stacklevel=2)
+    family = manifest.get("model_family")
+    if zero_shot and not check_dp and family not in (None, cfg.task.name):
+        warnings.warn(f"a zero-shot rollout of a policy trained on {family!r} is applied to "
+                      f"{cfg.task.name!r} unchecked: on another model its moves can fall far "
+                      "below the DP plan (docs/benchmarks.md §3, Transfer); pass --check-dp to "
+                      "keep the better of the two on validation (2 evaluations)", stacklevel=2)
     return PolicySource(pdir, manifest, cfg, zero_shot, check_dp)
 
 

@@ -7,11 +7,13 @@ short search; the database of each run is built once per module.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from automl_compress.agents import run as agent_run
 from automl_compress.cli import main
 from automl_compress.commands import apply as apply_cmd
 from automl_compress.commands import train as train_cmd
@@ -76,6 +78,7 @@ def test_train_tensorboard_tags(train_run):
         assert any(t.startswith("train/") for t in acc.Tags()["scalars"]), run
 
 
+@pytest.mark.filterwarnings("ignore:a zero-shot rollout of a policy")
 def test_apply_on_the_wider_sibling(train_run, tmp_path):
     cfg = load_config(ROOT / "configs/digits_wide.yaml", ["env.budget_bits=3.0"])
     out = tmp_path / "wide"
@@ -86,6 +89,18 @@ def test_apply_on_the_wider_sibling(train_run, tmp_path):
     assert res["metric"] > 0.5  # the wide digits CNN stays a working classifier at 3 bits
     assert json.loads((train_run / "results.json").read_text())["layers"][0]["rows"] < \
         res["layers"][0]["rows"]
+
+
+def test_unchecked_zero_shot_on_another_model_warns_to_check_dp(train_run):
+    wide = load_config(ROOT / "configs/digits_wide.yaml", ["env.budget_bits=3.0"])
+    with pytest.warns(UserWarning, match="--check-dp"):
+        agent_run.open_policy(wide, train_run)
+    same = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=3.0"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        agent_run.open_policy(wide, train_run, check_dp=True)
+        agent_run.open_policy(wide, train_run, evaluations=8)
+        agent_run.open_policy(same, train_run)
 
 
 def test_apply_with_an_incompatible_menu_is_named_error(train_run, tmp_path):
