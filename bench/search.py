@@ -177,7 +177,7 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
             chosen = prepared.cfg
             # `apply` starts from no incumbent (env.coef_anchor=best): its rollouts move from the
             # DP plan, not from the plans this run found at the grid's budgets
-            search.anchors.best.clear()
+            search.anchors.clear()
             zero, checked = {}, {}
             for b in grid:
                 prepared.cfg = _with(chosen, b, s, {"budget_range": (lo, hi)})

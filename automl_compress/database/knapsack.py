@@ -177,6 +177,12 @@ class _Hull:
     step_dc: np.ndarray
     step_de: np.ndarray
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes held."""
+        return sum(a.nbytes for a in (self.start, self.step_row, self.step_to, self.step_dc,
+                                      self.step_de))
+
 
 def _hull(e: np.ndarray, c: np.ndarray) -> _Hull:
     rows, _ = e.shape
@@ -225,9 +231,7 @@ def _kept_hull(e: np.ndarray, c: np.ndarray, pattern: str, tables: dict | None) 
     h = None if tables is None else tables.get(("hull", pattern))
     if h is None:
         h = _hull(e, c)
-        size = h.start.nbytes + h.step_row.nbytes + h.step_to.nbytes + h.step_dc.nbytes \
-            + h.step_de.nbytes
-        if tables is not None and size <= _limits(tables)[0]:
+        if tables is not None and h.nbytes <= _limits(tables)[0]:
             tables[("hull", pattern)] = h
     return h
 
