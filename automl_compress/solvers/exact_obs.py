@@ -48,8 +48,11 @@ from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_d
 from automl_compress.solvers.result import SolveResult
 
 # N:M without compaction queues the whole pass (no flush at all) when its pending factors,
-# rows x steps x cols, fit in this many bytes: a flush is a GEMM over every row's n x n inverse
-QUEUE_BYTES = 64 << 20
+# rows x steps x cols, fit in this many bytes: a flush is a GEMM over every row's n x n inverse,
+# while the queue is read once per step, so it pays while it stays in the last-level cache; the
+# row batch shrinks to fit it, down to QUEUE_MIN_ROWS rows (docs/solvers.md §9.1)
+QUEUE_BYTES = 16 << 20
+QUEUE_MIN_ROWS = 8
 ALLOCATIONS = ("global", "uniform")
 
 
@@ -167,6 +170,19 @@ def _block_pass(
     return order, losses
 
 
+def _queue_row_batch(R: int, row_bytes: int, chosen: Sequence[object]) -> int:
+    """Rows per batch for a pass that may queue all its downdates (``row_bytes`` of queue a row).
+
+    The queue is read once per step, so the batch shrinks until it fits :data:`QUEUE_BYTES`,
+    unless that leaves fewer than :data:`QUEUE_MIN_ROWS` rows (the pass then flushes), or a
+    caller set anything in ``chosen`` (the row batch, the lazy rank, compaction).
+    """
+    fit = QUEUE_BYTES // max(1, row_bytes)
+    if any(c is not None for c in chosen) or fit < QUEUE_MIN_ROWS:
+        return R
+    return min(R, fit)
+
+
 def _as_levels(sparsity: float | Sequence[float]) -> tuple[list[float], bool]:
     if isinstance(sparsity, (list, tuple)):
         if not sparsity:
@@ -280,10 +296,12 @@ def exact_obs_prune(
     if n_m is not None:
         n, m = n_m
         steps = (cols // m) * (m - n)
+        # N:M stops at (M−N)/M of the columns: compaction does not pay for itself on the CPU
+        compact = active_set if active_set is not None else dev.type == "cuda"
+        R = _queue_row_batch(R, steps * cols * Wk.element_size(),
+                             chosen=(row_batch, lazy_rank, compact or None))
         orders, losses, outs = [], [], []
         for s in range(0, rows, R):
-            # N:M stops at (M−N)/M of the columns: compaction does not pay for itself on the CPU
-            compact = active_set if active_set is not None else dev.type == "cuda"
             Wb = Wk[s : s + R]
             rank = lazy_rank or DEFAULT_LAZY_RANK
             if lazy_rank is None and not compact and \

@@ -196,10 +196,14 @@ class LazyInverse:
         order = torch.argsort(self.fixed.to(torch.int8), dim=1, stable=True)  # free slots first
         gone, keep = order[:, left:], order[:, :left]
         self.out.scatter_(1, self.idx.gather(1, gone), self.w.gather(1, gone))
-        rows = self._stored_rows(keep).view(R, left, n)
-        base = rows.gather(2, keep[:, None, :].expand(R, left, left))
+        if self.w.device.type == "cpu":
+            flat = self._compact_rows(keep)
+        else:  # one batched gather: a loop over rows would be one kernel launch per row
+            rows = self._stored_rows(keep).view(R, left, n)
+            flat = rows.gather(2, keep[:, None, :].expand(R, left, left)).view(-1)
         Uk = U.gather(2, keep[:, None, :].expand(R, self.k, left))
-        self.base = base.baddbmm_(Uk.transpose(1, 2), Uk, alpha=-1.0)
+        self.base = flat[: R * left * left].view(R, left, left).baddbmm_(
+            Uk.transpose(1, 2), Uk, alpha=-1.0)
         self.shared = False
         self.w = self.w.gather(1, keep)
         self.idx = self.idx.gather(1, keep)
@@ -209,9 +213,27 @@ class LazyInverse:
             self.closed = self.closed.gather(1, keep)
             self.diag.masked_fill_(self.closed, -1.0)
         self.fixed = torch.zeros((R, left), dtype=torch.bool, device=self.w.device)
-        self.U = torch.empty((R, self.rank, left), dtype=self.w.dtype, device=self.w.device)
+        self.U = self.U.view(-1)[: R * self.rank * left].view(R, self.rank, left)
         self._arn = torch.arange(R, device=self.w.device) * left
         self.since = 0
+
+    def _compact_rows(self, keep: torch.Tensor) -> torch.Tensor:
+        """The kept R × left × left blocks, flat, built one row at a time on the CPU.
+
+        Row r's block is written at r·left² onwards, before row r+1's old block at (r+1)·n² ≥
+        (r+1)·left², so once the R copies exist they are compacted in place: cache-sized pieces
+        and no fresh R × left × left buffer (whose page faults cost more than the copy).
+        """
+        R, left = keep.shape
+        n = self.n
+        flat = torch.empty(R * left * left, dtype=self.w.dtype) if self.shared \
+            else self.base.view(-1)
+        tmp = torch.empty((left, n), dtype=self.w.dtype)
+        for r in range(R):
+            torch.index_select(self.base if self.shared else self.base[r], 0, keep[r], out=tmp)
+            torch.index_select(tmp, 1, keep[r], out=flat[r * left * left : (r + 1) * left * left]
+                               .view(left, left))
+        return flat
 
     def original(self, p: torch.Tensor) -> torch.Tensor:
         """(R,) original columns of the active slots ``p`` (R,)."""

@@ -5,10 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-#: Bytes of (cols, cols) matrices one CPU row batch may hold. The greedy solvers touch their
-#: stacked inverses once per flush, so a batch that stays in the last-level cache runs at cache
-#: speed; bench/solvers.py measured 16–32 MiB best on the project's machine.
-CPU_BATCH_BYTES = 24 * 2**20
+#: Bytes of (cols, cols) matrices one CPU row batch may hold. Every greedy step costs ~20 small
+#: tensor operations per batch, so larger batches spread that overhead over more rows; since the
+#: compaction works in place (``lazy_inverse``), 64 MiB beat 24 MiB at 256–1024 columns under
+#: either malloc setting (docs/solvers.md §9.1).
+CPU_BATCH_BYTES = 64 * 2**20
 #: Fewest rows per CPU batch: every greedy step costs ~20 small tensor operations per batch, so
 #: tiny batches are bound by the per-operation overhead, whatever their memory ...
 CPU_MIN_ROWS = 16
