@@ -82,8 +82,9 @@ class Search:
         a = cfg.agent
         self.coefficient = a.form == "hierarchical" and a.action == "coefficient"
         every = 1 if self.coefficient else cfg.env.metric_every
+        self._dp_plans: dict[float, CompressionPlan] = {}
         self.oracle = None if evaluator is None else MetricOracle(
-            evaluator, every, a.metric_fraction, reserve=a.final_candidates + 1)
+            evaluator, every, a.metric_fraction, reserve=self._final_reserve)
         self.writer = SearchWriter(tb_dir, purge_step) if tb_dir is not None else None
         self.tb_dir = tb_dir
         self.tracker = Tracker(self.tables, self.writer, self.progress, cfg.env.budget_bits)
@@ -123,8 +124,29 @@ class Search:
         v = self.oracle.measure(self.dp_plan(budget), self.oracle.fraction)
         return float(v) if v is not None else self.metric_dense
 
+    def _final_reserve(self) -> float:
+        """Full passes :meth:`finalize` may still spend: its candidates not yet scored in full.
+
+        The deterministic rollout is counted as new; the pool's plans and the DP plan are free
+        once scored on the whole split (``agent.metric_fraction = 1``); each missing pool entry
+        is a sampled rollout.
+        """
+        assert self.oracle is not None
+        fc = self.cfg.agent.final_candidates
+        budget = self.cfg.env.budget_bits
+        pool = self.tracker.pools.get(round(budget, 6), [])[: fc - 1]
+        known = self.oracle.evaluator.known
+        new = 1 + sum(known(x.plan) is None for x in pool) + (fc - 1 - len(pool))
+        return float(new + (known(self.dp_plan(budget)) is None))
+
     def dp_plan(self, budget: float) -> CompressionPlan:
         """The calibrated DP plan at ``budget`` (as the controllers' neutral action gives it)."""
+        key = round(budget, 6)
+        if key not in self._dp_plans:
+            self._dp_plans[key] = self._dp_plan(budget)
+        return self._dp_plans[key]
+
+    def _dp_plan(self, budget: float) -> CompressionPlan:
         if self.coefficient:
             env = self._reference_env()
             n = env.neutral

@@ -14,7 +14,7 @@ The training loop that uses them is :class:`~automl_compress.agents.hierarchical
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,13 +35,15 @@ class MetricOracle:
         evaluator: the counting, caching validation scorer.
         every: score every this many new plans (1 = every episode).
         fraction: the share of the validation split a training episode is scored on.
-        reserve: full validation passes kept back for the final candidates.
+        reserve: full validation passes kept back for the final candidates, or a function
+            giving them (asked whenever the room for one more score is checked).
     """
 
     def __init__(self, evaluator: Evaluator, every: int = 1, fraction: float = 1.0,
-                 reserve: float = 0.0) -> None:
+                 reserve: float | Callable[[], float] = 0.0) -> None:
         self.evaluator, self.every = evaluator, int(every)
-        self.fraction, self.reserve = float(fraction), float(reserve)
+        self.fraction = float(fraction)
+        self.reserve = reserve if callable(reserve) else float(reserve)
         self.calls = 0
         self.force = False
         self.exhausted = False
@@ -58,8 +60,10 @@ class MetricOracle:
 
     def _room(self, fraction: float) -> bool:
         b = self.evaluator.budget
-        return b is None or self.evaluator.spent + self.evaluator.cost(fraction) \
-            <= b - self.reserve + 1e-9
+        if b is None:
+            return True
+        reserve = self.reserve() if callable(self.reserve) else self.reserve
+        return self.evaluator.spent + self.evaluator.cost(fraction) <= b - reserve + 1e-9
 
     def __call__(self, plan: CompressionPlan) -> float | None:
         """A training episode's score on ``fraction`` of the split.

@@ -246,6 +246,23 @@ def test_search_stops_at_its_evaluations_and_never_loses_to_dp(tables, agent):
     s.close()
 
 
+def test_search_on_the_whole_split_keeps_back_only_what_its_final_candidates_spend(tables):
+    # scored on the whole split, the pool's plans and the DP plan are already known: finalize
+    # needs at most the deterministic rollout's pass, so the run ends within one of its budget
+    cfg = _cfg(metric_fraction=1.0, env={"coef_anchor": "best", "budget_range": ()})
+
+    def metric(plan, fraction):
+        return _fc1_bits(plan) + 0.01 * math.exp(-plan_error(plan, tables) / 800.0)
+
+    ev = Evaluator(metric, lambda f: int(round(100 * f)), budget=20.0)
+    s = Search(tables, cfg, metric_dense=1.0, progress=Progress(512), evaluator=ev)
+    s.train(10_000)
+    assert s.exhausted()
+    s.finalize()
+    assert 19.0 - 1e-9 <= ev.spent <= 20.0 + 1e-9
+    s.close()
+
+
 def test_best_anchor_search_climbs_from_the_dp_plan_and_final_rollouts_leave_it(tables):
     cfg = _cfg(env={"coef_anchor": "best", "budget_range": ()})
 
