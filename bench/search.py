@@ -175,9 +175,9 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
             # the objective and corrections the range run chose, as `apply` reads them from the
             # policy's manifest; every budget's rollout is scored under them
             chosen = prepared.cfg
-            # `apply` starts from no incumbent (env.coef_anchor=best): its rollouts move from the
-            # DP plan, not from the plans this run found at the grid's budgets
-            search.anchors.clear()
+            # zero-shot rollouts start from this run's incumbents, as `apply` on the same model
+            # does (agents/run.py policy_incumbents): from the best plan it found at a budget of
+            # the grid, from the DP plan at a budget it never visited
             zero, checked = {}, {}
             for b in grid:
                 prepared.cfg = _with(chosen, b, s, {"budget_range": (lo, hi)})

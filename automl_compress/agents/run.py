@@ -15,6 +15,7 @@ controllers' envs read.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import time
@@ -132,6 +133,35 @@ def _training_budget(evaluations: float | None, calibration: dict[str, Any]) -> 
     return left
 
 
+def incumbent_key(prepared: pipeline.Prepared) -> str:
+    """What a run's incumbents mean: its database, objective and statistics corrections.
+
+    An incumbent is a vector of ladder indices over the objective-weighted tables with a score
+    under the corrections, so it is the same plan with the same score only where all three match.
+    """
+    cfg = prepared.cfg
+    blob = json.dumps({"db": prepared.db.fingerprints,
+                       "objective": pipeline.objective_spec(cfg).relevant(),
+                       "eval": [cfg.eval.bias_correction, cfg.eval.bn_reestimate]},
+                      sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def policy_incumbents(folder: Path, prepared: pipeline.Prepared) -> dict[str, Any]:
+    """The incumbents a policy's training run left, where they mean the same plans here.
+
+    Empty when the run left none (no checkpoint, another anchor) or trained on another database,
+    objective or corrections (:func:`incumbent_key`).
+    """
+    path = folder / CHECKPOINT
+    if not path.is_file():
+        return {}
+    state = json.loads(path.read_text())
+    if state.get("incumbent_key") != incumbent_key(prepared):
+        return {}
+    return dict(state.get("anchors", {}))
+
+
 def _calibrate_at_budget(prepared: pipeline.Prepared) -> dict[str, Any]:
     """Check the budget once, then choose the objective and the corrections there.
 
@@ -225,7 +255,7 @@ class Training:
             atomic_write_json(self.policy_dir / CHECKPOINT, {
                 "steps": prog.steps, "total_steps": self.total_steps,
                 "tracker": search.tracker.state(), "anchors": search.anchors.state(),
-                "metric_calls": ev.calls,
+                "incumbent_key": incumbent_key(prepared), "metric_calls": ev.calls,
                 "samples": ev.samples, "wall_seconds": wall0 + time.perf_counter() - t0})
 
         try:
@@ -413,6 +443,10 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
     except ValueError as exc:
         raise PolicyMismatchError(f"the policy's spaces do not fit this model's env: {exc}") \
             from None
+    # zero-shot on the model the policy was trained on: its rollouts move from the plans that
+    # run found (the incumbents at its budgets), not from the DP plan
+    incumbents = policy_incumbents(source.folder, prepared) if zero_shot else {}
+    search.anchors.restore(incumbents)
     try:
         if search.writer is not None:
             search.writer.config(dump_config(cfg))
@@ -430,6 +464,7 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
              "policy_model_family": source.manifest.get("model_family"),
              "finetune_steps": int(finetune_steps), "zero_shot": zero_shot,
              "checked_against_dp": bool(zero_shot and source.check_dp),
+             "incumbent_start": search.anchors.get(cfg.env.budget_bits) is not None,
              "env_steps": prog.steps if not zero_shot else 0,
              "episodes": search.tracker.episodes, "form": cfg.agent.form,
              "action": cfg.agent.action}

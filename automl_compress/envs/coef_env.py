@@ -105,10 +105,6 @@ class Anchors:
         self.best[round(float(budget), 6)] = inc
         return True
 
-    def clear(self) -> None:
-        """Forget every incumbent: the DP plan is the anchor again at every budget."""
-        self.best.clear()
-
     def state(self) -> dict[str, Any]:
         """JSON-ready data for a checkpoint."""
         return {str(b): {"u": list(x.u), "v": [list(g) for g in x.v], "metric": x.metric,

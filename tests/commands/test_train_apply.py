@@ -136,6 +136,42 @@ def test_resumed_anchored_train_starts_from_the_checkpoints_incumbents(train_run
     assert resumed["anchors"] == state["anchors"]
 
 
+def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_run, tmp_path):
+    """`apply` on the policy's own database, objective and corrections starts from its plans."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "db").symlink_to(train_run / "db")
+    assert main(["train", "--config", str(ROOT / "configs/digits.yaml"), "--budget-bits", "1",
+                 "--out", str(run), "--total-steps", "128", *_sets(SHORT)]) == 0
+    ckpt = run / "policy" / "checkpoint.json"
+    state = json.loads(ckpt.read_text())
+    assert state["anchors"], "the run kept no incumbent"
+    # an incumbent far from the DP plan: the first layer least important, the others most
+    top = json.loads((run / "policy/manifest.json").read_text())["env"]["coef_levels"] - 1
+    for inc in state["anchors"].values():
+        inc["u"] = [0] + [top] * (len(inc["u"]) - 1)
+    atomic_write_json(ckpt, state)
+    cfg = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=1.0"])
+
+    def apply(name):
+        out = tmp_path / name
+        out.mkdir()
+        (out / "db").symlink_to(train_run / "db")
+        assert apply_cmd.run(cfg, out, policy_dir=run, progress=False) == 0
+        return (json.loads((out / "results.json").read_text()),
+                CompressionPlan.load(out / "plan.json"))
+
+    res, plan = apply("same")
+    assert res["zero_shot"] is True and res["incumbent_start"] is True
+    # the incumbents of another database, objective or corrections mean other plans: unused
+    state["incumbent_key"] = "another"
+    atomic_write_json(ckpt, state)
+    other, dp_start = apply("other")
+    assert other["incumbent_start"] is False
+    first = next(iter(plan.layers))
+    assert plan.layers[first].row_bits != dp_start.layers[first].row_bits
+
+
 def test_train_rejects_bad_steps(tmp_path):
     from automl_compress.errors import ConfigError
 
