@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -101,11 +102,41 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _status_mib(field: str) -> float | None:
+    """A /proc/self/status memory field (VmRSS, VmHWM) in MiB, or None off Linux."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's peak resident set (VmHWM) to its current size (Linux ≥ 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
 def run(fn, W, H, device: str, repeats: int):
-    """(results of the last run, median seconds, peak MiB or None)."""
+    """(results of the last run, median seconds, peak MiB or None).
+
+    On the CPU the peak is the resident memory the warm-up call adds above the process before it
+    (VmHWM after − VmRSS before; later calls reuse what malloc kept), after a one-row call has
+    paid the first-call costs (imports); on CUDA the peak allocated memory of the timed calls.
+    """
+    if device == "cpu":
+        fn(W[:1], H)
+    cpu_peak = device == "cpu" and _reset_peak_rss()
+    before = _status_mib("VmRSS") if cpu_peak else None
     fn(W, H)  # warm-up
+    after = _status_mib("VmHWM") if cpu_peak else None
     times = []
-    peak = None
+    peak = max(after - before, 0.0) if after is not None and before is not None else None
     for _ in range(repeats):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
