@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from automl_compress.errors import HessianNotPSDError
+from automl_compress.solvers.numerics import restricted
 
 DEFAULT_DAMP = 0.01
 
@@ -109,11 +110,9 @@ def support_inverse(H: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, 
     order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]
     valid = keep.gather(1, order)
     idx = torch.where(valid, order, torch.full_like(order, cols))
-    Hd = H.to(torch.float64)
-    A = Hd[order[:, :, None], order[:, None, :]]
-    vm = valid.to(torch.float64)
-    A = A * (vm[:, :, None] * vm[:, None, :]) + torch.diag_embed(1.0 - vm)
-    L, info = torch.linalg.cholesky_ex(A)
+    A = restricted(H.to(torch.float64), order, valid)
+    L, info = torch.linalg.cholesky_ex(A, out=(A, torch.empty(R, dtype=torch.int32,
+                                                               device=A.device)))
     if bool((info != 0).any()):
         raise HessianNotPSDError(
             "H restricted to a row's kept weights is not positive definite even after damping; "

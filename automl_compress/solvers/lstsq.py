@@ -19,7 +19,7 @@ import torch
 from automl_compress.errors import HessianNotPSDError, ShapeMismatchError
 from automl_compress.solvers.checks import check_hessian, check_weight
 from automl_compress.solvers.hessian import DEFAULT_DAMP, prepare_hessian, row_errors
-from automl_compress.solvers.numerics import auto_row_batch, solve_dtype
+from automl_compress.solvers.numerics import auto_row_batch, restricted, solve_dtype
 from automl_compress.solvers.result import SolveResult
 from automl_compress.solvers.sweep import column_sweep
 
@@ -44,18 +44,6 @@ def _padded_support(mask: torch.Tensor, which: bool, m: int) -> tuple[torch.Tens
     idx = torch.argsort(key, dim=1, stable=True)[:, :m]
     valid = torch.gather(mask == which, 1, idx)
     return idx, valid
-
-
-def _restricted(M: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """``M[idx][:, idx]`` per row (n, m, m), identity on padded rows and columns."""
-    n, m = idx.shape
-    A = M.index_select(0, idx.reshape(-1)).view(n, m, -1).gather(2, idx[:, None, :].expand(n, m, m))
-    if bool(valid.all()):
-        return A
-    vm = valid.to(M.dtype)
-    A.mul_(vm[:, :, None]).mul_(vm[:, None, :])
-    A.diagonal(dim1=1, dim2=2).add_(1.0 - vm)
-    return A
 
 
 def masked_solve(
@@ -119,7 +107,7 @@ def masked_solve(
             uniq = uniq.bool()
             if form:
                 sup, valid = _padded_support(uniq, True, max(s, 1))
-                U = _cholesky_batched(_restricted(H, sup, valid), "H restricted to a row's support",
+                U = _cholesky_batched(restricted(H, sup, valid), "H restricted to a row's support",
                                       upper=True)
                 sup, valid = sup[inv], valid[inv]
                 b = torch.gather(HW[part], 1, sup) * valid
@@ -128,7 +116,7 @@ def masked_solve(
                 res.scatter_add_(1, sup, v * valid)
             else:
                 drop, valid = _padded_support(uniq, False, s)
-                U = _cholesky_batched(_restricted(Hinv, drop, valid), "H⁻¹ on the pruned set",
+                U = _cholesky_batched(restricted(Hinv, drop, valid), "H⁻¹ on the pruned set",
                                       upper=True)
                 drop, valid = drop[inv], valid[inv]
                 w = W[idx_rows]

@@ -56,3 +56,20 @@ def row_argmax(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.dtype not in (torch.float32, torch.float64) or x.requires_grad:
         return x.argmax(1)
     return torch.from_numpy(x.numpy().argmax(1).astype(np.int64, copy=False))
+
+
+def restricted(M: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``M[idx][:, idx]`` per row (n, m, m), identity on padded rows and columns.
+
+    :param M: (cols, cols) matrix.
+    :param idx: (n, m) column indices of every row, padded (any index) where ``valid`` is False.
+    :param valid: (n, m) bool, the real slots.
+    """
+    n, m = idx.shape
+    A = M.index_select(0, idx.reshape(-1)).view(n, m, -1).gather(2, idx[:, None, :].expand(n, m, m))
+    if bool(valid.all()):
+        return A
+    vm = valid.to(M.dtype)
+    A.mul_(vm[:, :, None]).mul_(vm[:, None, :])
+    A.diagonal(dim1=1, dim2=2).add_(1.0 - vm)
+    return A

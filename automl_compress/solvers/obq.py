@@ -133,7 +133,10 @@ def obq_quantize(
     keep = None if mask is None else mask.to(device=W.device, dtype=torch.bool)
     Hinv = inverse_hessian(prep).to(dt) if keep is None else None
     width = cols if keep is None else int(keep.sum(1).max()) if rows else 0  # per-row matrix size
-    R = row_batch or auto_row_batch(rows, max(width, 1), dt, W.device)
+    # with a mask every row's support inverse is built in float64 (support_inverse) beside the
+    # working copy: about four float32 (width, width) matrices a row at the peak
+    R = row_batch or auto_row_batch(rows, max(width, 1), dt, W.device,
+                                    copies=1 if keep is None else 4)
     codes = torch.empty_like(X)
     for r1 in range(0, rows, R):
         b = slice(r1, min(r1 + R, rows))
