@@ -58,7 +58,8 @@ class LazyInverse:
         """Start from weights ``w`` (R, n) and the inverse ``Hinv`` ((n, n) shared or (R, n, n)).
 
         :param w: working weights, any float dtype; copied.
-        :param Hinv: inverse of the damped H over the n starting coordinates, w's dtype.
+        :param Hinv: inverse of the damped H over the n starting coordinates, w's dtype; a
+            stacked (R, n, n) one is taken over and overwritten (flushes, compactions).
         :param rank: pending downdates before one GEMM applies them (1 = eager).
         :param compact: drop fixed coordinates at flushes (the active set).
         :param idx: (R, n) original column of each starting slot (default 0..n−1); an index equal
