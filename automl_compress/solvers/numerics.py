@@ -66,7 +66,8 @@ def restricted(M: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor) -> torch
     :param valid: (n, m) bool, the real slots.
     """
     n, m = idx.shape
-    A = M.index_select(0, idx.reshape(-1)).view(n, m, -1).gather(2, idx[:, None, :].expand(n, m, m))
+    A = M.index_select(0, idx.reshape(-1)).view(n, m, M.shape[1])
+    A = A.gather(2, idx[:, None, :].expand(n, m, m))
     if bool(valid.all()):
         return A
     vm = valid.to(M.dtype)

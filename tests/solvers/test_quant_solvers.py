@@ -220,6 +220,18 @@ def test_obq_with_mask_keeps_zeros_and_beats_rtn_on_the_mask(make_layer):
     assert err_obq < err_rtn
 
 
+def test_obq_with_a_mask_that_prunes_whole_rows_or_everything(make_layer):
+    L = make_layer(6, 16, seed=8)
+    none = obq_quantize(L.W, L.H, 4, mask=torch.zeros_like(L.W, dtype=torch.bool))
+    assert torch.all(none.weight == 0)
+    keep = torch.ones_like(L.W, dtype=torch.bool)
+    keep[2] = False  # one row pruned whole, the others dense
+    some = obq_quantize(L.W, L.H, 4, mask=keep)
+    dense = obq_quantize(L.W, L.H, 4)
+    assert torch.all(some.weight[2] == 0)
+    assert torch.allclose(some.weight[keep[:, 0]], dense.weight[keep[:, 0]], atol=1e-6)
+
+
 def test_obq_with_mask_is_the_greedy_on_each_rows_support(make_layer):
     """Rows with different supports (one keeps a single weight) are each the naive greedy on
     their own kept weights, started from the least-squares optimum on that support."""
