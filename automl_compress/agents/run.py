@@ -247,6 +247,7 @@ class Training:
             search.tracker.restore(state["tracker"])
         search.anchors.restore(state.get("anchors", {}))
         wall0 = float(state.get("wall_seconds", 0.0))
+        key = incumbent_key(prepared)  # the corrections and objective are chosen by now
         if search.writer is not None:
             search.writer.config(dump_config(cfg))
 
@@ -255,7 +256,7 @@ class Training:
             atomic_write_json(self.policy_dir / CHECKPOINT, {
                 "steps": prog.steps, "total_steps": self.total_steps,
                 "tracker": search.tracker.state(), "anchors": search.anchors.state(),
-                "incumbent_key": incumbent_key(prepared), "metric_calls": ev.calls,
+                "incumbent_key": key, "metric_calls": ev.calls,
                 "samples": ev.samples, "wall_seconds": wall0 + time.perf_counter() - t0})
 
         try:
