@@ -15,6 +15,7 @@ Algorithms (no RL maths here, SB3 does it):
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,20 @@ def make_ppo(env: Any, acfg: AgentConfig, seed: int):
         ent_coef=0.01, seed=seed, verbose=0, device="cpu",
         policy_kwargs={"net_arch": list(NET_ARCH)},
     )
+
+
+def moves_bonus(decisions: int, levels: int, moves: float) -> float:
+    """The neutral action's logit bonus under which ``moves`` of ``decisions`` move on average.
+
+    With every other logit equal, a decision leaves the neutral action with probability
+    ``p = (levels − 1) / (levels − 1 + e^b)``; ``decisions · p = moves`` gives
+    ``b = ln((levels − 1)(decisions / moves − 1))``. The bonus is never below 0 (the uniform
+    policy), so asking for more moves than it makes gives 0.
+    """
+    if decisions < 1 or levels < 2 or moves <= 0:
+        raise ValueError(f"need decisions >= 1, levels >= 2 and moves > 0, found {decisions}, "
+                         f"{levels}, {moves}")
+    return math.log(max(1.0, (levels - 1) * (decisions / moves - 1.0)))
 
 
 def favour_action(model: Any, action: int, bonus: float) -> None:

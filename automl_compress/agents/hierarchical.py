@@ -106,12 +106,25 @@ class Search:
                 m = controllers.make_ppo(self.envs[n], cfg.agent, cfg.seed + i)
                 if self.coefficient:
                     controllers.favour_action(m, self._reference_env().neutral,
-                                              cfg.agent.neutral_prior)
+                                              self._initial_bonus(n))
             if tb_dir is not None:
                 m.set_logger(sb3_logger(tb_dir, n))
             self.models[n] = m
             if n in self.refs:
                 self.refs[n].model = m
+
+    def _initial_bonus(self, name: str) -> float:
+        """A new coefficient controller's logit bonus on the neutral action (docs/env.md §4).
+
+        The layer controller's is set so that it moves ``agent.layer_moves`` of the episode's
+        layer decisions on average, whatever the depth; the channel controller's (and the layer
+        controller's when ``layer_moves`` is None) is ``agent.neutral_prior``.
+        """
+        a = self.cfg.agent
+        if name != "layer_controller" or a.layer_moves is None:
+            return a.neutral_prior
+        return controllers.moves_bonus(len(self.tables), self.cfg.env.coef_levels,
+                                       a.layer_moves)
 
     # ---------------------------------------------------------------------------------------
 

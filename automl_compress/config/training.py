@@ -134,10 +134,16 @@ class AgentConfig:
         metric_fraction: the share of the validation split each training episode is scored on
             (the final candidates are scored on all of it); 1 by default, so that an incumbent
             (``env.coef_anchor='best'``) is judged on the split the final plan is chosen on.
-        neutral_prior: action='coefficient': the initial policies' logit bonus for the neutral
-            coefficient (0), so that training starts around the anchor instead of uniformly
-            random coefficients (4: about 87 % of the initial probability on "keep" with 9
-            levels, so an episode moves a few coefficients, as SPDY's steps do).
+        neutral_prior: action='coefficient': the initial channel controller's logit bonus for
+            the neutral coefficient (0), so that training starts around the anchor instead of
+            uniformly random coefficients (4: about 87 % of the initial probability on "keep"
+            with 9 levels).
+        layer_moves: action='coefficient': the layer decisions the initial layer controller
+            moves away from the anchor per episode on average, whatever the model's depth (its
+            neutral bonus is set to give this; 1: one coefficient an episode, as SPDY's local
+            search ends up moving); None gives the layer controller ``neutral_prior`` as well
+            (the previous default: 4 on every
+            depth).
         total_steps: environment steps of training at most, all controllers together (training
             also ends when its evaluations are spent).
         n_steps: rollout length per PPO update.
@@ -164,6 +170,7 @@ class AgentConfig:
     final_candidates: int = 4
     metric_fraction: float = 1.0
     neutral_prior: float = 4.0
+    layer_moves: float | None = 1.0
 
     def __post_init__(self) -> None:
         choices = {
@@ -193,5 +200,7 @@ class AgentConfig:
         if not 0.0 < self.metric_fraction <= 1.0:
             raise ConfigError(f"agent.metric_fraction must be in (0, 1], found "
                               f"{self.metric_fraction}")
+        if self.layer_moves is not None and not self.layer_moves > 0.0:
+            raise ConfigError(f"agent.layer_moves must be > 0, found {self.layer_moves}")
         if not 0.0 < self.learning_rate < 1.0:
             raise ConfigError(f"agent.learning_rate must be in (0, 1), found {self.learning_rate}")

@@ -192,3 +192,42 @@ def test_final_candidates_measured_as_one_batch_match_one_by_one():
     oracle = MetricOracle(Evaluator(score, lambda f: 1, budget=3, score_many=many))
     assert oracle.measure_many(plans) == expected == [2.0, 3.0, 2.0, 4.0, None]
     assert batches == [3] and oracle.evaluator.calls == one.evaluator.calls == 3
+
+
+@pytest.mark.parametrize("moves", [0.5, 2.0])
+def test_a_new_layer_controller_moves_layer_moves_coefficients_an_episode(tables, moves):
+    import torch
+
+    cfg = _cfg(layer_moves=moves)
+    s = _search(cfg, tables)
+    levels = cfg.env.coef_levels
+    neutral = (levels - 1) // 2
+
+    def p_neutral(name):
+        env = s.envs[name]
+        obs, _ = env.reset(seed=0)
+        model = s.models[name]
+        o = torch.as_tensor(np.asarray(obs)[None], dtype=torch.float32)
+        mask = np.ones((1, levels), dtype=bool)
+        with torch.no_grad():
+            probs = model.policy.get_distribution(o, action_masks=mask).distribution.probs
+        return float(probs[0, neutral])
+
+    # the initial action net adds logits of about 0.01 to the bias: a few percent off at most
+    expected = len(tables) * (1.0 - p_neutral("layer_controller"))
+    assert expected == pytest.approx(moves, rel=0.05)
+    bonus = cfg.agent.neutral_prior
+    assert p_neutral("channel_controller") == pytest.approx(
+        math.exp(bonus) / (math.exp(bonus) + levels - 1), rel=0.02)
+    s.close()
+
+
+def test_layer_moves_bonus_is_never_below_the_uniform_policy():
+    from automl_compress.agents.controllers import moves_bonus
+
+    assert moves_bonus(36, 9, 1.0) == pytest.approx(math.log(8 * 35))
+    assert moves_bonus(1, 9, 1.0) == 0.0  # one decision: it cannot move less than uniformly
+    with pytest.raises(ValueError, match="moves > 0"):
+        moves_bonus(5, 9, 0.0)
+    with pytest.raises(ConfigError, match="agent.layer_moves"):
+        load_config(None, ["agent.layer_moves=0"])
