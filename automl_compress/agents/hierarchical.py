@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from stable_baselines3.common.monitor import Monitor
 
 from automl_compress.agents import controllers
@@ -95,6 +96,7 @@ class Search:
                                                           "channel_controller")}
         self.envs = {n: self._make_env(n) for n in self.names}
         models = models or {}
+        self._fresh = not models  # new controllers: a run that starts, not a fine-tune
         self.models: dict[str, Any] = {}
         for i, n in enumerate(self.names):
             if n in models:
@@ -240,6 +242,8 @@ class Search:
         """
         cb = StepCallback(self.progress, self.cfg.agent.checkpoint_every, checkpoint,
                           stop=self.exhausted)
+        if self._fresh and self.progress.steps == 0:
+            self.warm_up(self.cfg.agent.warmup_episodes)
         for name, n in self.schedule(self.progress.steps, total_steps):
             target = self.progress.steps + n
             while self.progress.steps < target and not self.exhausted():
@@ -250,6 +254,29 @@ class Search:
                 checkpoint()
             if self.exhausted():
                 break
+
+    def warm_up(self, episodes: int) -> None:
+        """``episodes`` layer-controller episodes of uniformly random allowed actions.
+
+        Coefficient form with a learned layer controller only. From the DP plan (the incumbent
+        until an episode scores higher) a uniform action is a uniform level on the ladder for
+        every layer: SPDY's random starting vectors. The episodes go through the same env as
+        training (scored, tracked, the incumbent moved when one scores higher) and count as
+        steps; no model learns from them.
+        """
+        if not self.coefficient or "layer_controller" not in self.models or episodes < 1:
+            return
+        env = self._make_raw_env("layer_controller")
+        rng = np.random.default_rng(self.cfg.seed)
+        for i in range(episodes):
+            if self.exhausted():
+                return
+            env.reset(seed=self.cfg.seed + i)
+            done = False
+            while not done:
+                action = int(rng.choice(np.flatnonzero(env.action_masks())))
+                _, _, done, _, _ = env.step(action)
+                self.progress.advance()
 
     # ---------------------------------------------------------------------------------------
 

@@ -144,6 +144,12 @@ class AgentConfig:
             search ends up moving); None gives the layer controller ``neutral_prior`` as well
             (the previous default: 4 on every
             depth).
+        warmup_episodes: action='coefficient' with a learned layer controller: episodes of
+            uniformly random layer moves from the incumbent before a new run's training (SPDY's
+            random starting vectors), each scored like any episode and kept as the incumbent
+            when it scores higher; the controllers do not learn from them (they are not drawn
+            from the policy). A fine-tune or a resumed run has none. 0 by default: 8 gave no
+            gain at 64 evaluations (docs/benchmarks.md §2, "Random starts").
         total_steps: environment steps of training at most, all controllers together (training
             also ends when its evaluations are spent).
         n_steps: rollout length per PPO update.
@@ -171,6 +177,7 @@ class AgentConfig:
     metric_fraction: float = 1.0
     neutral_prior: float = 4.0
     layer_moves: float | None = 1.0
+    warmup_episodes: int = 0
 
     def __post_init__(self) -> None:
         choices = {
@@ -200,6 +207,9 @@ class AgentConfig:
         if not 0.0 < self.metric_fraction <= 1.0:
             raise ConfigError(f"agent.metric_fraction must be in (0, 1], found "
                               f"{self.metric_fraction}")
+        if self.warmup_episodes < 0:
+            raise ConfigError(f"agent.warmup_episodes must be >= 0, found "
+                              f"{self.warmup_episodes}")
         if self.layer_moves is not None and not self.layer_moves > 0.0:
             raise ConfigError(f"agent.layer_moves must be > 0, found {self.layer_moves}")
         if not 0.0 < self.learning_rate < 1.0:

@@ -231,3 +231,34 @@ def test_layer_moves_bonus_is_never_below_the_uniform_policy():
         moves_bonus(5, 9, 0.0)
     with pytest.raises(ConfigError, match="agent.layer_moves"):
         load_config(None, ["agent.layer_moves=0"])
+
+
+def test_warm_up_scores_random_episodes_before_training_and_no_model_learns_from_them(tables):
+    import torch
+
+    cfg = _cfg(warmup_episodes=3)
+    s = _search(cfg, tables)
+    before = {n: [p.detach().clone() for p in m.policy.parameters()]
+              for n, m in s.models.items()}
+    s.warm_up(cfg.agent.warmup_episodes)
+    assert s.tracker.episodes == 3
+    assert s.progress.steps == 3 * len(tables)  # one layer decision a step
+    # the DP reference and the random plans, each new one scored once
+    assert s.oracle.evaluator.spent >= 3
+    for n, m in s.models.items():
+        assert all(torch.equal(a, b) for a, b in zip(before[n], m.policy.parameters(),
+                                                      strict=True))
+    s.close()
+
+
+def test_a_fresh_run_warms_up_and_a_fine_tune_does_not(tables):
+    cfg = _cfg(warmup_episodes=2)
+    s = _search(cfg, tables)
+    s.train(1)  # the warm-up's 2 episodes pass the 1 step asked for: no PPO rollout after
+    assert s.tracker.episodes == 2 and s.progress.steps == 2 * len(tables)
+    models = dict(s.models)
+    s.close()
+    t = _search(cfg, tables, models=models)  # a fine-tune of the same controllers
+    t.train(1)
+    assert t.progress.steps == cfg.agent.n_steps  # one PPO rollout, no warm-up before it
+    t.close()
