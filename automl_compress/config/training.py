@@ -142,8 +142,7 @@ class AgentConfig:
             moves away from the anchor per episode on average, whatever the model's depth (its
             neutral bonus is set to give this; 1: one coefficient an episode, as SPDY's local
             search ends up moving); None gives the layer controller ``neutral_prior`` as well
-            (the previous default: 4 on every
-            depth).
+            (the previous default: 4 at every depth).
         warmup_episodes: action='coefficient' with a learned layer controller: episodes of
             uniformly random layer moves from the incumbent before a new run's training (SPDY's
             random starting vectors), each scored like any episode and kept as the incumbent
