@@ -22,10 +22,16 @@ from automl_compress.plan import CompressionPlan
 SEARCH_RUN = "search"
 
 
-def sb3_logger(tb_dir: str | Path, run: str):
-    """An SB3 logger writing TensorBoard events into ``tb_dir/run`` (e.g. 'layer_controller')."""
-    from stable_baselines3.common.logger import configure
+def sb3_logger(tb_dir: str | Path | None, run: str):
+    """An SB3 logger writing TensorBoard events into ``tb_dir/run`` (e.g. 'layer_controller').
 
+    With ``tb_dir`` None, a logger that writes nothing: a model without a logger of its own gets
+    a fresh empty ``SB3-<time>`` folder in the system's temp directory from every ``learn`` call.
+    """
+    from stable_baselines3.common.logger import Logger, configure
+
+    if tb_dir is None:
+        return Logger(folder=None, output_formats=[])
     return configure(str(Path(tb_dir) / run), ["tensorboard"])
 
 

@@ -109,8 +109,7 @@ class Search:
                 if self.coefficient:
                     controllers.favour_action(m, self._reference_env().neutral,
                                               self._initial_bonus(n))
-            if tb_dir is not None:
-                m.set_logger(sb3_logger(tb_dir, n))
+            m.set_logger(sb3_logger(tb_dir, n))
             self.models[n] = m
             if n in self.refs:
                 self.refs[n].model = m
@@ -349,6 +348,5 @@ class Search:
         """Close the TensorBoard writer and the controllers' loggers."""
         if self.writer is not None:
             self.writer.close()
-        if self.tb_dir is not None:
-            for m in self.models.values():
-                m.logger.close()
+        for m in self.models.values():
+            m.logger.close()

@@ -262,3 +262,15 @@ def test_a_fresh_run_warms_up_and_a_fine_tune_does_not(tables):
     t.train(1)
     assert t.progress.steps == cfg.agent.n_steps  # one PPO rollout, no warm-up before it
     t.close()
+
+
+@pytest.mark.parametrize("agent", [{"form": "hierarchical"}, {"form": "haq"}])
+def test_training_without_tensorboard_leaves_no_folders_in_the_temp_dir(tables, agent,
+                                                                         tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    s = _search(_cfg(total_steps=128, round_steps=64, **agent), tables)
+    s.train(128)
+    s.close()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("SB3-")] == []
