@@ -223,8 +223,10 @@ def compress(prepared: Prepared, method: str, budget_bits: float,
                           f"give at least {chosen + 1}")
     res = search(prepared, method, budget_bits, left)
     spend = res.spend.as_dict()
-    return res.plan, {"metric_val": res.metric_val, "start_val": res.start_val,
-                      "evaluations": spend["evaluations"] + chosen,
-                      "metric_calls": spend["metric_calls"] + chosen,
-                      "forward_samples": spend["forward_samples"], **spent,
-                      "history": res.history}
+    sel = {"metric_val": res.metric_val, "start_val": res.start_val,
+           "evaluations": spend["evaluations"] + chosen,
+           "metric_calls": spend["metric_calls"] + chosen,
+           "forward_samples": spend["forward_samples"], **spent, "history": res.history}
+    if res.coefficients is not None:
+        sel["coefficients"] = list(res.coefficients)
+    return res.plan, sel

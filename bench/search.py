@@ -28,7 +28,10 @@ Usage (databases under OUT/db_<task>, results resumed from OUT/search_<task>.jso
 
 ``--range LOW HIGH`` instead trains one budget-conditioned policy per seed with E evaluations and
 compares its zero-shot plans at every budget of the grid (as they are, and checked against the
-DP plan on validation, ``apply --check-dp``) with dedicated runs there.
+DP plan on validation, ``apply --check-dp``) with dedicated runs there, and with two plain
+searches that spend the same E in all: spdy with E evaluations at the range's middle budget, its
+coefficients re-planned at every budget of the grid without a new evaluation (``spdy-reused``),
+and spdy at every budget of the grid with E / (grid size) evaluations each (``spdy-split``).
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from automl_compress.agents.tracking import MetricOracle
 from automl_compress.config import Config, load_config
 from automl_compress.database.allocate import plan_avg_bits
 from automl_compress.io import atomic_write_json
+from automl_compress.search.spdy import coefficient_plan
 
 LEARNED = {
     "rl-coef": {"form": "hierarchical", "action": "coefficient"},
@@ -196,6 +200,10 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                                      "corrections": dataclasses.asdict(chosen.eval),
                                      "objective": chosen.alloc.objective}
             atomic_write_json(path, result)
+        if f"spdy-reuse/{s}" not in result["runs"]:
+            result["runs"][f"spdy-reuse/{s}"] = spdy_reused(prepared, _with(base, mid, s), grid,
+                                                            evaluations)
+            atomic_write_json(path, result)
         for b in grid:
             label = f"dedicated/{b:g}/{s}"
             if label not in result["runs"]:
@@ -203,6 +211,11 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                                       float(evaluations))
                 search.close()
                 result["runs"][label] = row
+                atomic_write_json(path, result)
+            label = f"spdy-split/{b:g}/{s}"
+            if label not in result["runs"]:
+                result["runs"][label] = non_learned(prepared, _with(base, b, s), "spdy",
+                                                    evaluations // len(grid))
                 atomic_write_json(path, result)
             if f"dp/{b:g}" not in result["runs"]:
                 result["runs"][f"dp/{b:g}"] = non_learned(prepared, _with(base, b, 0), "dp",
@@ -214,11 +227,35 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
     return result
 
 
+def spdy_reused(prepared: pipeline.Prepared, cfg: Config, grid: list[float],
+                evaluations: int) -> dict[str, Any]:
+    """spdy at ``cfg``'s budget, then its coefficients re-planned at every budget of ``grid``.
+
+    The re-plans spend no evaluation; they are scored under the objective and corrections the
+    search chose, as the range policy's zero-shot plans are under its own.
+    """
+    t0 = time.perf_counter()
+    prepared.cfg = cfg
+    plan, sel = selection.compress(prepared, "spdy", cfg.env.budget_bits, float(evaluations))
+    searched = _row(prepared, plan, sel, t0)
+    chosen = prepared.cfg
+    reused = {}
+    for b in grid:
+        t0 = time.perf_counter()
+        prepared.cfg = _with(chosen, b, cfg.seed)
+        p = coefficient_plan(prepared.tables, b, sel["coefficients"], chosen.cost)
+        reused[f"{b:g}"] = _row(prepared, p, {"evaluations": 0.0}, t0)
+    return {"searched": searched, "reused": reused, "coefficients": sel["coefficients"],
+            "corrections": dataclasses.asdict(chosen.eval)}
+
+
 def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
     """The budget-range comparison as TensorBoard metric-vs-bits curves (means over seeds).
 
     Methods: ``zero-shot`` (one budget-conditioned policy per seed, one rollout per budget),
     ``zero-shot-checked`` (that rollout or the DP plan, the better on validation: 2 evaluations),
+    ``spdy-reused`` (one spdy search per seed at the middle budget, re-planned at each budget),
+    ``spdy-split`` (spdy at each budget with the evaluations split between the budgets),
     ``dedicated`` (one training run per budget and seed) and ``dp``; x = mean avg_bits.
     """
     from torch.utils.tensorboard import SummaryWriter
@@ -226,14 +263,18 @@ def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
     from automl_compress.logs import log_curve
 
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {
-        "zero-shot": {}, "zero-shot-checked": {}, "dedicated": {}, "dp": {}}
+        "zero-shot": {}, "zero-shot-checked": {}, "spdy-reused": {}, "spdy-split": {},
+        "dedicated": {}, "dp": {}}
     for label, row in result["runs"].items():
         kind, rest = label.split("/", 1)
         if kind == "range":
             for key, method in (("zero_shot", "zero-shot"), ("checked", "zero-shot-checked")):
                 for b, r in row.get(key, {}).items():
                     rows[method].setdefault(b, []).append(r)
-        elif kind in ("dedicated", "dp"):
+        elif kind == "spdy-reuse":
+            for b, r in row["reused"].items():
+                rows["spdy-reused"].setdefault(b, []).append(r)
+        elif kind in ("dedicated", "dp", "spdy-split"):
             rows[kind].setdefault(rest.split("/")[0], []).append(row)
     writer = SummaryWriter(str(tb_dir / "range"))
     tags = []

@@ -54,7 +54,7 @@ def run(cfg: Config, method: str, out: str | Path, evaluations: float | None = N
                                        evaluations)
     print(objective_line(prepared, sel.get("objective_choice", {})))
     value = pipeline.evaluate_plan(prepared, plan)
-    extra = {k: sel[k] for k in ("start_val", "history") if k in sel}
+    extra = {k: sel[k] for k in ("start_val", "history", "coefficients") if k in sel}
     res = rundir.write_run(out, pipeline.resolved_config(prepared), prepared, plan, method, value,
                            time.perf_counter() - t0, extra=extra, selection=sel)
     rundir.print_summary(res, out)

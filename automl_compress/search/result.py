@@ -18,6 +18,9 @@ class SearchResult:
         start_val: the warm start's metric on the whole validation split.
         spend: evaluations, metric calls and validation samples spent (warm start included).
         history: (evaluations spent, best validation metric so far) after every improvement.
+        coefficients: spdy: the best plan's log10 layer coefficients ``u``
+            (:func:`~automl_compress.search.spdy.coefficient_plan` re-plans them at any budget);
+            None for the other searches.
     """
 
     plan: CompressionPlan
@@ -25,3 +28,4 @@ class SearchResult:
     start_val: float
     spend: Spend
     history: list[tuple[float, float]] = field(default_factory=list)
+    coefficients: tuple[float, ...] | None = None

@@ -20,6 +20,10 @@ the ``inits`` random vectors are scored as one batch, and the local search draws
 candidates from the same best vector before scoring them together, then takes them in order as
 the one-by-one search would. ``batch=1`` is the sequential search; the result depends on
 ``batch``, never on the executor.
+
+The result carries the best vector ``u`` (``SearchResult.coefficients``): :func:`coefficient_plan`
+gives its plan at any budget without a new search (docs/benchmarks.md §3 measures how far such a
+re-plan carries).
 """
 
 from __future__ import annotations
@@ -40,6 +44,21 @@ ROUND = 8
 MAX_REPEATS = 200  # consecutive candidates whose plan was already scored: the search is done
 
 
+def coefficient_plan(
+    tables: Sequence[LayerTable], budget_bits: float, u: Sequence[float],
+    cost: CostConfig | None = None, candidates: Candidates | None = None,
+    memo: dict | None = None,
+) -> CompressionPlan:
+    """The plan of log10 layer coefficients ``u`` at ``budget_bits``.
+
+    The DP over layers minimising ``Σ_l 10^u_l · E_l`` within the budget; ``u = 0`` is the
+    calibrated DP plan.
+    """
+    p = allocate_dp(tables, budget_bits, cost, layer_weights=10.0 ** np.asarray(u, dtype=float),
+                    candidates=candidates, memo=memo)
+    return CompressionPlan(p.layers, meta={"method": "spdy", "budget_bits": float(budget_bits)})
+
+
 def spdy_search(
     tables: Sequence[LayerTable], budget_bits: float, evaluator: Evaluator,
     cost: CostConfig | None = None, inits: int = 8, seed: int = 0,
@@ -58,7 +77,8 @@ def spdy_search(
         batch: local-search candidates drawn from one best vector and scored together.
 
     Returns:
-        The best plan; never worse than the calibrated DP plan on the validation split.
+        The best plan, never worse than the calibrated DP plan on the validation split, and its
+        coefficients ``u``.
     """
     tables = list(tables)
     cands = dp_candidates(tables, cost) if candidates is None else candidates
@@ -67,10 +87,7 @@ def spdy_search(
     memo: dict = {}
 
     def plan_of(u: np.ndarray) -> CompressionPlan:
-        p = allocate_dp(tables, budget_bits, cost, layer_weights=10.0 ** u, candidates=cands,
-                        memo=memo)
-        return CompressionPlan(p.layers, meta={"method": "spdy",
-                                               "budget_bits": float(budget_bits)})
+        return coefficient_plan(tables, budget_bits, u, cost, cands, memo)
 
     best_u = np.zeros(L)
     best_plan = plan_of(best_u)
@@ -124,4 +141,5 @@ def spdy_search(
                         k, misses = k - 1, 0
     except BudgetSpent:
         pass
-    return SearchResult(best_plan, best, start_val, evaluator.spend(), history)
+    return SearchResult(best_plan, best, start_val, evaluator.spend(), history,
+                        tuple(float(x) for x in best_u))

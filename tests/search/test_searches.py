@@ -15,6 +15,7 @@ from automl_compress.database.allocate import allocate_dp, plan_avg_bits
 from automl_compress.plan import CompressionPlan, LayerPlan
 from automl_compress.search import BudgetSpent, Evaluator, evo_search, spdy_search
 from automl_compress.search.evo import _Ranges, genome_of, mutate
+from automl_compress.search.spdy import coefficient_plan
 
 BUDGET = 3.0
 
@@ -94,19 +95,26 @@ def test_correction_choice_is_made_on_validation_and_counted(prepared):
         prepared.cfg = saved
 
 
-def test_cli_compress_evo_writes_validation_and_evaluations(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["evo", "spdy"])
+def test_cli_compress_search_writes_validation_and_evaluations(tmp_path, capsys, method):
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("task:\n  name: _compress_task:make_task\nmenu:\n  bits: [0, 2, 4, 8]\n"
                         "  patterns: [dense, '2:4']\nsolver:\n  quant: gptq\n")
     out = tmp_path / "run"
-    code = main(["compress", "--config", str(cfg_file), "--method", "evo", "--budget-bits", "3",
+    code = main(["compress", "--config", str(cfg_file), "--method", method, "--budget-bits", "3",
                  "--evaluations", "16", "--out", str(out)])
     assert code == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["method"] == "evo" and 0 < res["evaluations"] <= 16
+    assert res["method"] == method and 0 < res["evaluations"] <= 16
     assert res["metric_val"] >= res["start_val"]
     assert res["corrections"]["chosen_on"] == "validation"
     assert "val" in capsys.readouterr().out
+    # spdy's coefficients: one log10 value per layer, in [-1, 1]; evo has none
+    coefs = res.get("coefficients")
+    if method == "spdy":
+        assert len(coefs) == len(res["layers"]) and all(-1 <= c <= 1 for c in coefs)
+    else:
+        assert coefs is None
 
 
 def test_evaluator_many_spends_exactly_what_one_by_one_scoring_spends():
@@ -133,3 +141,23 @@ def test_evaluator_many_spends_exactly_what_one_by_one_scoring_spends():
     assert batches == [3]  # the three new plans that fit, scored together
     assert (batch.calls, batch.samples, batch.cache) == (one.calls, one.samples, one.cache)
     assert batch.spent_after == [1.0, 1.0, 1.0, 1.5, 2.0]
+
+
+def test_spdy_coefficients_replan_to_its_best_plan_and_stay_in_budget_elsewhere(prepared):
+    tables, cost = prepared.tables, prepared.cfg.cost
+    dp = allocate_dp(tables, BUDGET, cost)
+    first = tables[0].info.name
+
+    def score(plan, fraction):  # anything but the DP's choice: more bits on the first layer
+        return float(np.mean(plan.layers[first].row_bits))
+
+    ev = Evaluator(score, lambda f: int(round(100 * f)), budget=16)
+    res = spdy_search(tables, BUDGET, ev, cost, inits=4, seed=1)
+    assert res.plan.key() != CompressionPlan(dp.layers).key(), "the search must move for this test"
+    assert len(res.coefficients) == len(tables)
+    assert coefficient_plan(tables, BUDGET, res.coefficients, cost).key() == res.plan.key()
+    assert coefficient_plan(tables, BUDGET, [0.0] * len(tables), cost).key() == \
+        CompressionPlan(dp.layers).key()
+    for b in (BUDGET - 0.5, BUDGET + 1.0):
+        assert plan_avg_bits(coefficient_plan(tables, b, res.coefficients, cost), tables,
+                             cost) <= b + 1e-9
