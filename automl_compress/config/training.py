@@ -155,6 +155,7 @@ class AgentConfig:
         batch_size: PPO minibatch size.
         n_epochs: PPO epochs per update.
         learning_rate: optimiser step size.
+        ent_coef: the PPO controllers' entropy bonus (SB3's ``ent_coef``).
         round_steps: steps one controller trains before the other takes its turn.
         checkpoint_every: steps between resumable checkpoints.
         final_candidates: deterministic rollouts of the final policy that are evaluated on the
@@ -170,6 +171,7 @@ class AgentConfig:
     batch_size: int = 64
     n_epochs: int = 10
     learning_rate: float = 1e-3
+    ent_coef: float = 0.01
     round_steps: int = 1024
     checkpoint_every: int = 1024
     final_candidates: int = 4
@@ -211,5 +213,7 @@ class AgentConfig:
                               f"{self.warmup_episodes}")
         if self.layer_moves is not None and not self.layer_moves > 0.0:
             raise ConfigError(f"agent.layer_moves must be > 0, found {self.layer_moves}")
+        if not 0.0 <= self.ent_coef < 1.0:
+            raise ConfigError(f"agent.ent_coef must be in [0, 1), found {self.ent_coef}")
         if not 0.0 < self.learning_rate < 1.0:
             raise ConfigError(f"agent.learning_rate must be in (0, 1), found {self.learning_rate}")
