@@ -183,6 +183,10 @@ class SearchWriter:
         w.add_scalar("episode/proxy_error", proxy_error, step)
         w.add_scalar("episode/projections", projections, step)
 
+    def moves(self, step: int, name: str, moves: float) -> None:
+        """Controller ``name``'s expected moves an episode (``Search.expected_moves``)."""
+        self.writer.add_scalar(f"controllers/{name}/expected_moves", moves, step)
+
     def best(self, step: int, metric: float) -> None:
         """The best metric so far, at ``step``."""
         self.writer.add_scalar("search/best_metric", metric, step)

@@ -111,8 +111,10 @@ def learned(prepared: pipeline.Prepared, cfg: Config, evaluations: float,
     search.train(cap)
     best = search.finalize()
     sel = {"metric_val": best.metric, "evaluations": ev.spent + corr["evaluations"]}
+    moves = {n: search.expected_moves(n) for n in search.coefficient_controllers()}
     return _row(prepared, best.plan, sel, t0, {"env_steps": search.progress.steps,
-                                               "episodes": search.tracker.episodes}), search
+                                               "episodes": search.tracker.episodes,
+                                               "expected_moves": moves}), search
 
 
 def non_learned(prepared: pipeline.Prepared, cfg: Config, method: str,

@@ -249,10 +249,45 @@ class Search:
                 self.models[name].learn(total_timesteps=target - self.progress.steps,
                                         reset_num_timesteps=False, callback=cb,
                                         progress_bar=False)
+            if self.writer is not None and name in self.coefficient_controllers():
+                self.writer.moves(self.progress.steps, name, self.expected_moves(name))
             if checkpoint is not None:
                 checkpoint()
             if self.exhausted():
                 break
+
+    def coefficient_controllers(self) -> list[str]:
+        """The learned coefficient-form controllers (those :meth:`expected_moves` reads)."""
+        if not self.coefficient:
+            return []
+        return [n for n in ("layer_controller", "channel_controller") if n in self.models]
+
+    def expected_moves(self, name: str, budget: float | None = None) -> float:
+        """How many of controller ``name``'s decisions move away from the incumbent an episode.
+
+        The sum over its decisions of 1 − P(neutral action) under its current (sampling) policy,
+        along the episode that keeps the incumbent at ``budget`` (default: the run's); the
+        partner controller acts deterministically, as in training. A new layer controller
+        gives about ``agent.layer_moves``. Nothing is scored.
+        """
+        import torch
+
+        env = self._make_raw_env(name, Anchors(dict(self.anchors.best)))
+        env.metric_fn, env.episode_hook = None, None
+        model = self.models[name]
+        budget = self.cfg.env.budget_bits if budget is None else budget
+        obs, _ = env.reset(seed=self.cfg.seed, options={"budget": budget})
+        decisions = (len(env.tables) if name == "layer_controller"
+                     else sum(len(g) for g in env.groups))
+        total = 0.0
+        with torch.no_grad():
+            for i in range(decisions):
+                dist = model.policy.get_distribution(model.policy.obs_to_tensor(obs)[0],
+                                                     action_masks=env.action_masks())
+                total += 1.0 - float(dist.distribution.probs.reshape(-1)[env.neutral])
+                if i + 1 < decisions:  # the last step would build the plan: not needed
+                    obs, _, _, _, _ = env.step(env.neutral)
+        return total
 
     def warm_up(self, episodes: int) -> None:
         """``episodes`` layer-controller episodes of uniformly random allowed actions.

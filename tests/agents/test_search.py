@@ -217,8 +217,13 @@ def test_a_new_layer_controller_moves_layer_moves_coefficients_an_episode(tables
     expected = len(tables) * (1.0 - p_neutral("layer_controller"))
     assert expected == pytest.approx(moves, rel=0.05)
     bonus = cfg.agent.neutral_prior
-    assert p_neutral("channel_controller") == pytest.approx(
-        math.exp(bonus) / (math.exp(bonus) + levels - 1), rel=0.02)
+    p_channel = math.exp(bonus) / (math.exp(bonus) + levels - 1)
+    assert p_neutral("channel_controller") == pytest.approx(p_channel, rel=0.02)
+    # the same read along a whole episode, as TensorBoard and bench/search.py report it
+    assert s.expected_moves("layer_controller") == pytest.approx(moves, rel=0.05)
+    groups = sum(len(g) for g in s._reference_env().groups)
+    assert s.expected_moves("channel_controller") == pytest.approx(groups * (1 - p_channel),
+                                                                   rel=0.1)
     s.close()
 
 

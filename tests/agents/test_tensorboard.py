@@ -21,7 +21,9 @@ from automl_compress.agents.hierarchical import Search
 from automl_compress.database.allocate import plan_error
 
 SEARCH_SCALARS = {"episode/reward", "episode/metric", "episode/avg_bits", "episode/proxy_error",
-                  "episode/projections", "search/best_metric"}
+                  "episode/projections", "search/best_metric",
+                  "controllers/layer_controller/expected_moves",
+                  "controllers/channel_controller/expected_moves"}
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,10 @@ def test_search_run_tags(tb_dir):
     assert max(avg) <= 3.0 + 1e-6  # every logged episode within budget
     best = [e.value for e in acc.Scalars("search/best_metric")]
     assert best == sorted(best)  # the best only improves
+    # one point per training turn (256 steps in turns of 128: one turn per controller)
+    for name in ("layer_controller", "channel_controller"):
+        moves = acc.Scalars(f"controllers/{name}/expected_moves")
+        assert len(moves) == 1 and all(e.value > 0.0 for e in moves)
 
 
 def test_controller_runs_have_sb3_stats(tb_dir):
