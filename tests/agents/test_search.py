@@ -174,6 +174,15 @@ def test_config_typos_and_bad_values_are_named_errors():
         load_config(None, ["agent.layer_controller=dp", "agent.channel_controller=knapsack"])
     with pytest.raises(ConfigError, match="prune_fractions"):
         load_config(None, ["env.prune_fractions=[0.5, 0.0]"])
+    with pytest.raises(ConfigError, match=r"agent.ent_coef must be in \[0, 1\), found -0.1"):
+        load_config(None, ["agent.ent_coef=-0.1"])
+
+
+def test_the_entropy_bonus_reaches_both_ppo_controllers(tables):
+    s = _search(_cfg(ent_coef=0.03), tables)
+    assert {n: m.ent_coef for n, m in s.models.items()} == {"layer_controller": 0.03,
+                                                             "channel_controller": 0.03}
+    s.close()
 
 
 def test_final_candidates_measured_as_one_batch_match_one_by_one():
