@@ -13,7 +13,7 @@ Methods (``--methods``):
   learned), moves from the incumbent (``env.coef_anchor=best``);
 - ``rl-coef-dp``: the default until 2026-12-06: coefficients relative to the DP plan
   (``env.coef_anchor=dp``, ``agent.neutral_prior=2`` on both controllers,
-  ``agent.metric_fraction=0.5``);
+  ``agent.metric_fraction=0.5``, ``agent.ent_coef=0.01``);
 - ``rl-coef-knapsack``: coefficient action, learned layer controller, neutral channel multipliers;
 - ``rl-budget``, ``rl-budget-knapsack``: the budget action (layer budget levels + per-group
   widths / the exact knapsack);
@@ -58,7 +58,7 @@ from automl_compress.search.spdy import coefficient_plan
 LEARNED = {
     "rl-coef": {"form": "hierarchical", "action": "coefficient"},
     "rl-coef-dp": {"form": "hierarchical", "action": "coefficient", "neutral_prior": 2.0,
-                   "layer_moves": None,
+                   "layer_moves": None, "ent_coef": 0.01,
                    "metric_fraction": 0.5, "env": {"coef_anchor": "dp"}},
     "rl-coef-knapsack": {"form": "hierarchical", "action": "coefficient",
                          "channel_controller": "knapsack"},
