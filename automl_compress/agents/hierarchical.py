@@ -46,6 +46,7 @@ from automl_compress.database.tables import LayerTable
 from automl_compress.envs import CompressionEnv, EpisodeSummary
 from automl_compress.envs.coef_env import NEUTRAL, Anchors, CoefficientEnv
 from automl_compress.envs.haq_env import HAQEnv
+from automl_compress.errors import ConfigError
 from automl_compress.logs import SearchWriter, sb3_logger
 from automl_compress.plan import CompressionPlan
 from automl_compress.search.evaluator import Evaluator
@@ -269,9 +270,16 @@ class Search:
         along the episode that keeps the incumbent at ``budget`` (default: the run's); the
         partner controller acts deterministically, as in training. A new layer controller
         gives about ``agent.layer_moves``. Nothing is scored.
+
+        Raises:
+            ConfigError: ``name`` is not a learned coefficient-form controller of this search.
         """
         import torch
 
+        if name not in self.coefficient_controllers():
+            raise ConfigError(f"expected_moves reads a learned coefficient-form controller "
+                              f"({self.coefficient_controllers()}), found {name!r} (agent.form="
+                              f"{self.cfg.agent.form!r}, agent.action={self.cfg.agent.action!r})")
         env = self._make_raw_env(name, Anchors(dict(self.anchors.best)))
         env.metric_fn, env.episode_hook = None, None
         model = self.models[name]

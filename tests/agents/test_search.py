@@ -236,6 +236,13 @@ def test_a_new_layer_controller_moves_layer_moves_coefficients_an_episode(tables
     s.close()
 
 
+def test_expected_moves_names_a_controller_it_cannot_read(tables):
+    s = _search(_cfg(action="budget"), tables)
+    with pytest.raises(ConfigError, match="found 'layer_controller'"):
+        s.expected_moves("layer_controller")
+    s.close()
+
+
 def test_layer_moves_bonus_is_never_below_the_uniform_policy():
     from automl_compress.agents.controllers import moves_bonus
 
