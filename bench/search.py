@@ -2,8 +2,9 @@
 
 Every method chooses its statistics corrections on the validation split, selects on the
 validation split only, spends at most E validation passes (full-pass equivalents, corrections
-included), and is reported on the test split. Learned methods and the searches run over several
-seeds (mean ± std); dp is deterministic.
+included), and is reported on the test split. Every method runs over the same seeds (mean ± std).
+dp too: with ``alloc.objective = auto`` the fisher candidate's probes are drawn from the run's
+seed, so the calibrated DP plan (the start of every search with that seed) can differ by seed.
 
 Methods (``--methods``):
 
@@ -147,7 +148,7 @@ def bench_task(cfg: Config, out: Path, budgets: list[float], evaluations: list[i
     for b in budgets:
         for m in methods:
             for e in ([None] if m == "dp" else evaluations):
-                for s in ([0] if m == "dp" else seeds):
+                for s in seeds:
                     label = f"{b:g}/{m}/{e}/{s}"
                     if label in result["runs"]:
                         continue
@@ -171,6 +172,9 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
     """One budget-conditioned policy per seed vs dedicated runs at every budget of the grid."""
     path = out / f"range_{cfg.task.name}_{method}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
+    # files written before dp ran per seed hold it as dp/<budget>: that is seed 0's
+    result["runs"] = {(k + "/0" if k.startswith("dp/") and k.count("/") == 1 else k): v
+                      for k, v in result["runs"].items()}
     prepared = pipeline.prepare(cfg, out, db_dir=out / f"db_{cfg.task.name}", progress=False)
     base = prepared.cfg
     mid = round((lo + hi) / 2 / base.env.budget_step) * base.env.budget_step
@@ -219,9 +223,9 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                 result["runs"][label] = non_learned(prepared, _with(base, b, s), "spdy",
                                                     evaluations // len(grid))
                 atomic_write_json(path, result)
-            if f"dp/{b:g}" not in result["runs"]:
-                result["runs"][f"dp/{b:g}"] = non_learned(prepared, _with(base, b, 0), "dp",
-                                                          None)
+            if f"dp/{b:g}/{s}" not in result["runs"]:  # the seed's calibration (fisher probes)
+                result["runs"][f"dp/{b:g}/{s}"] = non_learned(prepared, _with(base, b, s), "dp",
+                                                              None)
                 atomic_write_json(path, result)
     prepared.cfg = base
     result.update({"grid": list(grid), "evaluations": evaluations, "method": method})

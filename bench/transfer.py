@@ -11,7 +11,8 @@ hierarchy), then on the target model, all at the same budget:
   included);
 - ``fresh``: a new policy trained on the target with the same F evaluations;
 - ``evo``: the EvoPress-style search with the same F evaluations;
-- ``dp``: the calibrated DP (deterministic; spends only its objective and correction choice).
+- ``dp``: the calibrated DP (spends only its objective and correction choice; per seed, since
+  the fisher objective's probes follow the seed).
 
 Selection on the validation split, reported on the test split. A learned run also stops after
 ``STEPS_PER_EVALUATION`` env steps per evaluation of its budget (a policy repeating scored
@@ -87,11 +88,12 @@ def bench(src_cfg: Config, tgt_cfg: Config, out: Path, budget: float, evaluation
         print(f"{label}: test {row['metric']:.4f} val {row['metric_val']:.4f} "
               f"({row['evaluations']:.0f} evaluations, {row['wall_seconds']:.0f} s)", flush=True)
 
-    once("dp/0", non_learned, tgt, _with(tgt_base, budget, 0), "dp", None)
-    once("source-dp/0", non_learned, src, _with(src_base, budget, 0), "dp", None)
     for s in seeds:
         pol = out / f"policy_{src_cfg.task.name}_{s}"
         tc = _with(tgt_base, budget, s)
+        # dp per seed: with alloc.objective=auto the fisher candidate's probes follow the seed
+        once(f"dp/{s}", non_learned, tgt, tc, "dp", None)
+        once(f"source-dp/{s}", non_learned, src, _with(src_base, budget, s), "dp", None)
         once(f"source/{s}", _train, src, _with(src_base, budget, s), pol, float(evaluations))
         once(f"zero-shot/{s}", _apply, tgt, tc, pol, None)
         once(f"zero-shot-checked/{s}", _apply, tgt, tc, pol, None, True)
