@@ -88,7 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fine-tune until this many validation passes are spent")
     p.add_argument("--check-dp", action="store_true",
                    help="zero-shot: score the rollout and the calibrated DP plan on the "
-                        "validation split (2 evaluations) and keep the better")
+                        "validation split (2 evaluations) and keep the better; on another "
+                        "model than the policy's, the objective and corrections are first "
+                        "chosen there, as dp chooses them")
     p.add_argument("--out", required=True, help="run directory")
 
     p = sub.add_parser("evaluate", help="re-evaluate a run's plan on the held-out split")

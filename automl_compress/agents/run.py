@@ -342,9 +342,12 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
                 evaluations: float | None = None, check_dp: bool = False) -> PolicySource:
     """Read a trained policy and fit the target config to it.
 
-    Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the statistics corrections
-    the policy's training run chose. A budget outside the policy's trained range warns, and so
-    does a zero-shot rollout on another model than the policy's without ``check_dp``.
+    Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the objective and the
+    statistics corrections the policy's training run chose, except with ``check_dp`` on another
+    model than the policy's: there both are chosen on this model's validation split, as the
+    calibrated dp chooses them, so that the check compares the rollout with dp itself. A budget
+    outside the policy's trained range warns, and so does a zero-shot rollout on another model
+    than the policy's without ``check_dp``.
 
     Args:
         cfg: the resolved config of the target model (its menu and env spec must match the
@@ -352,7 +355,8 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
         policy: a train run directory (or its ``policy/`` folder).
         finetune_steps: env steps of fine-tuning (0 = zero-shot unless ``evaluations``).
         evaluations: fine-tuning's validation budget.
-        check_dp: zero-shot: keep the better of the rollout and the DP plan on validation.
+        check_dp: zero-shot: keep the better of the rollout and the DP plan on validation
+            (on another model, under the objective and corrections chosen there).
 
     Returns:
         The policy and the fitted config.
@@ -371,12 +375,17 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
     pdir = policy_folder(policy)
     manifest = read_manifest(pdir)
     ctrl = manifest.get("controllers", {})
+    family = manifest.get("model_family")
+    other_model = family not in (None, cfg.task.name)
+    # a zero-shot rollout scores nothing, so it keeps the policy's objective and corrections;
+    # checked on another model it is compared with dp as dp runs there: both chosen here
+    pinned = zero_shot and not (check_dp and other_model)
     try:
         cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, **ctrl))
-        if zero_shot and manifest.get("eval"):
+        if pinned and manifest.get("eval"):
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
                 cfg.eval, corrections="fixed", **manifest["eval"]))
-        if zero_shot and (manifest.get("objective") or cfg.alloc.objective == AUTO):
+        if pinned and (manifest.get("objective") or cfg.alloc.objective == AUTO):
             # the policy's objective (a manifest older than `auto` has none: the first
             # candidate), so that a zero-shot rollout scores nothing
             cfg = dataclasses.replace(cfg, alloc=dataclasses.replace(
@@ -390,12 +399,12 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
         warnings.warn(f"--budget-bits {cfg.env.budget_bits:g} is outside the range the policy "
                       f"was trained for ({rng[0]:g}-{rng[1]:g}); the plan is an extrapolation",
                       stacklevel=2)
-    family = manifest.get("model_family")
-    if zero_shot and not check_dp and family not in (None, cfg.task.name):
+    if zero_shot and not check_dp and other_model:
         warnings.warn(f"a zero-shot rollout of a policy trained on {family!r} is applied to "
                       f"{cfg.task.name!r} unchecked: on another model its moves can fall far "
                       "below the DP plan (docs/benchmarks.md §3, Transfer); pass --check-dp to "
-                      "keep the better of the two on validation (2 evaluations)", stacklevel=2)
+                      "keep the better of the two on validation (dp's objective and corrections "
+                      "choice, then 2 evaluations)", stacklevel=2)
     return PolicySource(pdir, manifest, cfg, zero_shot, check_dp)
 
 
@@ -407,9 +416,11 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
     Zero-shot: one deterministic rollout at the budget with the policy's corrections; it spends
     no validation evaluations, or two with ``source.check_dp`` (the rollout and the calibrated
     DP plan are scored on the validation split and the better is kept, so the result is never
-    below dp there). Fine-tuned: the corrections are chosen on this model's validation split, the
-    controllers train ``finetune_steps`` more steps (or until ``evaluations`` are spent) and the
-    plan is chosen like training's (the DP plan is always among its final candidates).
+    below dp there; on another model than the policy's, after choosing the objective and the
+    corrections there as dp does, whose evaluations it also spends). Fine-tuned: the corrections
+    are chosen on this model's validation split, the controllers train ``finetune_steps`` more
+    steps (or until ``evaluations`` are spent) and the plan is chosen like training's (the DP plan
+    is always among its final candidates).
 
     Args:
         prepared: the target task, prepared with ``source.cfg``.

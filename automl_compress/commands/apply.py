@@ -30,7 +30,8 @@ def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: in
         progress: show the progress bar.
         evaluations: fine-tuning's validation budget (corrections and final candidates
             included).
-        check_dp: zero-shot: keep the better of the rollout and the DP plan on validation.
+        check_dp: zero-shot: keep the better of the rollout and the DP plan on validation
+            (on another model, under the objective and corrections chosen there).
 
     Returns:
         0 on success.

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from automl_compress import pipeline, selection
 from automl_compress.agents import run as agent_run
 from automl_compress.cli import main
 from automl_compress.commands import apply as apply_cmd
@@ -78,17 +79,46 @@ def test_train_tensorboard_tags(train_run):
         assert any(t.startswith("train/") for t in acc.Tags()["scalars"]), run
 
 
-@pytest.mark.filterwarnings("ignore:a zero-shot rollout of a policy")
-def test_apply_on_the_wider_sibling(train_run, tmp_path):
+@pytest.fixture(scope="module")
+def wide_apply(train_run, tmp_path_factory) -> Path:
+    """An unchecked zero-shot `apply` of the digits policy on the wider sibling."""
     cfg = load_config(ROOT / "configs/digits_wide.yaml", ["env.budget_bits=3.0"])
-    out = tmp_path / "wide"
-    assert apply_cmd.run(cfg, out, policy_dir=train_run, finetune_steps=0, progress=False) == 0
-    res = json.loads((out / "results.json").read_text())
+    out = tmp_path_factory.mktemp("wide") / "run"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "a zero-shot rollout of a policy")
+        assert apply_cmd.run(cfg, out, policy_dir=train_run, finetune_steps=0,
+                             progress=False) == 0
+    return out
+
+
+def test_apply_on_the_wider_sibling(train_run, wide_apply):
+    res = json.loads((wide_apply / "results.json").read_text())
     assert res["method"] == "rl" and res["zero_shot"] is True
     assert res["avg_bits"] <= 3.0 + 1e-9
     assert res["metric"] > 0.5  # the wide digits CNN stays a working classifier at 3 bits
     assert json.loads((train_run / "results.json").read_text())["layers"][0]["rows"] < \
         res["layers"][0]["rows"]
+
+
+def test_checked_zero_shot_on_another_model_is_compared_with_dp_as_dp_runs_there(
+        train_run, wide_apply, tmp_path):
+    """On another model `--check-dp` chooses the objective and corrections there, as dp does.
+
+    So its validation score is never below dp's own, and it spends dp's choice plus the check.
+    """
+    cfg = load_config(ROOT / "configs/digits_wide.yaml", ["env.budget_bits=3.0"])
+    out = tmp_path / "checked"
+    out.mkdir()
+    (out / "db").symlink_to(wide_apply / "db")  # the wide database, built once
+    assert apply_cmd.run(cfg, out, policy_dir=train_run, progress=False, check_dp=True) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["zero_shot"] is True and res["checked_against_dp"] is True
+    assert res["corrections"]["chosen_on"] == "validation"
+    assert res["objective_choice"]["chosen_on"] == "validation"
+    prepared = pipeline.prepare(cfg, out, db_dir=out / "db", progress=False)
+    dp_plan, dp_sel = selection.compress(prepared, "dp", 3.0)
+    assert res["evaluations"] - dp_sel["evaluations"] in (1.0, 2.0)
+    assert res["metric_val"] >= pipeline.validate_plan(prepared, dp_plan) - 1e-12
 
 
 def test_unchecked_zero_shot_on_another_model_warns_to_check_dp(train_run):
