@@ -38,7 +38,7 @@ from automl_compress.database.work import (
 )
 from automl_compress.solvers import registry
 from automl_compress.solvers.baselines import rtn_quantize
-from automl_compress.solvers.hessian import row_errors
+from automl_compress.solvers.hessian import InverseFactors, row_errors
 from automl_compress.solvers.registry import JOINT, PruneSolver
 from automl_compress.solvers.result import SolveResult
 from automl_compress.specs import LayerInfo
@@ -94,12 +94,13 @@ def solve_unit(Wb: torch.Tensor, Hb: torch.Tensor, pattern: str, bits: tuple[int
         results = [(b, rtn_option(Wb, Hd, b, cfg)) for b in bits]
     else:
         prune_with = PruneSolver(cfg.prune)
-        opts = solve_options(pattern, bits[0], cfg, area)
+        factors = InverseFactors(Hd)  # every bit-width's solve of this H factors it once
+        opts = solve_options(pattern, bits[0], cfg, area, factors)
         shared = None
         if not opts.dense and (prune_with, quant) not in JOINT:
             shared = registry.prune(Wb, Hd, opts, prune_with)
-        results = [(b, registry.solve(Wb, Hd, solve_options(pattern, b, cfg, area), quant,
-                                      prune_with, shared)) for b in bits]
+        results = [(b, registry.solve(Wb, Hd, solve_options(pattern, b, cfg, area, factors),
+                                      quant, prune_with, shared)) for b in bits]
     return [_piece_solution(b, res) for b, res in results]
 
 

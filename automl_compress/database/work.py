@@ -21,6 +21,7 @@ import torch
 from automl_compress.capture import LayerHessian
 from automl_compress.config import MenuConfig, SolverConfig, parse_pattern
 from automl_compress.database.costs import pattern_fits
+from automl_compress.solvers.hessian import InverseFactors
 from automl_compress.solvers.quantizer import GridSpec
 from automl_compress.solvers.registry import (
     JOINT,
@@ -42,8 +43,12 @@ def grid_spec(cfg: SolverConfig) -> GridSpec:
     return GridSpec(symmetric=cfg.symmetric, search=cfg.grid_search)
 
 
-def solve_options(pattern: str, bits: int, cfg: SolverConfig, area: int = 1) -> SolveOptions:
-    """The registry's options for one (pattern, bits) of a layer (``area``: conv kernel area)."""
+def solve_options(pattern: str, bits: int, cfg: SolverConfig, area: int = 1,
+                  factors: InverseFactors | None = None) -> SolveOptions:
+    """The registry's options for one (pattern, bits) of a layer.
+
+    ``area`` is the conv kernel area; ``factors`` the piece's H factors, shared by its solves.
+    """
     kind, arg = parse_pattern(pattern)
     return SolveOptions(
         bits=bits,
@@ -55,6 +60,7 @@ def solve_options(pattern: str, bits: int, cfg: SolverConfig, area: int = 1) -> 
         kernel_area=area,
         allocation="uniform",  # one exact count per row, so every row's stored cost is exact
         polish=cfg.polish,
+        factors=factors,
     )
 
 

@@ -23,9 +23,10 @@ from automl_compress.errors import ShapeMismatchError
 from automl_compress.solvers.checks import check_bits, check_hessian, check_weight
 from automl_compress.solvers.hessian import (
     DEFAULT_DAMP,
+    InverseFactors,
+    permuted_upper,
     prepare_hessian,
     row_errors,
-    upper_cholesky_of_inverse,
 )
 from automl_compress.solvers.numerics import solve_dtype
 from automl_compress.solvers.quantizer import GridSpec, QuantGrid, fit_grid
@@ -65,6 +66,7 @@ def gptq_quantize(
     order: torch.Tensor | None = None,
     dtype: torch.dtype | None = None,
     row_batch: int | None = None,
+    factors: InverseFactors | None = None,
 ) -> SolveResult:
     """Quantize W with GPTQ.
 
@@ -81,6 +83,8 @@ def gptq_quantize(
         dtype: working precision (default: :func:`~automl_compress.solvers.numerics.solve_dtype`).
         row_batch: rows per sweep (default: all rows at once; rows are independent, so the
             result does not depend on it).
+        factors: H's factors shared with other solves of the same H (the result does not
+            depend on it).
 
     Returns:
         SolveResult with ``row_error`` under the undamped H.
@@ -100,7 +104,8 @@ def gptq_quantize(
         return SolveResult(W_hat, row_errors(W, W_hat, H), bits=0, info={"method": "gptq"})
     dt = solve_dtype(W, dtype)
     g = fit_grid(W, bits, grid)
-    prep = prepare_hessian(H.to(W.device), damp)
+    H = H.to(W.device)
+    prep = factors.prepared(H, damp) if factors is not None else prepare_hessian(H, damp)
     perm = order.to(W.device) if order is not None else column_order(prep.H, act_order)
     inv = torch.argsort(perm)
     Wk = W.to(dt).clone()
@@ -110,9 +115,7 @@ def gptq_quantize(
         keep = mask.to(torch.bool)
         Wk = torch.where(keep, Wk, torch.zeros_like(Wk))
         keep = keep[:, perm]
-    U = upper_cholesky_of_inverse(
-        type(prep)(H=prep.H[perm][:, perm], dead=prep.dead[perm], damp=prep.damp)
-    ).to(dt)
+    U = (factors.upper(H, damp, perm) if factors is not None else permuted_upper(prep, perm)).to(dt)
     grid_dt = QuantGrid(g.scale.to(dt), g.zero.to(dt), bits)
     Wp = Wk[:, perm].contiguous()
     Q = torch.empty_like(Wp)

@@ -89,6 +89,50 @@ def upper_cholesky_of_inverse(prepared: PreparedHessian) -> torch.Tensor:
     return cholesky_checked(Hinv, "H⁻¹").mH.contiguous()
 
 
+class InverseFactors:
+    """One H's prepared form and the upper factors U of its inverse, each computed once.
+
+    The fixed-order solvers (GPTQ, SparseGPT, the fast mode) factor ``H⁻¹ = UᵀU`` in their column
+    order before a sweep that costs only ``rows·cols²``; at a few thousand columns the
+    ``O(cols³)`` factorisation is most of a call. A layer piece solves one H at several options
+    (every bit-width of a pattern), so its solves share one ``InverseFactors``: the results are
+    the same tensors a solve computes on its own.
+
+    Args:
+        H: the (cols, cols) undamped Hessian the solves receive (that same tensor).
+    """
+
+    def __init__(self, H: torch.Tensor) -> None:
+        self.H = H
+        self._prepared: dict[float, PreparedHessian] = {}
+        self._upper: dict[tuple[float, bytes], torch.Tensor] = {}
+
+    def _check(self, H: torch.Tensor) -> None:
+        if H is not self.H:
+            raise ValueError("InverseFactors answers for the H it was made with; a solve passed "
+                             "another tensor (pass the same H, or no factors)")
+
+    def prepared(self, H: torch.Tensor, damp: float) -> PreparedHessian:
+        """:func:`prepare_hessian` of H at ``damp``."""
+        self._check(H)
+        if damp not in self._prepared:
+            self._prepared[damp] = prepare_hessian(H, damp)
+        return self._prepared[damp]
+
+    def upper(self, H: torch.Tensor, damp: float, perm: torch.Tensor) -> torch.Tensor:
+        """:func:`upper_cholesky_of_inverse` of the prepared H in column order ``perm``."""
+        key = (damp, perm.cpu().numpy().tobytes())
+        if key not in self._upper:
+            self._upper[key] = permuted_upper(self.prepared(H, damp), perm)
+        return self._upper[key]
+
+
+def permuted_upper(prep: PreparedHessian, perm: torch.Tensor) -> torch.Tensor:
+    """U of the prepared H with rows and columns in order ``perm`` (``H⁻¹ = UᵀU`` there)."""
+    return upper_cholesky_of_inverse(
+        PreparedHessian(H=prep.H[perm][:, perm], dead=prep.dead[perm], damp=prep.damp))
+
+
 def row_errors(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Exact per-row error ``0.5 · (w - ŵ) H (w - ŵ)ᵀ`` in float64 under the given (undamped) H."""
     D = (W.to(torch.float64) - W_hat.to(torch.float64))

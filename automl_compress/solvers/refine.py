@@ -24,9 +24,10 @@ from automl_compress.solvers.checks import check_bits, check_hessian, check_weig
 from automl_compress.solvers.gptq import column_order, gptq_quantize
 from automl_compress.solvers.hessian import (
     DEFAULT_DAMP,
+    InverseFactors,
+    permuted_upper,
     prepare_hessian,
     row_errors,
-    upper_cholesky_of_inverse,
 )
 from automl_compress.solvers.lazy_inverse import LazyInverse
 from automl_compress.solvers.numerics import row_argmax, solve_dtype
@@ -133,6 +134,7 @@ def fast_quantize(
     row_batch: int | None = None,
     dtype: torch.dtype | None = None,
     lazy_rank: int = 16,
+    factors: InverseFactors | None = None,
 ) -> SolveResult:
     """Quantize W by OBQ's greedy inside blocks of columns and GPTQ across them, then 1-opt.
 
@@ -149,6 +151,8 @@ def fast_quantize(
         row_batch: rows per sweep (rows are independent; default all at once).
         dtype: working precision, as for :func:`gptq_quantize`.
         lazy_rank: pending downdates per flush inside a block (the result does not depend on it).
+        factors: H's factors shared with other solves of the same H (the result does not
+            depend on it).
 
     Returns:
         SolveResult with ``row_error`` under the undamped H.
@@ -167,11 +171,10 @@ def fast_quantize(
         return gptq_quantize(W, H, 0)
     dt = solve_dtype(W, dtype)
     g = fit_grid(W, bits, grid)
-    prep = prepare_hessian(H.to(W.device), damp)
+    H = H.to(W.device)
+    prep = factors.prepared(H, damp) if factors is not None else prepare_hessian(H, damp)
     perm = column_order(prep.H, act_order)
-    U = upper_cholesky_of_inverse(
-        type(prep)(H=prep.H[perm][:, perm], dead=prep.dead[perm], damp=prep.damp)
-    )
+    U = factors.upper(H, damp, perm) if factors is not None else permuted_upper(prep, perm)
     s = g.scale.to(dt)[:, None]
     X = (W.to(dt) / s).masked_fill(prep.dead[None, :], 0.0)[:, perm]  # grid units, sweep order
     lo, hi = -g.zero.to(dt)[:, None], g.maxq - g.zero.to(dt)[:, None]

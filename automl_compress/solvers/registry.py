@@ -27,7 +27,7 @@ from automl_compress.solvers.checks import check_bits, check_n_m, check_sparsity
 from automl_compress.solvers.chita import chita_prune
 from automl_compress.solvers.exact_obs import exact_obs_prune
 from automl_compress.solvers.gptq import gptq_quantize
-from automl_compress.solvers.hessian import DEFAULT_DAMP
+from automl_compress.solvers.hessian import DEFAULT_DAMP, InverseFactors
 from automl_compress.solvers.numerics import auto_row_batch
 from automl_compress.solvers.obq import obq_quantize
 from automl_compress.solvers.quantizer import GridSpec
@@ -69,6 +69,9 @@ class SolveOptions:
         same count, so every row's cost is exact) or "global" (counts chosen for the layer).
     :param polish: 1-opt after every quantization solver (``refine.polish``: never raises a
         row's error; at most about 2 % of an OBQ pass, docs/solvers.md §9.1).
+    :param factors: H's prepared form and inverse factors, shared by the solves of one H (a
+        memo, not an option: no result depends on it); the fixed-order solvers (GPTQ,
+        SparseGPT, fast) read it, the greedy ones factor per row and have nothing to share.
     """
 
     bits: int = 4
@@ -81,6 +84,7 @@ class SolveOptions:
     kernel_area: int = 1
     allocation: str = "uniform"
     polish: bool = True
+    factors: InverseFactors | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -127,12 +131,14 @@ def _obq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor |
 
 def _gptq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor | None):
     return _polished(W, H, o, gptq_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
-                                            row_batch=o.row_batch, dtype=o.dtype))
+                                            row_batch=o.row_batch, dtype=o.dtype,
+                                            factors=o.factors))
 
 
 def _fast(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor | None):
     return fast_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
-                         row_batch=o.row_batch, dtype=o.dtype, one_opt_polish=o.polish)
+                         row_batch=o.row_batch, dtype=o.dtype, one_opt_polish=o.polish,
+                         factors=o.factors)
 
 
 def _exact_obs(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
@@ -146,7 +152,8 @@ def _exact_obs(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult
 def _sparsegpt(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
     return sparsegpt_prune(W, H, 0.0 if o.sparsity is None else o.sparsity, n_m=o.n_m,
                            kernel_area=o.kernel_area, allocation=o.allocation,
-                           row_batch=o.row_batch, damp=o.damp, dtype=o.dtype)
+                           row_batch=o.row_batch, damp=o.damp, dtype=o.dtype,
+                           factors=o.factors)
 
 
 def _chita(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:
@@ -162,7 +169,7 @@ def _sparsegpt_gptq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveR
     res = sparsegpt_prune(W, H, 0.0 if o.sparsity is None else o.sparsity, n_m=o.n_m,
                           bits=o.bits, grid=o.grid, kernel_area=o.kernel_area,
                           allocation=o.allocation, row_batch=o.row_batch, damp=o.damp,
-                          dtype=o.dtype)
+                          dtype=o.dtype, factors=o.factors)
     assert isinstance(res, SolveResult)
     return _polished(W, H, o, res)
 

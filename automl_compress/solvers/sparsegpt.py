@@ -29,9 +29,10 @@ from automl_compress.solvers.checks import (
 from automl_compress.solvers.exact_obs import channel_major_perm
 from automl_compress.solvers.hessian import (
     DEFAULT_DAMP,
+    InverseFactors,
+    permuted_upper,
     prepare_hessian,
     row_errors,
-    upper_cholesky_of_inverse,
 )
 from automl_compress.solvers.numerics import solve_dtype
 from automl_compress.solvers.quantizer import GridSpec, QuantGrid, fit_grid
@@ -106,6 +107,7 @@ def sparsegpt_prune(
     allocation: str = "global",
     row_batch: int | None = None,
     dtype: torch.dtype | None = None,
+    factors: InverseFactors | None = None,
 ) -> SolveResult:
     """Prune (and optionally quantize) a layer with SparseGPT.
 
@@ -127,6 +129,8 @@ def sparsegpt_prune(
         row_batch: rows per sweep (default all); not with global allocation, which chooses
             masks across rows.
         dtype: working precision (default: :func:`~automl_compress.solvers.numerics.solve_dtype`).
+        factors: H's factors shared with other solves of the same H (the result does not
+            depend on it).
 
     Returns:
         SolveResult with weight (W's dtype/device), exact ``row_error`` under the undamped H,
@@ -170,9 +174,11 @@ def sparsegpt_prune(
     dev = W.device
     wd = solve_dtype(W, dtype)
     perm_d = perm.to(dev)
-    prep = prepare_hessian(H.to(dev)[perm_d][:, perm_d], damp)
-    U = upper_cholesky_of_inverse(prep).to(wd)
-    Wk = W[:, perm_d].to(wd).masked_fill(prep.dead[None, :], 0.0)
+    H = H.to(dev)
+    prep = factors.prepared(H, damp) if factors is not None else prepare_hessian(H, damp)
+    U = (factors.upper(H, damp, perm_d) if factors is not None
+         else permuted_upper(prep, perm_d)).to(wd)
+    Wk = W[:, perm_d].to(wd).masked_fill(prep.dead[perm_d][None, :], 0.0)
     qgrid = fit_grid(Wk, bits, grid) if bits is not None else None
     pruned = torch.zeros((rows, cols), dtype=torch.bool, device=dev)
     R = row_batch or max(rows, 1)

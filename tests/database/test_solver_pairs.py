@@ -146,3 +146,42 @@ def test_polish_only_lowers_the_row_errors_and_is_off_when_asked(quant, pattern,
         assert torch.equal(b.mask, a.mask) and torch.all(b.weight[~b.mask] == 0)
     cfg = SolverConfig(quant=str(quant), polish=False)
     assert work.solve_options("dense", 3, cfg).polish is False
+
+
+FIXED_ORDER = [(QuantSolver.GPTQ, PruneSolver.SPARSEGPT), (QuantSolver.FAST, PruneSolver.SPARSEGPT),
+               (QuantSolver.GPTQ, PruneSolver.EXACT_OBS)]
+
+
+@pytest.mark.parametrize(("quant", "prune"), FIXED_ORDER, ids=[f"{q}+{p}" for q, p in FIXED_ORDER])
+@pytest.mark.parametrize("pattern", ["dense", "2:4", "50%"])
+def test_a_unit_factors_its_h_once_for_every_bit_width_with_the_same_codes(
+        quant, prune, pattern, monkeypatch):
+    """The fixed-order solvers of one unit share H's inverse factor, and nothing else changes."""
+    from automl_compress.solvers import hessian
+
+    L = make_layer(8, 16, seed=24)
+    cfg = SolverConfig(quant=str(quant), prune=str(prune))
+    bits = (2, 3, 4)
+    alone = [[solve._piece_solution(b, registry.solve(
+        L.W.float(), L.H, work.solve_options(pattern, b, cfg), quant, prune))] for b in bits]
+    calls = []
+    real = hessian.upper_cholesky_of_inverse
+    monkeypatch.setattr(hessian, "upper_cholesky_of_inverse",
+                        lambda prep: calls.append(1) or real(prep))
+    shared = solve.solve_unit(L.W, L.H, pattern, bits, cfg)
+    # one factor per column order: the fast mode sweeps in act-order, SparseGPT's mask pass in
+    # the natural order
+    assert len(calls) == (2 if quant is QuantSolver.FAST and pattern != "dense" else 1)
+    for (b, q, s, z, m), [(b0, q0, s0, z0, m0)] in zip(shared, alone, strict=True):
+        assert b == b0 and torch.equal(q, q0) and torch.equal(s, s0) and torch.equal(z, z0)
+        assert (m is None and m0 is None) or torch.equal(m, m0)
+
+
+def test_inverse_factors_refuse_another_h():
+    from automl_compress.solvers.hessian import InverseFactors
+
+    L = make_layer(4, 8, seed=25)
+    factors = InverseFactors(L.H)
+    with pytest.raises(ValueError, match="the same H"):
+        registry.solve(L.W.float(), L.H.clone(), SolveOptions(bits=3, factors=factors),
+                       QuantSolver.GPTQ, PruneSolver.SPARSEGPT)
