@@ -5,8 +5,7 @@ A database unit is one (W, H) piece at one pattern and every bit-width of the me
 ``H⁻¹ = UᵀU`` in their column order, ``O(cols³)``, before a sweep of ``O(rows·cols²)``; a unit
 now factors once per column order (``solvers.hessian.InverseFactors``), where each solve used to
 factor on its own. Both ways run here on the same piece, in one process, and must give the same
-codes (checked). The piece is synthetic (tests' protocol: W ~ N(0, 1/cols), X = Z·diag(s)Qᵀ,
-s_i² = 1/(i+1), H = 2XᵀX/n, n = 2·cols).
+codes (checked). The piece is bench/solvers.py's synthetic layer (docs/solvers.md §9.1).
 
 Run:  OMP_NUM_THREADS=1 python bench/unit_solve.py --shapes 128x2048,128x4096 [--no-polish]
 """
@@ -18,19 +17,13 @@ import time
 
 import torch
 
+# the synthetic layer of the solver bench (bench/ is on sys.path when run)
+from solvers import make_layer
+
 from automl_compress.config import SolverConfig
 from automl_compress.database import solve, work
 from automl_compress.solvers import registry
 from automl_compress.solvers.registry import PruneSolver, QuantSolver
-
-
-def piece(rows: int, cols: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
-    s = 1.0 / torch.sqrt(torch.arange(1, cols + 1, dtype=torch.float64))
-    X = torch.randn(2 * cols, cols, generator=g, dtype=torch.float64) @ (torch.diag(s) @ Q.T)
-    W = torch.randn(rows, cols, generator=g, dtype=torch.float32) / cols**0.5
-    return W, 2 * X.T @ X / (2 * cols)
 
 
 def per_solve(W: torch.Tensor, H: torch.Tensor, pattern: str, bits: tuple[int, ...],
@@ -63,7 +56,7 @@ def main() -> None:
     print("|---|---|---:|---:|---:|---|")
     for shape in args.shapes.split(","):
         rows, cols = (int(x) for x in shape.split("x"))
-        W, H = piece(rows, cols)
+        W, H = make_layer(rows, cols, "cpu")
         for pattern in args.patterns.split(","):
             t0 = time.perf_counter()
             before = per_solve(W, H, pattern, bits, cfg)
