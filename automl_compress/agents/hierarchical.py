@@ -118,15 +118,18 @@ class Search:
     def _initial_bonus(self, name: str) -> float:
         """A new coefficient controller's logit bonus on the neutral action (docs/env.md §4).
 
-        The layer controller's is set so that it moves ``agent.layer_moves`` of the episode's
-        layer decisions on average, whatever the depth; the channel controller's (and the layer
-        controller's when ``layer_moves`` is None) is ``agent.neutral_prior``.
+        Set so that the controller moves ``agent.layer_moves`` (layer controller) or
+        ``agent.channel_moves`` (channel controller, over every group of the episode) of its
+        decisions on average, whatever the model's size; ``agent.neutral_prior`` where that
+        setting is None.
         """
         a = self.cfg.agent
-        if name != "layer_controller" or a.layer_moves is None:
+        moves = a.layer_moves if name == "layer_controller" else a.channel_moves
+        if moves is None:
             return a.neutral_prior
-        return controllers.moves_bonus(len(self.tables), self.cfg.env.coef_levels,
-                                       a.layer_moves)
+        decisions = (len(self.tables) if name == "layer_controller"
+                     else sum(len(g) for g in self._reference_env().groups))
+        return controllers.moves_bonus(decisions, self.cfg.env.coef_levels, moves)
 
     # ---------------------------------------------------------------------------------------
 
@@ -268,8 +271,8 @@ class Search:
 
         The sum over its decisions of 1 − P(neutral action) under its current (sampling) policy,
         along the episode that keeps the incumbent at ``budget`` (default: the run's); the
-        partner controller acts deterministically, as in training. A new layer controller
-        gives about ``agent.layer_moves``. Nothing is scored.
+        partner controller acts deterministically, as in training. A new controller gives about
+        ``agent.layer_moves`` or ``agent.channel_moves``. Nothing is scored.
 
         Raises:
             ConfigError: ``name`` is not a learned coefficient-form controller of this search.

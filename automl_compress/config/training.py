@@ -143,6 +143,9 @@ class AgentConfig:
             neutral bonus is set to give this; 1: one coefficient an episode, as SPDY's local
             search ends up moving); None gives the layer controller ``neutral_prior`` as well
             (the previous default: 4 at every depth).
+        channel_moves: action='coefficient': the same for the channel controller, over all the
+            episode's group decisions (every layer's groups); None (the default) gives it
+            ``neutral_prior``, which moves 0.128 of the groups an episode (37 of minilm_l6's 288).
         warmup_episodes: action='coefficient' with a learned layer controller: episodes of
             uniformly random layer moves from the incumbent before a new run's training (SPDY's
             random starting vectors), each scored like any episode and kept as the incumbent
@@ -182,6 +185,7 @@ class AgentConfig:
     metric_fraction: float = 1.0
     neutral_prior: float = 4.0
     layer_moves: float | None = 1.0
+    channel_moves: float | None = None
     warmup_episodes: int = 0
 
     def __post_init__(self) -> None:
@@ -215,8 +219,10 @@ class AgentConfig:
         if self.warmup_episodes < 0:
             raise ConfigError(f"agent.warmup_episodes must be >= 0, found "
                               f"{self.warmup_episodes}")
-        if self.layer_moves is not None and not self.layer_moves > 0.0:
-            raise ConfigError(f"agent.layer_moves must be > 0, found {self.layer_moves}")
+        for key in ("layer_moves", "channel_moves"):
+            moves = getattr(self, key)
+            if moves is not None and not moves > 0.0:
+                raise ConfigError(f"agent.{key} must be > 0, found {moves}")
         if not 0.0 <= self.ent_coef < 1.0:
             raise ConfigError(f"agent.ent_coef must be in [0, 1), found {self.ent_coef}")
         if not 0.0 < self.learning_rate < 1.0:

@@ -205,35 +205,47 @@ def test_final_candidates_measured_as_one_batch_match_one_by_one():
 
 @pytest.mark.parametrize("moves", [0.5, 2.0])
 def test_a_new_layer_controller_moves_layer_moves_coefficients_an_episode(tables, moves):
-    import torch
-
     cfg = _cfg(layer_moves=moves)
     s = _search(cfg, tables)
     levels = cfg.env.coef_levels
-    neutral = (levels - 1) // 2
-
-    def p_neutral(name):
-        env = s.envs[name]
-        obs, _ = env.reset(seed=0)
-        model = s.models[name]
-        o = torch.as_tensor(np.asarray(obs)[None], dtype=torch.float32)
-        mask = np.ones((1, levels), dtype=bool)
-        with torch.no_grad():
-            probs = model.policy.get_distribution(o, action_masks=mask).distribution.probs
-        return float(probs[0, neutral])
-
     # the initial action net adds logits of about 0.01 to the bias: a few percent off at most
-    expected = len(tables) * (1.0 - p_neutral("layer_controller"))
+    expected = len(tables) * (1.0 - _p_neutral(s, "layer_controller", levels))
     assert expected == pytest.approx(moves, rel=0.05)
     bonus = cfg.agent.neutral_prior
     p_channel = math.exp(bonus) / (math.exp(bonus) + levels - 1)
-    assert p_neutral("channel_controller") == pytest.approx(p_channel, rel=0.02)
+    assert _p_neutral(s, "channel_controller", levels) == pytest.approx(p_channel, rel=0.02)
     # the same read along a whole episode, as TensorBoard and bench/search.py report it
     assert s.expected_moves("layer_controller") == pytest.approx(moves, rel=0.05)
     groups = sum(len(g) for g in s._reference_env().groups)
     assert s.expected_moves("channel_controller") == pytest.approx(groups * (1 - p_channel),
                                                                    rel=0.1)
     s.close()
+
+
+@pytest.mark.parametrize("moves", [1.0, 3.0])
+def test_a_new_channel_controller_moves_channel_moves_groups_an_episode(tables, moves):
+    cfg = _cfg(channel_moves=moves)
+    s = _search(cfg, tables)
+    groups = sum(len(g) for g in s._reference_env().groups)
+    assert groups > 3 * moves  # the setting is below the neutral_prior's moves here
+    p = _p_neutral(s, "channel_controller", cfg.env.coef_levels)
+    assert groups * (1.0 - p) == pytest.approx(moves, rel=0.05)
+    assert s.expected_moves("channel_controller") == pytest.approx(moves, rel=0.1)
+    assert s.expected_moves("layer_controller") == pytest.approx(cfg.agent.layer_moves, rel=0.05)
+    s.close()
+
+
+def _p_neutral(s, name, levels):
+    """The probability of the neutral action at the first decision of ``name``'s env."""
+    import torch
+
+    env = s.envs[name]
+    obs, _ = env.reset(seed=0)
+    o = torch.as_tensor(np.asarray(obs)[None], dtype=torch.float32)
+    mask = np.ones((1, levels), dtype=bool)
+    with torch.no_grad():
+        probs = s.models[name].policy.get_distribution(o, action_masks=mask).distribution.probs
+    return float(probs[0, (levels - 1) // 2])
 
 
 def test_expected_moves_names_a_controller_it_cannot_read(tables):
@@ -252,6 +264,8 @@ def test_layer_moves_bonus_is_never_below_the_uniform_policy():
         moves_bonus(5, 9, 0.0)
     with pytest.raises(ConfigError, match="agent.layer_moves"):
         load_config(None, ["agent.layer_moves=0"])
+    with pytest.raises(ConfigError, match="agent.channel_moves must be > 0, found -1"):
+        load_config(None, ["agent.channel_moves=-1"])
 
 
 def test_warm_up_scores_random_episodes_before_training_and_no_model_learns_from_them(tables):
