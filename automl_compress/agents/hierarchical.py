@@ -52,6 +52,11 @@ from automl_compress.plan import CompressionPlan
 from automl_compress.search.evaluator import Evaluator
 
 
+def _decisions(env: CoefficientEnv, name: str) -> int:
+    """Controller ``name``'s decisions in one episode of ``env``: a layer's, or every group's."""
+    return len(env.tables) if name == "layer_controller" else sum(len(g) for g in env.groups)
+
+
 class Search:
     """Builds the envs and SB3 models of one configuration over one model's tables.
 
@@ -127,9 +132,8 @@ class Search:
         moves = a.layer_moves if name == "layer_controller" else a.channel_moves
         if moves is None:
             return a.neutral_prior
-        decisions = (len(self.tables) if name == "layer_controller"
-                     else sum(len(g) for g in self._reference_env().groups))
-        return controllers.moves_bonus(decisions, self.cfg.env.coef_levels, moves)
+        return controllers.moves_bonus(_decisions(self._reference_env(), name),
+                                       self.cfg.env.coef_levels, moves)
 
     # ---------------------------------------------------------------------------------------
 
@@ -288,8 +292,7 @@ class Search:
         model = self.models[name]
         budget = self.cfg.env.budget_bits if budget is None else budget
         obs, _ = env.reset(seed=self.cfg.seed, options={"budget": budget})
-        decisions = (len(env.tables) if name == "layer_controller"
-                     else sum(len(g) for g in env.groups))
+        decisions = _decisions(env, name)
         total = 0.0
         with torch.no_grad():
             for i in range(decisions):
