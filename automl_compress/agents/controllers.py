@@ -34,8 +34,8 @@ def make_ppo(env: Any, acfg: AgentConfig, seed: int):
     return MaskablePPO(
         "MlpPolicy", env, n_steps=acfg.n_steps, batch_size=acfg.batch_size,
         n_epochs=acfg.n_epochs, learning_rate=acfg.learning_rate, gamma=1.0, gae_lambda=0.95,
-        ent_coef=acfg.ent_coef, seed=seed, verbose=0, device="cpu",
-        policy_kwargs={"net_arch": list(NET_ARCH)},
+        ent_coef=acfg.ent_coef, normalize_advantage=acfg.normalize_advantage, seed=seed,
+        verbose=0, device="cpu", policy_kwargs={"net_arch": list(NET_ARCH)},
     )
 
 

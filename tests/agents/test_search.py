@@ -185,6 +185,14 @@ def test_the_entropy_bonus_reaches_both_ppo_controllers(tables):
     s.close()
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_advantage_normalisation_reaches_both_ppo_controllers(tables, normalize):
+    s = _search(_cfg(normalize_advantage=normalize), tables)
+    assert {n: m.normalize_advantage for n, m in s.models.items()} == {
+        "layer_controller": normalize, "channel_controller": normalize}
+    s.close()
+
+
 def test_final_candidates_measured_as_one_batch_match_one_by_one():
     def score(plan, fraction):
         return float(plan.layers["l"].row_bits[0])
