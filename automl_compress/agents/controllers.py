@@ -20,21 +20,35 @@ from typing import Any
 
 import numpy as np
 
-from automl_compress.config import AgentConfig
+from automl_compress.config import AgentConfig, Config
 
 ALGORITHMS = {"layer_controller": "MaskablePPO", "channel_controller": "MaskablePPO",
               "flat": "MaskablePPO", "haq": "DDPG"}
 NET_ARCH = (64, 64)
 
 
-def make_ppo(env: Any, acfg: AgentConfig, seed: int):
+def normalizes_advantage(cfg: Config) -> bool:
+    """Whether the PPO controllers standardise their advantages (``agent.normalize_advantage``).
+
+    Unset, off where the rewards are the incumbent's rare improvements (the coefficient form with
+    ``env.coef_anchor='best'``), on (SB3's default) elsewhere.
+    """
+    a = cfg.agent
+    if a.normalize_advantage is not None:
+        return a.normalize_advantage
+    return not (a.form == "hierarchical" and a.action == "coefficient"
+                and cfg.env.coef_anchor == "best")
+
+
+def make_ppo(env: Any, cfg: Config, seed: int):
     """A MaskablePPO model on ``env`` with the configured hyper-parameters (CPU)."""
     from sb3_contrib import MaskablePPO
 
+    acfg = cfg.agent
     return MaskablePPO(
         "MlpPolicy", env, n_steps=acfg.n_steps, batch_size=acfg.batch_size,
         n_epochs=acfg.n_epochs, learning_rate=acfg.learning_rate, gamma=1.0, gae_lambda=0.95,
-        ent_coef=acfg.ent_coef, normalize_advantage=acfg.normalize_advantage, seed=seed,
+        ent_coef=acfg.ent_coef, normalize_advantage=normalizes_advantage(cfg), seed=seed,
         verbose=0, device="cpu", policy_kwargs={"net_arch": list(NET_ARCH)},
     )
 

@@ -111,7 +111,7 @@ class Search:
             elif n == "haq":
                 m = controllers.make_ddpg(self.envs[n], cfg.agent, cfg.seed + i)
             else:
-                m = controllers.make_ppo(self.envs[n], cfg.agent, cfg.seed + i)
+                m = controllers.make_ppo(self.envs[n], cfg, cfg.seed + i)
                 if self.coefficient:
                     controllers.favour_action(m, self._reference_env().neutral,
                                               self._initial_bonus(n))

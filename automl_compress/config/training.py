@@ -164,10 +164,13 @@ class AgentConfig:
             moves an episode went from 1 to 1.7–4.9 on user_model over 256 evaluations
             (docs/benchmarks.md §2, "The entropy bonus").
         normalize_advantage: standardise PPO's advantages within every minibatch (SB3's
-            ``normalize_advantage``). With the incumbent anchor most minibatches carry no reward,
-            and standardising turns their near-zero advantages (the value estimates' residue) into
-            unit-size ones: each such update then moves the policy as far as a paid one, in a
-            direction that is noise.
+            ``normalize_advantage``). None (the default): off for the coefficient form with
+            the incumbent anchor, on (SB3's default) for every other PPO form. With the
+            incumbent anchor most minibatches carry no reward, and standardising gives their
+            advantages (the value estimates' residue) unit size, so that such an update moves the
+            policy as far as a paid one; without it the default's test mean rose on minilm_l6 and
+            user_model at 64 and 256 evaluations and fell by one image or frame on digits and
+            crepe_tiny (docs/benchmarks.md §2, "PPO's advantage standardisation").
         round_steps: steps one controller trains before the other takes its turn.
         checkpoint_every: steps between resumable checkpoints.
         final_candidates: deterministic rollouts of the final policy that are evaluated on the
@@ -184,7 +187,7 @@ class AgentConfig:
     n_epochs: int = 10
     learning_rate: float = 1e-3
     ent_coef: float = 0.0
-    normalize_advantage: bool = True
+    normalize_advantage: bool | None = None
     round_steps: int = 1024
     checkpoint_every: int = 1024
     final_candidates: int = 4

@@ -185,11 +185,16 @@ def test_the_entropy_bonus_reaches_both_ppo_controllers(tables):
     s.close()
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_advantage_normalisation_reaches_both_ppo_controllers(tables, normalize):
-    s = _search(_cfg(normalize_advantage=normalize), tables)
+@pytest.mark.parametrize(("action", "setting", "expected"), [
+    ("coefficient", None, False),  # unset: off where only the incumbent's improvements pay
+    ("budget", None, True),  # unset: SB3's default where every step is paid
+    ("coefficient", True, True),
+    ("budget", False, False),
+])
+def test_advantage_normalisation_reaches_both_ppo_controllers(tables, action, setting, expected):
+    s = _search(_cfg(action=action, normalize_advantage=setting), tables)
     assert {n: m.normalize_advantage for n, m in s.models.items()} == {
-        "layer_controller": normalize, "channel_controller": normalize}
+        "layer_controller": expected, "channel_controller": expected}
     s.close()
 
 
