@@ -165,12 +165,13 @@ class AgentConfig:
             (docs/benchmarks.md §2, "The entropy bonus").
         normalize_advantage: standardise PPO's advantages within every minibatch (SB3's
             ``normalize_advantage``). None (the default): off for the coefficient form with
-            the incumbent anchor, on (SB3's default) for every other PPO form. With the
+            the incumbent anchor, on (SB3's default) everywhere else. With the
             incumbent anchor most minibatches carry no reward, and standardising gives their
             advantages (the value estimates' residue) unit size, so that such an update moves the
             policy as far as a paid one; without it the default's test mean rose on minilm_l6 and
-            user_model at 64 and 256 evaluations and fell by one image or frame on digits and
-            crepe_tiny (docs/benchmarks.md §2, "PPO's advantage standardisation").
+            user_model at 64 and 256 evaluations and fell by a few test images or frames over
+            five seeds on digits and crepe_tiny (docs/benchmarks.md §2, "PPO's advantage
+            standardisation").
         round_steps: steps one controller trains before the other takes its turn.
         checkpoint_every: steps between resumable checkpoints.
         final_candidates: deterministic rollouts of the final policy that are evaluated on the
