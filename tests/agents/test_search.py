@@ -185,14 +185,18 @@ def test_the_entropy_bonus_reaches_both_ppo_controllers(tables):
     s.close()
 
 
-@pytest.mark.parametrize(("action", "setting", "expected"), [
-    ("coefficient", None, False),  # unset: off where only the incumbent's improvements pay
-    ("budget", None, True),  # unset: SB3's default where every step is paid
-    ("coefficient", True, True),
-    ("budget", False, False),
+@pytest.mark.parametrize(("action", "anchor", "setting", "expected"), [
+    ("coefficient", "best", None, False),  # unset: off where only the incumbent's improvements pay
+    ("coefficient", "dp", None, True),  # unset: SB3's default where every episode is paid
+    ("budget", "best", None, True),  # and where every step is
+    ("coefficient", "best", True, True),
+    ("budget", "best", False, False),
 ])
-def test_advantage_normalisation_reaches_both_ppo_controllers(tables, action, setting, expected):
-    s = _search(_cfg(action=action, normalize_advantage=setting), tables)
+def test_advantage_normalisation_reaches_both_ppo_controllers(tables, action, anchor, setting,
+                                                              expected):
+    cfg = _cfg(action=action, normalize_advantage=setting)
+    cfg = dataclasses.replace(cfg, env=dataclasses.replace(cfg.env, coef_anchor=anchor))
+    s = _search(cfg, tables)
     assert {n: m.normalize_advantage for n, m in s.models.items()} == {
         "layer_controller": expected, "channel_controller": expected}
     s.close()
