@@ -170,8 +170,8 @@ class AgentConfig:
             advantages (the value estimates' residue) unit size, so that such an update moves the
             policy as far as a paid one; without it the default's test mean rose on minilm_l6 and
             user_model at 64 and 256 evaluations and fell by a few test images or frames over
-            five seeds on digits and crepe_tiny (docs/benchmarks.md §2, "PPO's advantage
-            standardisation").
+            five seeds on digits and on crepe_tiny at 64 (level at 256; docs/benchmarks.md §2,
+            "PPO's advantage standardisation").
         round_steps: steps one controller trains before the other takes its turn.
         checkpoint_every: steps between resumable checkpoints.
         final_candidates: deterministic rollouts of the final policy that are evaluated on the
