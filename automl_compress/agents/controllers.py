@@ -36,8 +36,7 @@ def normalizes_advantage(cfg: Config) -> bool:
     a = cfg.agent
     if a.normalize_advantage is not None:
         return a.normalize_advantage
-    return not (a.form == "hierarchical" and a.action == "coefficient"
-                and cfg.env.coef_anchor == "best")
+    return not (a.coefficient_form and cfg.env.coef_anchor == "best")
 
 
 def make_ppo(env: Any, cfg: Config, seed: int):

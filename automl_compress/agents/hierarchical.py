@@ -87,7 +87,7 @@ class Search:
         if evaluator is None and metric_fn is not None:
             evaluator = Evaluator(lambda p, f: metric_fn(p), lambda f: 1)
         a = cfg.agent
-        self.coefficient = a.form == "hierarchical" and a.action == "coefficient"
+        self.coefficient = a.coefficient_form
         every = 1 if self.coefficient else cfg.env.metric_every
         self._dp_plans: dict[float, CompressionPlan] = {}
         self.oracle = None if evaluator is None else MetricOracle(

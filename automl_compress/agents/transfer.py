@@ -44,13 +44,12 @@ def spec_of(cfg: Config) -> dict[str, Any]:
     """The parts of a config that fix the meaning of the policy's spaces."""
     bits = sorted(int(b) for b in cfg.menu.bits)
     a = cfg.agent
-    coefficient = a.form == "hierarchical" and a.action == "coefficient"
     env = ({"groups": cfg.env.groups, "coef_levels": cfg.env.coef_levels,
             "coef_span": cfg.env.coef_span, "coef_anchor": cfg.env.coef_anchor}
-           if coefficient else
+           if a.coefficient_form else
            {"groups": cfg.env.groups, "layer_levels": cfg.env.layer_levels,
             "prune_fractions": list(cfg.env.prune_fractions)})
-    layout = features.coef_layout if coefficient else features.budget_layout
+    layout = features.coef_layout if a.coefficient_form else features.budget_layout
     size = layout(bits, len(cfg.menu.patterns)).size
     return {
         "feature_version": features.FEATURE_VERSION,

@@ -198,6 +198,11 @@ class AgentConfig:
     channel_moves: float | None = None
     warmup_episodes: int = 0
 
+    @property
+    def coefficient_form(self) -> bool:
+        """Whether the controllers are the hierarchy deciding DP coefficients (docs/env.md §1.1)."""
+        return self.form == "hierarchical" and self.action == "coefficient"
+
     def __post_init__(self) -> None:
         choices = {
             "form": ("hierarchical", "flat", "haq"),
