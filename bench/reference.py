@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import io
 import os
@@ -44,7 +45,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from automl_compress.solvers import exact_obs_prune, gptq_quantize, obq_quantize  # noqa: E402
-from automl_compress.solvers.refine import fast_quantize, polish  # noqa: E402
+from automl_compress.solvers.refine import (  # noqa: E402
+    DEFAULT_BLOCK,
+    DEFAULT_CARRY,
+    fast_quantize,
+    polish,
+)
 from bench.solvers import make_layer  # noqa: E402
 
 TUNABLES = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
@@ -205,17 +211,21 @@ def nm_cell(ref: Reference, Ws: torch.Tensor, H: torch.Tensor, rep: int) -> str:
 
 
 def gptq_and_fast_cells(ref: Reference, W: torch.Tensor, H: torch.Tensor, b: int, rep: int,
-                        fast: bool) -> list[str]:
-    """GPTQ against the reference's, and the fast mode against GPTQ's time and OBQ's error (on
-    the whole layer)."""
+                        fast: list[tuple[int, int]]) -> list[str]:
+    """GPTQ against the reference's, and the fast mode at each (block, carry) of ``fast`` against
+    GPTQ's time and OBQ's error (on the whole layer)."""
     r, o, tr, to = pair(lambda: ref.gptq_quant(W, H), lambda: gptq_quantize(W, H, b), max(rep, 3))
     cells = [f"{tr / to:.2f}× ({tr:.3f}/{to:.3f} s), err "
              f"{rel_error(W, o.weight, H) / rel_error(W, r, H):.4f}"]
     if fast:
-        _, f, _, tf = pair(lambda: None, lambda: fast_quantize(W, H, b), max(rep, 3))
         full = rel_error(W, obq_quantize(W, H, b, damp=0.0).weight, H)
-        cells.append(f"{tf / tr:.2f}× GPTQ-ref time, {tf / to:.2f}× ours; "
-                     f"err {rel_error(W, f.weight, H) / full:.3f}× OBQ")
+        parts = []
+        for block, carry in fast:
+            run = functools.partial(fast_quantize, W, H, b, block_size=block, carry=carry)
+            _, f, _, tf = pair(lambda: None, run, max(rep, 3))
+            parts.append(f"B {block} carry {carry}: {tf / tr:.2f}× GPTQ-ref time, "
+                         f"{tf / to:.2f}× ours; err {rel_error(W, f.weight, H) / full:.3f}× OBQ")
+        cells.append("; ".join(parts))
     return cells
 
 
@@ -232,7 +242,8 @@ def run_shape(ref: Reference, rows: int, cols: int, sub: int, args) -> list[str]
         nm_cell(ref, Ws, H, rep) if "nm" in want else "–",
     ]
     if want & {"gptq", "fast"}:
-        cells += gptq_and_fast_cells(ref, W, H, b, rep, "fast" in want)
+        cells += gptq_and_fast_cells(ref, W, H, b, rep, args.fast_settings if "fast" in want
+                                     else [])
     return cells + ["–"] * (len(COLUMNS) - len(cells))
 
 
@@ -249,7 +260,15 @@ def main() -> None:
     ap.add_argument("--columns", default=",".join(COLUMNS),
                     help="columns to run, of " + ",".join(COLUMNS) + " (fast times against the "
                          "GPTQ reference, so it runs GPTQ too)")
+    ap.add_argument("--fast-settings", default=f"{DEFAULT_BLOCK}:{DEFAULT_CARRY}",
+                    help="fast-mode settings to run, BLOCK:CARRY,... (default the solver's)")
     args = ap.parse_args()
+    try:
+        args.fast_settings = [(int(x), int(y)) for x, y in
+                              (v.split(":") for v in args.fast_settings.split(","))]
+    except ValueError:
+        ap.error(f"--fast-settings takes BLOCK:CARRY,..., e.g. 16:16,64:0; found "
+                 f"{args.fast_settings!r}")
     unknown = set(args.columns.split(",")) - set(COLUMNS)
     if unknown:
         ap.error(f"--columns takes {','.join(COLUMNS)}, found {','.join(sorted(unknown))}")

@@ -38,8 +38,9 @@ from automl_compress.specs import Task, model_fingerprint
 __all__ = ["SOLVER_VERSION", "build_database", "fingerprints"]
 
 #: 2: sparse options honour solver.quant, float32 greedy solves; 3: the fast mode is the block
-#: greedy of solvers/refine.py, and 1-opt follows every quantization solver (solver.polish).
-SOLVER_VERSION = "3"
+#: greedy of solvers/refine.py, and 1-opt follows every quantization solver (solver.polish);
+#: 4: the fast mode's greedy runs on a sliding window (a row carries hard weights past a block).
+SOLVER_VERSION = "4"
 
 
 def fingerprints(task: Task, cfg: Config) -> dict[str, Any]:

@@ -156,6 +156,28 @@ class LazyInverse:
         self.fixed.scatter_(1, P, True)
         self._queued(c)
 
+    def refill(self, slots: torch.Tensor, w: torch.Tensor, side: torch.Tensor,
+               corner: torch.Tensor) -> None:
+        """Put new coordinates in fixed slots: the inverse grows by a border, the rest stays.
+
+        Needs stacked inverses, nothing pending (:meth:`flush`) and no compaction.
+
+        :param slots: (R, c) fixed slots that take the new coordinates.
+        :param w: (R, c) their working weights.
+        :param side: (R, n, c) their columns of the inverse at every slot (zero at fixed ones).
+        :param corner: (R, c, c) the inverse among themselves.
+        """
+        if self.k or self.shared or self.compact:
+            raise ValueError("refill needs stacked inverses, no pending downdates, no compaction")
+        R, n = self.w.shape
+        c = slots.shape[1]
+        self.base.scatter_(2, slots[:, None, :].expand(R, n, c), side)
+        self.base.scatter_(1, slots[:, :, None].expand(R, c, n), side.transpose(1, 2))
+        at = (slots[:, :, None] * n + slots[:, None, :]).view(R, c * c)
+        self.base.view(R, n * n).scatter_(1, at, corner.reshape(R, c * c))
+        self.w.scatter_(1, slots, w)
+        self.diag.scatter_(1, slots, torch.diagonal(corner, dim1=1, dim2=2))
+
     def close(self, mask: torch.Tensor) -> None:
         """Never let an argmax pick the slots in ``mask`` (R, n) again (they stay free)."""
         self.closed = mask if self.closed is None else self.closed | mask

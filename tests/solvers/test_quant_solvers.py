@@ -86,42 +86,48 @@ def _naive_greedy_obq(w, H, scale, zero, maxq, free, outlier_rule=True):
     return w, order
 
 
-def _naive_block_greedy(w, H, scale, zero, maxq, order, B, prune):
-    """The fast mode by definition: OBQ's greedy may only pick inside the current block of B
-    columns (of ``order``), and every OBS step corrects every free weight at once, later blocks
-    included; weights in ``prune`` are fixed to 0 first."""
+def _naive_window_greedy(w, H, scale, zero, maxq, order, B, carry, prune):
+    """The fast mode by definition: the columns of ``order`` enter B at a time whenever the row
+    holds at most ``carry`` entered, unfixed weights; OBQ's greedy may only pick among those, and
+    every OBS step corrects every free weight at once, the columns not entered included; weights
+    in ``prune`` are fixed to 0 first."""
     w = w.clone()
     free = list(order)
-    for i1 in range(0, len(order), B):
-        todo = list(order[i1:i1 + B])
-        while todo:
-            Hinv = torch.linalg.inv(H[free][:, free])
-            x = w[free]
-            q = scale * (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero)
-            pos = [free.index(c) for c in todo]
-            cut = [j for j, c in zip(pos, todo, strict=True) if prune[c]]
-            err2 = (x - q) ** 2
-            if cut:
-                k = cut[0]
-                q[k] = 0.0
-            else:
-                e2 = err2[pos]
-                k = pos[int(torch.argmax(e2))] if bool((e2 > scale**2 / 4).any()) else pos[
-                    int(torch.argmin(e2 / torch.diagonal(Hinv)[pos]))]
-            w[free] = x - (x[k] - q[k]) / Hinv[k, k] * Hinv[:, k]
-            w[free[k]] = q[k]
-            todo.remove(free.pop(k))
+    entered, held = 0, []
+    while held or entered < len(order):
+        if entered < len(order) and len(held) <= carry:
+            held += order[entered:entered + B]
+            entered += B
+            continue
+        Hinv = torch.linalg.inv(H[free][:, free])
+        x = w[free]
+        q = scale * (torch.clamp(torch.round(x / scale) + zero, 0, maxq) - zero)
+        pos = [free.index(c) for c in held]
+        cut = [j for j, c in zip(pos, held, strict=True) if prune[c]]
+        err2 = (x - q) ** 2
+        if cut:
+            k = cut[0]
+            q[k] = 0.0
+        else:
+            e2 = err2[pos]
+            k = pos[int(torch.argmax(e2))] if bool((e2 > scale**2 / 4).any()) else pos[
+                int(torch.argmin(e2 / torch.diagonal(Hinv)[pos]))]
+        w[free] = x - (x[k] - q[k]) / Hinv[k, k] * Hinv[:, k]
+        w[free[k]] = q[k]
+        held.remove(free.pop(k))
     return w
 
 
-@pytest.mark.parametrize(("block", "act_order", "masked"), [
-    (1, True, False), (4, False, False), (5, True, False), (4, True, True), (12, False, True),
+@pytest.mark.parametrize(("block", "carry", "act_order", "masked"), [
+    (1, 0, True, False), (4, 0, False, False), (5, 0, True, False), (4, 0, True, True),
+    (12, 0, False, True), (3, 4, True, False), (4, 5, False, True), (2, 9, True, True),
 ])
-def test_fast_mode_is_obq_inside_blocks_and_a_fixed_order_across_them(
-    block, act_order, masked, make_layer
+def test_fast_mode_is_obq_on_a_sliding_window_of_a_fixed_order(
+    block, carry, act_order, masked, make_layer
 ):
-    """Deferring the later columns' correction to the end of each block gives exactly the
-    greedy that corrects them at every step (block 1 is GPTQ in that order, block = cols OBQ)."""
+    """Optimising the columns not entered yet out of each row's window gives exactly the greedy
+    that corrects them at every step (carry 0: blocks, block 1 is GPTQ; carry + block = cols
+    is OBQ)."""
     rows, cols = 16, 12
     L = make_layer(rows, cols, seed=21)
     D = torch.linspace(0.4, 2.5, cols, dtype=torch.float64).diag()
@@ -129,26 +135,29 @@ def test_fast_mode_is_obq_inside_blocks_and_a_fixed_order_across_them(
     W, mask = L.W, None
     if masked:  # the dense weights under the mask: fixing the pruned ones first compensates
         mask = exact_obs_prune(L.W, H, sparsity=0.5).mask
-    res = fast_quantize(W, H, 4, block_size=block, act_order=act_order, one_opt_polish=False,
-                        mask=mask, dtype=torch.float64)
+    res = fast_quantize(W, H, 4, block_size=block, carry=carry, act_order=act_order,
+                        one_opt_polish=False, mask=mask, dtype=torch.float64)
     Hd = prepare_hessian(H, DEFAULT_DAMP).H
     order = column_order(Hd, act_order).tolist()
     prune = torch.zeros(rows, cols, dtype=torch.bool) if mask is None else ~mask
     for r in range(rows):
-        w = _naive_block_greedy(W[r], Hd, res.scale[r], res.zero[r], 15, order, block, prune[r])
+        w = _naive_window_greedy(W[r], Hd, res.scale[r], res.zero[r], 15, order, block, carry,
+                                 prune[r])
         torch.testing.assert_close(res.weight[r], w, rtol=0, atol=1e-9)
-    if block == 1 and not masked:
+    if block == 1 and carry == 0 and not masked:
         gptq = gptq_quantize(W, H, 4, act_order=act_order, dtype=torch.float64)
         assert torch.equal(res.codes(), gptq.codes())
 
 
-def test_fast_mode_at_full_width_is_obq_and_1_opt_only_lowers_it(make_layer):
+@pytest.mark.parametrize(("block", "carry"), [(24, 0), (4, 20), (24, 16)])
+def test_fast_mode_at_full_width_is_obq_and_1_opt_only_lowers_it(block, carry, make_layer):
     L = make_layer(10, 24, seed=22)
     obq = obq_quantize(L.W, L.H, 4, dtype=torch.float64)
-    full = fast_quantize(L.W, L.H, 4, block_size=24, act_order=False, one_opt_polish=False,
-                         dtype=torch.float64)
+    full = fast_quantize(L.W, L.H, 4, block_size=block, carry=carry, act_order=False,
+                         one_opt_polish=False, dtype=torch.float64)
     assert torch.equal(full.codes(), obq.codes())
-    polished = fast_quantize(L.W, L.H, 4, block_size=24, act_order=False, dtype=torch.float64)
+    polished = fast_quantize(L.W, L.H, 4, block_size=block, carry=carry, act_order=False,
+                             dtype=torch.float64)
     assert torch.all(polished.row_error <= obq.row_error + 1e-15)
 
 
