@@ -40,6 +40,7 @@ def test_round_trip_through_yaml(tmp_path):
         ("eval.bn_reestimate=sometimes", "or on/off"),
         ("eval.bias_correction=maybe", "must be true or false"),
         ("solver.quant=off", "found 'off'"),
+        ("solver.fast_carry=-1", "solver.fast_carry must be an int >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -122,9 +122,9 @@ class SolverConfig:
     """How layers are solved (the registry: automl_compress/solvers/registry.py).
 
     Attributes:
-        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (OBQ inside column
-            blocks, GPTQ across them, 1-opt); every option uses it, sparse ones on their kept
-            weights.
+        quant: 'obq' (exact greedy), 'gptq' (fixed order), or 'fast' (OBQ's greedy on a sliding
+            window of GPTQ's column order, 1-opt); every option uses it, sparse ones on their
+            kept weights.
         prune: 'exact_obs' (exact greedy), 'sparsegpt' (fixed order; with quant 'gptq' one
             joint prune + quantize pass) or 'chita' (ExactOBS's mask refined by swaps).
         symmetric: symmetric per-row grid (else asymmetric).
@@ -135,6 +135,8 @@ class SolverConfig:
             this many seconds use the fast mode instead (None: always OBQ).
         polish: 1-opt after the quantization solver (never raises a row's error; OBQ's codes
             then differ from the paper's greedy in the rows it improves).
+        fast_carry: the fast mode's window: unfixed weights a row carries past a block of 16
+            columns (docs/solvers.md §7). More is closer to OBQ for (16 + carry)² work a step.
     """
 
     quant: str = "obq"
@@ -145,6 +147,7 @@ class SolverConfig:
     row_batch: int | None = None
     exact_max_s: float | None = None
     polish: bool = True
+    fast_carry: int = 16
 
     def __post_init__(self) -> None:
         for key, names in (("quant", QuantSolver), ("prune", PruneSolver)):
@@ -164,6 +167,12 @@ class SolverConfig:
         if self.exact_max_s is not None and self.exact_max_s <= 0:
             raise ConfigError(
                 f"solver.exact_max_s must be null or > 0 seconds, found {self.exact_max_s}"
+            )
+        if isinstance(self.fast_carry, bool) or not isinstance(self.fast_carry, int) \
+                or self.fast_carry < 0:
+            raise ConfigError(
+                f"solver.fast_carry must be an int >= 0 (weights a row carries past a block), "
+                f"found {self.fast_carry!r}"
             )
 
 

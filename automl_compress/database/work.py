@@ -60,6 +60,7 @@ def solve_options(pattern: str, bits: int, cfg: SolverConfig, area: int = 1,
         kernel_area=area,
         allocation="uniform",  # one exact count per row, so every row's stored cost is exact
         polish=cfg.polish,
+        carry=cfg.fast_carry,
         factors=factors,
     )
 

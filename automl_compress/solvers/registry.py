@@ -31,7 +31,7 @@ from automl_compress.solvers.hessian import DEFAULT_DAMP, InverseFactors
 from automl_compress.solvers.numerics import auto_row_batch
 from automl_compress.solvers.obq import obq_quantize
 from automl_compress.solvers.quantizer import GridSpec
-from automl_compress.solvers.refine import fast_quantize, polish
+from automl_compress.solvers.refine import DEFAULT_CARRY, fast_quantize, polish
 from automl_compress.solvers.result import SolveResult, on_mask
 from automl_compress.solvers.sparsegpt import sparsegpt_prune
 
@@ -41,7 +41,7 @@ class QuantSolver(StrEnum):
 
     OBQ = "obq"  #: exact greedy per row (OBC)
     GPTQ = "gptq"  #: fixed column order
-    FAST = "fast"  #: OBQ inside column blocks, fixed order across them, then 1-opt
+    FAST = "fast"  #: OBQ on a sliding window of a fixed column order, then 1-opt
 
 
 class PruneSolver(StrEnum):
@@ -69,6 +69,7 @@ class SolveOptions:
         same count, so every row's cost is exact) or "global" (counts chosen for the layer).
     :param polish: 1-opt after every quantization solver (``refine.polish``: never raises a
         row's error; at most about 2 % of an OBQ pass, docs/solvers.md §9.1).
+    :param carry: the fast mode's window, unfixed weights a row carries past a block.
     :param factors: H's prepared form and inverse factors, shared by the solves of one H (a
         memo, not an option: no result depends on it); the fixed-order solvers (GPTQ,
         SparseGPT, fast) read it, the greedy ones factor per row and have nothing to share.
@@ -84,6 +85,7 @@ class SolveOptions:
     kernel_area: int = 1
     allocation: str = "uniform"
     polish: bool = True
+    carry: int = DEFAULT_CARRY
     factors: InverseFactors | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -138,7 +140,7 @@ def _gptq(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor 
 def _fast(W: torch.Tensor, H: torch.Tensor, o: SolveOptions, mask: torch.Tensor | None):
     return fast_quantize(W, H, o.bits, mask=mask, grid=o.grid, damp=o.damp,
                          row_batch=o.row_batch, dtype=o.dtype, one_opt_polish=o.polish,
-                         factors=o.factors)
+                         carry=o.carry, factors=o.factors)
 
 
 def _exact_obs(W: torch.Tensor, H: torch.Tensor, o: SolveOptions) -> SolveResult:

@@ -12,7 +12,7 @@ from _layers import make_layer
 from automl_compress.capture import LayerHessian
 from automl_compress.config import MenuConfig, SolverConfig
 from automl_compress.database import solve, work
-from automl_compress.solvers import obq_quantize, registry
+from automl_compress.solvers import fast_quantize, obq_quantize, registry
 from automl_compress.solvers.registry import PruneSolver, QuantSolver, SolveOptions
 from automl_compress.specs import LayerInfo
 
@@ -105,6 +105,22 @@ def test_fast_mode_takes_over_above_the_configured_time():
     assert work.quant_solver(cfg, 64, 64) is QuantSolver.OBQ
     assert work.quant_solver(cfg, 4096, 4096) is QuantSolver.FAST
     assert work.quant_solver(SolverConfig(quant="obq"), 4096, 4096) is QuantSolver.OBQ
+
+
+def test_solver_fast_carry_reaches_the_fast_mode():
+    """The configured window is the one the fast mode runs (carry 0 and 6 differ on this
+    layer, so a dropped setting shows)."""
+    L = make_layer(12, 40, seed=25)
+    W = L.W.float()
+    codes = {}
+    for carry in (0, 6):
+        opts = work.solve_options("dense", 3, SolverConfig(quant="fast", fast_carry=carry))
+        assert opts.carry == carry
+        res = registry.solve(W, L.H, opts, QuantSolver.FAST, PruneSolver.EXACT_OBS)
+        direct = fast_quantize(W, L.H, 3, carry=carry, damp=opts.damp, grid=opts.grid)
+        assert torch.equal(res.codes(), direct.codes())
+        codes[carry] = res.codes()
+    assert not torch.equal(codes[0], codes[6])
 
 
 @pytest.mark.parametrize("pattern", [{"n_m": (2, 4)}, {"sparsity": 0.5}])
