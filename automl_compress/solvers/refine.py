@@ -43,7 +43,7 @@ from automl_compress.solvers.quantizer import GridSpec, fit_grid
 from automl_compress.solvers.result import SolveResult
 
 #: Columns entering the window at once, and unfixed weights a row carries past a block's end
-#: (docs/solvers.md §9.1: about the block greedy's time at 3–5 points less error).
+#: (docs/solvers.md §9.1: 0–20 % over the block greedy's time at 4–6 points less error).
 DEFAULT_BLOCK = 16
 DEFAULT_CARRY = 16
 
