@@ -17,12 +17,13 @@ import importlib.util
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-# the synthetic layer of the solver bench (bench/ is on sys.path when run)
+# the synthetic layer of the solver bench and the side-by-side bench's helpers (bench/ is on
+# sys.path when run)
+from reference import rel_error, timed
 from solvers import make_layer
 
 from automl_compress.solvers import gptq_quantize, obq_quantize
@@ -36,26 +37,19 @@ def old_fast(rev: str):
     """``fast_quantize`` of refine.py at git revision ``rev``."""
     src = subprocess.run(["git", "-C", str(ROOT), "show", f"{rev}:{REFINE}"],
                          capture_output=True, text=True, check=True).stdout
-    path = Path(tempfile.mkdtemp()) / "refine_at_rev.py"
-    path.write_text(src)
-    spec = importlib.util.spec_from_file_location("refine_at_rev", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "refine_at_rev.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location("refine_at_rev", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
     return mod.fast_quantize
 
 
-def rel_error(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
-    E = W_hat.double() - W.double()
-    return float(((E @ H) * E).sum())
-
-
 def best_of(fn, repeats: int):
-    out, times = None, []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - t)
-    return out, min(times)
+    """(last output, fastest of ``repeats`` timed calls)."""
+    runs = [timed(fn) for _ in range(repeats)]
+    return runs[-1][0], min(t for _, t in runs)
 
 
 def main() -> None:
