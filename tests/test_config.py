@@ -20,6 +20,11 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.task == Config().task
 
 
+def test_budget_draw_is_gap_unless_set():
+    assert Config().env.budget_draw == "gap"
+    assert load_config(None, ["env.budget_draw=uniform"]).env.budget_draw == "uniform"
+
+
 def test_round_trip_through_yaml(tmp_path):
     cfg = load_config(None, ["env.budget_bits=2.5", "seed=7"])
     f = tmp_path / "resolved.yaml"
@@ -41,6 +46,8 @@ def test_round_trip_through_yaml(tmp_path):
         ("eval.bias_correction=maybe", "must be true or false"),
         ("solver.quant=off", "found 'off'"),
         ("solver.fast_carry=-1", "solver.fast_carry must be an int >= 0"),
+        ("env.budget_draw=worst", "env.budget_draw must be one of"),
+        ("env.budget_draw=worst", "found 'worst'"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

@@ -65,7 +65,8 @@ class Search:
         cfg: the resolved config.
         metric_fn: ``plan -> metric``; used when no ``evaluator`` is given (every score then
             counts one evaluation); None: no metric, the best plan is by proxy error.
-        metric_dense: the dense model's metric (the budget form's reward reference).
+        metric_dense: the dense model's validation metric (the budget form's reward reference,
+            the target of the coefficient form's 'gap' budget draw).
         tb_dir: TensorBoard folder (None: no logging).
         progress: the shared step counter.
         models: pre-loaded models by name (apply / resume); built fresh when absent.
@@ -146,6 +147,11 @@ class Search:
         v = self.oracle.measure(self.dp_plan(budget), self.oracle.fraction)
         return float(v) if v is not None else self.metric_dense
 
+    def known_reference(self, budget: float) -> float | None:
+        """:meth:`reference` where it was already measured, else None (nothing is spent)."""
+        assert self.oracle is not None
+        return self.oracle.evaluator.known(self.dp_plan(budget), self.oracle.fraction)
+
     def _final_reserve(self) -> float:
         """Full passes :meth:`finalize` may still spend: its candidates not yet scored in full.
 
@@ -205,7 +211,9 @@ class Search:
                 metric_fn=(lambda p, b: oracle(p)) if oracle is not None else None,
                 reference_fn=self.reference if oracle is not None else None,
                 episode_hook=self.tracker, budgets=self.cfg.env.budgets(),
-                anchors=self.anchors if anchors is None else anchors)
+                anchors=self.anchors if anchors is None else anchors,
+                metric_dense=self.metric_dense if oracle is not None else None,
+                known_reference=self.known_reference if oracle is not None else None)
         kw = self._env_kwargs()
         if name == "haq":
             return HAQEnv(self.tables, self.cfg, **kw)

@@ -26,7 +26,9 @@ incumbent's coefficient at the decision.
 
 Budget: each episode's budget is drawn from ``budgets`` (one budget, or the grid of a
 ``--budget-range``) unless ``reset(options={"budget": B})`` names one; the observation carries it,
-so one policy serves every budget in the range.
+so one policy serves every budget in the range. With ``env.budget_draw='gap'`` a range's draw is
+weighted by what a budget has left to gain (:func:`gap_weights`): the dense metric minus the
+budget's incumbent score (the DP plan's measured score while there is none), plus a floor.
 
 Reward (only at the end, gamma = 1):
 
@@ -75,6 +77,23 @@ from automl_compress.plan import CompressionPlan
 COEF_MODES = ("layer", "channel")
 NEUTRAL = "neutral"
 Policy = Callable[[np.ndarray, np.ndarray], int]
+GAP_FLOOR = 0.1  # the 'gap' draw's floor weight, as a share of the mean gap
+
+
+def gap_weights(gaps: Sequence[float | None], floor: float = GAP_FLOOR) -> np.ndarray:
+    """The 'gap' budget draw's probabilities from each budget's gap below the dense metric.
+
+    A budget's weight is its gap (clipped at 0) plus ``floor`` times the mean gap, so no budget
+    starves; a gap not known yet (None: nothing measured there, and measuring it would spend an
+    evaluation) counts as the largest known one. Uniform while no gap is known or all are 0.
+    """
+    known = [max(float(g), 0.0) for g in gaps if g is not None and math.isfinite(g)]
+    top = max(known, default=0.0)
+    w = np.array([top if g is None or not math.isfinite(g) else max(float(g), 0.0)
+                  for g in gaps])
+    w = w + floor * float(w.mean())
+    total = float(w.sum())
+    return w / total if total > 0 else np.full(len(gaps), 1.0 / len(gaps))
 
 
 @dataclass(frozen=True)
@@ -133,6 +152,11 @@ class CoefficientEnv(gym.Env):
         budgets: the budgets episodes draw from (default: ``cfg.env.budget_bits``).
         anchors: the incumbents with ``env.coef_anchor='best'`` (share one between the envs of
             a search; default: the env's own).
+        metric_dense: the dense model's validation metric, the target of
+            ``env.budget_draw='gap'`` (None: no gap is known, the draw is uniform).
+        known_reference: ``budget -> m_ref or None``: the DP plan's score where it was already
+            measured, without spending an evaluation (the 'gap' draw's score of a budget with no
+            incumbent; None: a budget without incumbent has no known gap).
 
     Raises:
         InfeasibleBudgetError: a budget below the smallest feasible one.
@@ -148,6 +172,8 @@ class CoefficientEnv(gym.Env):
         reference_fn: Callable[[float], float] | None = None,
         episode_hook: Callable[[EpisodeSummary], None] | None = None,
         budgets: Sequence[float] | None = None, anchors: Anchors | None = None,
+        metric_dense: float | None = None,
+        known_reference: Callable[[float], float | None] | None = None,
     ) -> None:
         super().__init__()
         if mode not in COEF_MODES:
@@ -162,6 +188,7 @@ class CoefficientEnv(gym.Env):
         self.anchors = (anchors if anchors is not None else Anchors()) \
             if e.coef_anchor == "best" else None
         self.budgets = tuple(float(b) for b in (budgets or (e.budget_bits,)))
+        self.metric_dense, self.known_reference = metric_dense, known_reference
         self.min_bits = min_feasible_avg_bits(self.tables, cfg.cost)
         for b in self.budgets:
             if b < self.min_bits - 1e-12:
@@ -199,7 +226,7 @@ class CoefficientEnv(gym.Env):
         super().reset(seed=seed)
         budget = (options or {}).get("budget")
         if budget is None:
-            budget = self.budgets[int(self.np_random.integers(len(self.budgets)))]
+            budget = self._draw_budget()
         elif float(budget) < self.min_bits - 1e-12:
             raise InfeasibleBudgetError(float(budget), self.min_bits)
         self._reset_state(float(budget))
@@ -233,6 +260,26 @@ class CoefficientEnv(gym.Env):
 
     # -------------------------------------------------------------------------------------
     # Episode
+
+    def _draw_budget(self) -> float:
+        """An episode's budget from ``budgets``, as ``env.budget_draw`` says."""
+        n = len(self.budgets)
+        if self.cfg.env.budget_draw == "gap" and n > 1:
+            return self.budgets[int(self.np_random.choice(n, p=self.draw_probabilities()))]
+        return self.budgets[int(self.np_random.integers(n))]
+
+    def budget_gap(self, budget: float) -> float | None:
+        """How far ``budget``'s incumbent (else the DP plan's known score) is below dense."""
+        if self.metric_dense is None:
+            return None
+        inc = self.anchors.get(budget) if self.anchors is not None else None
+        m = inc.metric if inc is not None else (
+            self.known_reference(budget) if self.known_reference is not None else None)
+        return None if m is None else float(self.metric_dense) - float(m)
+
+    def draw_probabilities(self) -> np.ndarray:
+        """The 'gap' draw's probability of each of ``budgets`` now (:func:`gap_weights`)."""
+        return gap_weights([self.budget_gap(b) for b in self.budgets])
 
     def _reset_state(self, budget: float) -> None:
         L = len(self.tables)

@@ -16,7 +16,7 @@ from synth import SHAPES, synth_config, synth_tables
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
 from automl_compress.database.allocate import allocate_dp, plan_avg_bits, plan_error
-from automl_compress.envs.coef_env import NEUTRAL, Anchors, CoefficientEnv, Incumbent
+from automl_compress.envs.coef_env import NEUTRAL, Anchors, CoefficientEnv, Incumbent, gap_weights
 from automl_compress.errors import InfeasibleBudgetError
 from automl_compress.search import Evaluator
 
@@ -284,3 +284,95 @@ def test_neutral_partner_is_the_default(tables):
     env = CoefficientEnv(tables, synth_config(3.0), mode="channel", layer_policy=NEUTRAL)
     s, _ = _episode(env, lambda e: e.neutral)
     assert s.steps == sum(len(g) for g in env.groups)
+
+
+def test_gap_weights_are_the_gaps_plus_a_floor_and_unknown_gaps_count_as_the_largest():
+    p = gap_weights([0.2, 0.0, None, 0.1, -0.05])
+    gaps = np.array([0.2, 0.0, 0.2, 0.1, 0.0])  # unknown: the largest known gap; above dense: 0
+    w = gaps + 0.1 * gaps.mean()
+    assert p == pytest.approx(w / w.sum())
+    assert p[1] == p[4] == pytest.approx(0.1 * gaps.mean() / w.sum())  # only the floor
+    assert gap_weights([None, None, None]) == pytest.approx([1 / 3] * 3)  # nothing known yet
+    assert gap_weights([0.0, 0.0]) == pytest.approx([0.5, 0.5])
+
+
+def _gap_env(tables, draw="gap", budgets=RANGE, seed=7):
+    # dense 1.0; incumbents at 2.5 (gap 0.4) and 3.5 (at dense: gap 0); the DP plan's score
+    # known at 2.75 (gap 0.2) and 3.0 (gap 0.1); nothing known at 3.25 (the largest gap, 0.4)
+    anchors = Anchors()
+    anchors.offer(2.5, Incumbent((0,), ((0,),), 0.6, 1.0))
+    anchors.offer(3.5, Incumbent((0,), ((0,),), 1.0, 1.0))
+    env = CoefficientEnv(tables, synth_config(3.0, budget_draw=draw, coef_anchor="best"),
+                         mode="layer", budgets=budgets, anchors=anchors, metric_dense=1.0,
+                         known_reference={2.75: 0.8, 3.0: 0.9}.get)
+    env.reset(seed=seed)
+    return env
+
+
+def _draws(env, n):
+    return [env.reset()[1]["budget"] for _ in range(n)]
+
+
+def test_gap_draw_follows_the_gaps_and_is_reproducible(tables):
+    env = _gap_env(tables)
+    p = env.draw_probabilities()
+    w = np.array([0.4, 0.2, 0.1, 0.4, 0.0])
+    w = w + 0.1 * w.mean()
+    assert p == pytest.approx(w / w.sum())
+    n = 6000
+    draws = _draws(env, n)
+    freq = np.array([draws.count(b) for b in RANGE]) / n
+    assert freq == pytest.approx(p, abs=0.02)
+    assert freq[4] < 0.04  # the budget at dense is drawn at the floor rate only (p = 0.0185)
+    assert freq[0] > 0.3 > 1 / len(RANGE)
+    assert _draws(_gap_env(tables), n) == draws  # seeded: the same sequence again
+    assert _draws(_gap_env(tables, seed=8), 50) != draws[:50]
+
+
+def test_uniform_draw_and_single_budgets_are_as_before(tables):
+    from gymnasium.utils.seeding import np_random
+
+    rng, _ = np_random(7)  # the draw before budget_draw existed: integers on the env's generator
+    expected = [RANGE[int(rng.integers(len(RANGE)))] for _ in range(201)]
+    assert _draws(_gap_env(tables, draw="uniform"), 200) == expected[1:]  # after the seeding
+    # one budget: 'gap' draws it as 'uniform' does, with the same use of the generator
+    envs = [_gap_env(tables, draw=d, budgets=(3.0,)) for d in ("uniform", "gap")]
+    assert _draws(envs[0], 20) == _draws(envs[1], 20) == [3.0] * 20
+    assert envs[0].np_random.bit_generator.state == envs[1].np_random.bit_generator.state
+
+
+def _metric_fc1(tables):
+    def metric(plan, fraction):
+        return 0.5 * _fc1_bits(plan) / 8 + 0.01 * math.exp(-plan_error(plan, tables) / 800.0)
+    return metric
+
+
+def test_search_single_budget_runs_are_the_same_with_the_gap_draw(tables):
+    runs = []
+    for draw in ("uniform", "gap"):
+        cfg = _cfg(env={"budget_range": (), "budget_draw": draw})
+        ev = Evaluator(_metric_fc1(tables), lambda f: int(round(100 * f)), budget=12.0)
+        s = Search(tables, cfg, metric_dense=0.9, progress=Progress(512), evaluator=ev)
+        s.train(10_000)
+        runs.append((s.progress.steps, ev.spent, dict(s.anchors.best), s.finalize().plan.key()))
+        s.close()
+    assert runs[0] == runs[1]
+
+
+def test_search_gap_draw_reads_the_incumbents_and_known_references_without_spending(tables):
+    cfg = _cfg(env={"budget_draw": "gap"})
+    ev = Evaluator(_metric_fc1(tables), lambda f: int(round(100 * f)), budget=16.0)
+    s = Search(tables, cfg, metric_dense=0.9, progress=Progress(512), evaluator=ev)
+    s.train(10_000)
+    spent = ev.spent
+    env = s.envs["layer_controller"].unwrapped
+    measured = 0
+    for b in env.budgets:
+        inc = s.anchors.get(b)
+        ref = ev.known(s.dp_plan(b), cfg.agent.metric_fraction)
+        want = 0.9 - inc.metric if inc is not None else (None if ref is None else 0.9 - ref)
+        assert env.budget_gap(b) == (None if want is None else pytest.approx(want))
+        measured += want is not None
+    assert measured >= 2 and ev.spent == spent  # the draw spent no evaluation
+    assert env.draw_probabilities().sum() == pytest.approx(1.0)
+    s.close()
