@@ -47,13 +47,19 @@ from automl_compress.solvers.lstsq import masked_solve
 from automl_compress.solvers.numerics import auto_row_batch, row_argmax, solve_dtype
 from automl_compress.solvers.result import SolveResult
 
-# N:M without compaction queues the whole pass (no flush at all) when its pending factors,
-# rows x steps x cols, fit in this many bytes: a flush is a GEMM over every row's n x n inverse,
-# while the queue is read once per step, so it pays while it stays in the last-level cache; the
-# row batch shrinks to fit it, down to QUEUE_MIN_ROWS rows (docs/solvers.md §9.1)
-QUEUE_BYTES = 16 << 20
-QUEUE_MIN_ROWS = 8
 ALLOCATIONS = ("global", "uniform")
+
+
+def nm_lazy_rank(n: int) -> int:
+    """Pending downdates per flush of an N:M pass without compaction over n columns.
+
+    A flush reads and writes every row's n × n inverse, and every step reads the pending
+    factors (r/2 rows of n entries on average at rank r), so a larger rank trades flushes for
+    longer reads. Measured with ``bench/nm_rank.py`` (docs/solvers.md §9.1) the best rank grows
+    with n: 32 at 256 columns, 64 at 512, 128 at 1024 (64 and 128 level at 1536); so about n/8,
+    in multiples of 16 from 16 to 128.
+    """
+    return min(128, max(16, 16 * round(n / 128)))
 
 
 def channel_major_perm(cols: int, kernel_area: int) -> torch.Tensor:
@@ -170,19 +176,6 @@ def _block_pass(
     return order, losses
 
 
-def _queue_row_batch(R: int, row_bytes: int, chosen: Sequence[object]) -> int:
-    """Rows per batch for a pass that may queue all its downdates (``row_bytes`` of queue a row).
-
-    The queue is read once per step, so the batch shrinks until it fits :data:`QUEUE_BYTES`,
-    unless that leaves fewer than :data:`QUEUE_MIN_ROWS` rows (the pass then flushes), or a
-    caller set anything in ``chosen`` (the row batch, the lazy rank, compaction).
-    """
-    fit = QUEUE_BYTES // max(1, row_bytes)
-    if any(c is not None for c in chosen) or fit < QUEUE_MIN_ROWS:
-        return R
-    return min(R, fit)
-
-
 def _as_levels(sparsity: float | Sequence[float]) -> tuple[list[float], bool]:
     if isinstance(sparsity, (list, tuple)):
         if not sparsity:
@@ -248,8 +241,8 @@ def exact_obs_prune(
     :param row_batch: rows per batch (default: ``numerics.auto_row_batch``).
     :param dtype: working precision (default: ``numerics.solve_dtype``).
     :param lazy_rank: pending rank-1 downdates before one batched GEMM flush (1 = eager; default
-        :data:`DEFAULT_LAZY_RANK`, or for N:M without compaction the whole pass when its queue
-        fits :data:`QUEUE_BYTES`); the result does not depend on it.
+        :data:`DEFAULT_LAZY_RANK`, or for N:M without compaction :func:`nm_lazy_rank`); the
+        result does not depend on it.
     :param active_set: drop the removed coordinates at flushes (same result; default: on, except
         N:M on the CPU, where the shorter pass does not repay the copies).
     :returns: One :class:`SolveResult` (or a list, one per requested level) with ``weight`` in W's
@@ -298,15 +291,10 @@ def exact_obs_prune(
         steps = (cols // m) * (m - n)
         # N:M stops at (M−N)/M of the columns: compaction does not pay for itself on the CPU
         compact = active_set if active_set is not None else dev.type == "cuda"
-        R = _queue_row_batch(R, steps * cols * Wk.element_size(),
-                             chosen=(row_batch, lazy_rank, compact or None))
+        rank = lazy_rank or (DEFAULT_LAZY_RANK if compact else nm_lazy_rank(cols))
         orders, losses, outs = [], [], []
         for s in range(0, rows, R):
             Wb = Wk[s : s + R]
-            rank = lazy_rank or DEFAULT_LAZY_RANK
-            if lazy_rank is None and not compact and \
-                    Wb.shape[0] * steps * cols * Wb.element_size() <= QUEUE_BYTES:
-                rank = max(steps, 1)
             inv = LazyInverse(Wb, Hinv, rank, compact, steps=steps)
             o, l_, _ = greedy_prune(inv, steps, n_m)
             orders.append(o)
