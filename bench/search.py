@@ -49,7 +49,7 @@ from typing import Any
 from automl_compress import pipeline, selection
 from automl_compress.agents.callbacks import Progress
 from automl_compress.agents.hierarchical import Search
-from automl_compress.agents.run import checked_rollout
+from automl_compress.agents.run import by_budget, checked_rollout
 from automl_compress.agents.tracking import MetricOracle
 from automl_compress.config import Config, load_config
 from automl_compress.database.allocate import plan_avg_bits
@@ -115,7 +115,8 @@ def learned(prepared: pipeline.Prepared, cfg: Config, evaluations: float,
     moves = {n: search.expected_moves(n) for n in search.coefficient_controllers()}
     return _row(prepared, best.plan, sel, t0, {"env_steps": search.progress.steps,
                                                "episodes": search.tracker.episodes,
-                                               "expected_moves": moves}), search
+                                               "expected_moves": moves,
+                                               "evaluations_by_budget": by_budget(search)}), search
 
 
 def non_learned(prepared: pipeline.Prepared, cfg: Config, method: str,
@@ -336,6 +337,10 @@ def main(argv: list[str] | None = None) -> int:
                           args.seeds, args.methods[0] if args.methods[0] in LEARNED else
                           "rl-coef")
         print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
+        for label, run in sorted(res["runs"].items()):
+            if label.startswith("range/") and "evaluations_by_budget" in run["trained"]:
+                print(f"{label}: training evaluations by budget "
+                      f"{run['trained']['evaluations_by_budget']}")
         if args.tb:
             tags = range_curves(res, cfg.task.name, Path(args.tb))
             print(f"{len(tags)} TensorBoard curves -> {Path(args.tb) / 'range'}")

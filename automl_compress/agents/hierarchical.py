@@ -92,7 +92,8 @@ class Search:
         every = 1 if self.coefficient else cfg.env.metric_every
         self._dp_plans: dict[float, CompressionPlan] = {}
         self.oracle = None if evaluator is None else MetricOracle(
-            evaluator, every, a.metric_fraction, reserve=self._final_reserve)
+            evaluator, every, a.metric_fraction, reserve=self._final_reserve,
+            budget=cfg.env.budget_bits)
         self.writer = SearchWriter(tb_dir, purge_step) if tb_dir is not None else None
         self.tb_dir = tb_dir
         self.tracker = Tracker(self.tables, self.writer, self.progress, cfg.env.budget_bits)

@@ -110,6 +110,16 @@ def _final_plan(search: Search, cfg: Config, extra_meta: dict[str, Any],
     return CompressionPlan(best_plan.layers, meta=meta), value
 
 
+def by_budget(search: Search) -> dict[str, float]:
+    """The training's validation passes by the budget of the plans they scored (JSON keys).
+
+    The objective and corrections choice before training is not included.
+    """
+    if search.oracle is None:
+        return {}
+    return {f"{b:g}": v for b, v in sorted(search.oracle.by_budget.items())}
+
+
 def _selection(search: Search, calibration: dict[str, Any],
                metric_val: float | None) -> dict[str, Any]:
     o = search.oracle
@@ -246,6 +256,9 @@ class Training:
         if state.get("tracker"):
             search.tracker.restore(state["tracker"])
         search.anchors.restore(state.get("anchors", {}))
+        if search.oracle is not None:
+            search.oracle.by_budget = {float(b): float(v) for b, v in
+                                       state.get("evaluations_by_budget", {}).items()}
         wall0 = float(state.get("wall_seconds", 0.0))
         key = incumbent_key(prepared)  # the corrections and objective are chosen by now
         if search.writer is not None:
@@ -257,7 +270,8 @@ class Training:
                 "steps": prog.steps, "total_steps": self.total_steps,
                 "tracker": search.tracker.state(), "anchors": search.anchors.state(),
                 "incumbent_key": key, "metric_calls": ev.calls,
-                "samples": ev.samples, "wall_seconds": wall0 + time.perf_counter() - t0})
+                "samples": ev.samples, "wall_seconds": wall0 + time.perf_counter() - t0,
+                "evaluations_by_budget": by_budget(search)})
 
         try:
             search.train(self.total_steps, checkpoint)
@@ -273,7 +287,8 @@ class Training:
                  "form": cfg.agent.form, "action": cfg.agent.action,
                  "layer_controller": cfg.agent.layer_controller,
                  "channel_controller": cfg.agent.channel_controller,
-                 "budget_range": list(cfg.env.budget_range)}
+                 "budget_range": list(cfg.env.budget_range),
+                 "evaluations_by_budget": by_budget(search)}
         return PolicyRun(plan, _selection(search, self.calibration, value_val), extra,
                          prog.steps, wall0)
 

@@ -37,16 +37,20 @@ class MetricOracle:
         fraction: the share of the validation split a training episode is scored on.
         reserve: full validation passes kept back for the final candidates, or a function
             giving them (asked whenever the room for one more score is checked).
+        budget: the run's budget: :attr:`by_budget` books there the plans whose meta names none.
     """
 
     def __init__(self, evaluator: Evaluator, every: int = 1, fraction: float = 1.0,
-                 reserve: float | Callable[[], float] = 0.0) -> None:
+                 reserve: float | Callable[[], float] = 0.0, budget: float = math.nan) -> None:
         self.evaluator, self.every = evaluator, int(every)
         self.fraction = float(fraction)
         self.reserve = reserve if callable(reserve) else float(reserve)
         self.calls = 0
         self.force = False
         self.exhausted = False
+        self.budget = float(budget)
+        #: full validation passes spent through this oracle, by the scored plan's budget
+        self.by_budget: dict[float, float] = {}
 
     @property
     def evaluations(self) -> float:
@@ -82,7 +86,7 @@ class MetricOracle:
         if not self._room(frac):
             self.exhausted = True
             return None
-        return self.evaluator(plan, frac)
+        return self._score(plan, frac)
 
     def measure(self, plan: CompressionPlan, fraction: float = 1.0) -> float | None:
         """Score a plan now (final candidates, references); None when the budget is spent."""
@@ -91,7 +95,7 @@ class MetricOracle:
             return known
         if not self.evaluator.affordable(fraction):
             return None
-        return self.evaluator(plan, fraction)
+        return self._score(plan, fraction)
 
     def measure_many(self, plans: list[CompressionPlan],
                      fraction: float = 1.0) -> list[float | None]:
@@ -100,8 +104,23 @@ class MetricOracle:
         The batch runs in parallel on a Ray executor; the values and counts are the same as
         measuring the plans one by one.
         """
+        before = self.evaluator.spent
         values: list[float | None] = list(self.evaluator.many(plans, fraction))
+        for p, after in zip(plans, self.evaluator.spent_after, strict=False):
+            self._book(p, after - before)
+            before = after
         return values + [self.measure(p, fraction) for p in plans[len(values):]]
+
+    def _score(self, plan: CompressionPlan, fraction: float) -> float:
+        before = self.evaluator.spent
+        value = self.evaluator(plan, fraction)
+        self._book(plan, self.evaluator.spent - before)
+        return value
+
+    def _book(self, plan: CompressionPlan, spent: float) -> None:
+        if spent > 0:
+            b = _budget_of(plan, self.budget)
+            self.by_budget[b] = self.by_budget.get(b, 0.0) + spent
 
 
 @dataclass

@@ -56,6 +56,10 @@ def test_train_spends_at_most_its_evaluations(trained):
     assert 0 < res["evaluations"] <= 24 + 1e-9
     assert res["budget_range"] == [2.5, 3.5] and res["avg_bits"] <= 3.0 + 1e-9
     assert res["metric_val"] is not None
+    # the training's passes by budget: grid budgets only, within what the run spent
+    by = res["evaluations_by_budget"]
+    assert len(by) >= 2 and set(by) <= {"2.5", "2.75", "3", "3.25", "3.5"}
+    assert 0 < sum(by.values()) <= res["evaluations"]
     manifest = json.loads((run / "policy/manifest.json").read_text())
     assert manifest["budget_range"] == [2.5, 3.5]
     assert manifest["controllers"]["action"] == "coefficient"

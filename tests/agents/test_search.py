@@ -220,6 +220,27 @@ def test_final_candidates_measured_as_one_batch_match_one_by_one():
     assert batches == [3] and oracle.evaluator.calls == one.evaluator.calls == 3
 
 
+def test_metric_oracle_books_every_pass_at_the_scored_plans_budget():
+    def score(plan, fraction):
+        return float(plan.layers["l"].row_bits[0])
+
+    def at(bits, budget):
+        meta = {} if budget is None else {"budget_bits": budget}
+        return CompressionPlan({"l": LayerPlan("dense", (bits,))}, meta=meta)
+
+    ev = Evaluator(score, lambda f: int(round(100 * f)), budget=10.0,
+                   score_many=lambda ps, f: [score(p, f) for p in ps])
+    o = MetricOracle(ev, fraction=0.25, budget=3.0)
+    o(at(2, 2.5))
+    o(at(3, 2.5))
+    o(at(2, 2.5))  # cached: free
+    o(at(4, 4.0))
+    o.measure(at(5, None))  # no budget in its meta: the run's
+    o.measure_many([at(6, 4.0), at(7, 2.5), at(6, 4.0), at(8, 3.0)])
+    assert o.by_budget == pytest.approx({2.5: 1.5, 4.0: 1.25, 3.0: 2.0})
+    assert sum(o.by_budget.values()) == pytest.approx(o.evaluations)
+
+
 @pytest.mark.parametrize("moves", [0.5, 2.0])
 def test_a_new_layer_controller_moves_layer_moves_coefficients_an_episode(tables, moves):
     cfg = _cfg(layer_moves=moves)
