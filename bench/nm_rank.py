@@ -34,12 +34,14 @@ QUEUE_MIN_ROWS = 8
 
 
 def queue_setting(rows: int, cols: int, steps: int) -> dict[str, int]:
-    """The previous default: the whole pass queued, the batch shrunk so the queue fits."""
+    """The previous default: the batch shrunk until the whole pass's queue fits QUEUE_BYTES
+    (unless that left under QUEUE_MIN_ROWS rows), the whole pass queued where it fits, else
+    flushes at rank 64."""
     R = auto_row_batch(rows, cols, torch.float32, torch.device("cpu"))
     fit = QUEUE_BYTES // (steps * cols * 4)
-    if fit < QUEUE_MIN_ROWS:  # it flushed at rank 64 then
-        return {"row_batch": R, "lazy_rank": 64}
-    return {"row_batch": min(R, fit), "lazy_rank": steps}
+    if fit >= QUEUE_MIN_ROWS:
+        R = min(R, fit)
+    return {"row_batch": R, "lazy_rank": steps if R * steps * cols * 4 <= QUEUE_BYTES else 64}
 
 
 def main() -> None:
