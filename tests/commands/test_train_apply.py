@@ -159,11 +159,17 @@ def test_resumed_anchored_train_starts_from_the_checkpoints_incumbents(train_run
     # a score no plan can reach: only an incumbent restored from the checkpoint can carry it
     for inc in state["anchors"].values():
         inc["metric"] = 2.0
+    # and a spend no run makes: only the count restored from the checkpoint can carry it on
+    assert set(state["evaluations_by_budget"]) == {"1"}
+    state["evaluations_by_budget"]["1"] += 1000.0
     atomic_write_json(ckpt, state)
     assert main([*args, "--total-steps", "256", "--resume"]) == 0
     resumed = json.loads(ckpt.read_text())
     assert resumed["steps"] >= 256
     assert resumed["anchors"] == state["anchors"]
+    assert resumed["evaluations_by_budget"]["1"] >= state["evaluations_by_budget"]["1"]
+    res = json.loads((run / "results.json").read_text())
+    assert res["evaluations_by_budget"] == resumed["evaluations_by_budget"]
 
 
 def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_run, tmp_path):
