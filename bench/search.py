@@ -256,22 +256,19 @@ def spdy_reused(prepared: pipeline.Prepared, cfg: Config, grid: list[float],
             "corrections": dataclasses.asdict(chosen.eval)}
 
 
-def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
-    """The budget-range comparison as TensorBoard metric-vs-bits curves (means over seeds).
+RANGE_METHODS = ("zero-shot", "zero-shot-checked", "dedicated", "spdy-split", "spdy-reused", "dp")
+
+
+def range_rows(result: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """A ``--range`` result's rows by method and budget (one row per seed).
 
     Methods: ``zero-shot`` (one budget-conditioned policy per seed, one rollout per budget),
     ``zero-shot-checked`` (that rollout or the DP plan, the better on validation: 2 evaluations),
     ``spdy-reused`` (one spdy search per seed at the middle budget, re-planned at each budget),
     ``spdy-split`` (spdy at each budget with the evaluations split between the budgets),
-    ``dedicated`` (one training run per budget and seed) and ``dp``; x = mean avg_bits.
+    ``dedicated`` (one training run per budget and seed) and ``dp``.
     """
-    from torch.utils.tensorboard import SummaryWriter
-
-    from automl_compress.logs import log_curve
-
-    rows: dict[str, dict[str, list[dict[str, Any]]]] = {
-        "zero-shot": {}, "zero-shot-checked": {}, "spdy-reused": {}, "spdy-split": {},
-        "dedicated": {}, "dp": {}}
+    rows: dict[str, dict[str, list[dict[str, Any]]]] = {m: {} for m in RANGE_METHODS}
     for label, row in result["runs"].items():
         kind, rest = label.split("/", 1)
         if kind == "range":
@@ -283,6 +280,19 @@ def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
                 rows["spdy-reused"].setdefault(b, []).append(r)
         elif kind in ("dedicated", "dp", "spdy-split"):
             rows[kind].setdefault(rest.split("/")[0], []).append(row)
+    return rows
+
+
+def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
+    """The budget-range comparison as TensorBoard metric-vs-bits curves (means over seeds).
+
+    One curve per method of :func:`range_rows`; x = mean avg_bits.
+    """
+    from torch.utils.tensorboard import SummaryWriter
+
+    from automl_compress.logs import log_curve
+
+    rows = range_rows(result)
     writer = SummaryWriter(str(tb_dir / "range"))
     tags = []
     try:
@@ -294,6 +304,52 @@ def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
     finally:
         writer.close()
     return tags
+
+
+def range_table(result: dict[str, Any]) -> str:
+    """Markdown: per budget, each method's test mean ± std over seeds (validation mean), the
+    zero-shot plans against the dedicated runs in points, the mean over the grid, and where the
+    range runs spent their training evaluations (mean over seeds)."""
+    rows = range_rows(result)
+    methods = [m for m in RANGE_METHODS if rows[m]]
+    grid = [f"{b:g}" for b in result["grid"]]
+    gap = "zero-shot" in methods and "dedicated" in methods
+    lines = ["| budget | " + " | ".join(f"{m} test (val)" for m in methods)
+             + (" | zero-shot − dedicated |" if gap else " |"),
+             "|---:|" + "---:|" * (len(methods) + gap)]
+    means: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in methods}
+    for b in grid:
+        cells = []
+        for m in methods:
+            rs = rows[m].get(b, [])
+            if not rs:
+                cells.append("–")
+                continue
+            a = _agg(rs)
+            means[m][b] = (a["metric"], a["metric_val"])
+            cells.append(f"{a['metric']:.4f} ± {a['metric_std']:.4f} ({a['metric_val']:.4f})")
+        if gap and b in means["zero-shot"] and b in means["dedicated"]:
+            cells.append(f"{100 * (means['zero-shot'][b][0] - means['dedicated'][b][0]):+.2f} pt")
+        elif gap:
+            cells.append("–")
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    full = {m: (statistics.fmean(t for t, _ in means[m].values()),
+                statistics.fmean(v for _, v in means[m].values()))
+            for m in methods if len(means[m]) == len(grid)}
+    cells = [f"{full[m][0]:.4f} ({full[m][1]:.4f})" if m in full else "–" for m in methods]
+    if gap:
+        both = {"zero-shot", "dedicated"} <= set(full)
+        cells.append(f"{100 * (full['zero-shot'][0] - full['dedicated'][0]):+.2f} pt"
+                     if both else "–")
+    lines.append("| mean over the grid | " + " | ".join(cells) + " |")
+    spent = [run["trained"]["evaluations_by_budget"] for label, run in result["runs"].items()
+             if label.startswith("range/") and "evaluations_by_budget" in run["trained"]]
+    if spent:
+        lines += ["", f"range runs' training evaluations by budget, mean over {len(spent)} "
+                  "seeds: " + " / ".join(
+                      f"{b}: {statistics.fmean(float(x.get(b, 0.0)) for x in spent):.1f}"
+                      for b in grid)]
+    return "\n".join(lines)
 
 
 def table(result: dict[str, Any]) -> str:
@@ -341,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             if label.startswith("range/") and "evaluations_by_budget" in run["trained"]:
                 print(f"{label}: training evaluations by budget "
                       f"{run['trained']['evaluations_by_budget']}")
+        print(range_table(res))
         if args.tb:
             tags = range_curves(res, cfg.task.name, Path(args.tb))
             print(f"{len(tags)} TensorBoard curves -> {Path(args.tb) / 'range'}")
