@@ -33,7 +33,8 @@ class EnvConfig:
             so evaluations go where there is most to gain; envs/coef_env.py ``gap_weights``).
             Runs at one budget are unaffected. 'gap' is the default since 2026-12-07: on
             user_model's 2.5-4 bit range it is ahead of 'uniform' on the zero-shot plans' mean
-            test and validation metric (docs/benchmarks.md §3).
+            test and validation metric, and on digits' and crepe_tiny's ranges over the grid,
+            all of it at their lowest budget (docs/benchmarks.md §3).
         groups: K, the channel controller's importance groups per layer.
         step_reward_weight: w_step of the per-step table-error term.
         metric_reward_weight: w_metric of the episode-end true-metric term.
