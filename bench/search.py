@@ -259,8 +259,26 @@ def spdy_reused(prepared: pipeline.Prepared, cfg: Config, grid: list[float],
 RANGE_METHODS = ("zero-shot", "zero-shot-checked", "dedicated", "spdy-split", "spdy-reused", "dp")
 
 
-def range_rows(result: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any]]]]:
-    """A ``--range`` result's rows by method and budget (one row per seed).
+def complete_seeds(result: dict[str, Any]) -> list[str]:
+    """The seeds of a ``--range`` result that every kind of run holds in full.
+
+    A seed counts for a kind (range, spdy-reuse, dedicated, spdy-split, dp) when it has that
+    kind's row at every budget any seed has one at; kinds with no row at all are not asked. So
+    every method's means are over the same seeds.
+    """
+    budgets: dict[str, dict[str, set[str]]] = {}  # kind -> seed -> budgets held
+    for label in result["runs"]:
+        kind, *budget, seed = label.split("/")
+        budgets.setdefault(kind, {}).setdefault(seed, set()).update(budget)
+    sets = [{seed for seed, held in by_seed.items() if held == set().union(*by_seed.values())}
+            for by_seed in budgets.values()]
+    return sorted(set.intersection(*sets), key=int) if sets else []
+
+
+def range_rows(result: dict[str, Any], seeds: list[str] | None = None,
+               ) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """A ``--range`` result's rows by method and budget (one row per seed; only ``seeds``,
+    default :func:`complete_seeds`).
 
     Methods: ``zero-shot`` (one budget-conditioned policy per seed, one rollout per budget),
     ``zero-shot-checked`` (that rollout or the DP plan, the better on validation: 2 evaluations),
@@ -268,9 +286,12 @@ def range_rows(result: dict[str, Any]) -> dict[str, dict[str, list[dict[str, Any
     ``spdy-split`` (spdy at each budget with the evaluations split between the budgets),
     ``dedicated`` (one training run per budget and seed) and ``dp``.
     """
+    keep = set(complete_seeds(result) if seeds is None else seeds)
     rows: dict[str, dict[str, list[dict[str, Any]]]] = {m: {} for m in RANGE_METHODS}
     for label, row in result["runs"].items():
         kind, rest = label.split("/", 1)
+        if label.split("/")[-1] not in keep:
+            continue
         if kind == "range":
             for key, method in (("zero_shot", "zero-shot"), ("checked", "zero-shot-checked")):
                 for b, r in row.get(key, {}).items():
@@ -309,12 +330,18 @@ def range_curves(result: dict[str, Any], task: str, tb_dir: Path) -> list[str]:
 def range_table(result: dict[str, Any]) -> str:
     """Markdown: per budget, each method's test mean ± std over seeds (validation mean), the
     zero-shot plans against the dedicated runs in points, the mean over the grid, and where the
-    range runs spent their training evaluations (mean over seeds)."""
-    rows = range_rows(result)
+    range runs spent their training evaluations (mean over seeds); every method over the same
+    seeds (:func:`complete_seeds`), named in the first line."""
+    seeds = complete_seeds(result)
+    rows = range_rows(result, seeds)
     methods = [m for m in RANGE_METHODS if rows[m]]
     grid = [f"{b:g}" for b in result["grid"]]
     gap = "zero-shot" in methods and "dedicated" in methods
-    lines = ["| budget | " + " | ".join(f"{m} test (val)" for m in methods)
+    every = sorted({label.split("/")[-1] for label in result["runs"]}, key=int)
+    left = [x for x in every if x not in seeds]
+    lines = [f"seeds {', '.join(seeds)}" + (f" (left out, incomplete: {', '.join(left)})"
+                                           if left else ""), "",
+             "| budget | " + " | ".join(f"{m} test (val)" for m in methods)
              + (" | zero-shot − dedicated |" if gap else " |"),
              "|---:|" + "---:|" * (len(methods) + gap)]
     means: dict[str, dict[str, tuple[float, float]]] = {m: {} for m in methods}
@@ -342,8 +369,8 @@ def range_table(result: dict[str, Any]) -> str:
         cells.append(f"{100 * (full['zero-shot'][0] - full['dedicated'][0]):+.2f} pt"
                      if both else "–")
     lines.append("| mean over the grid | " + " | ".join(cells) + " |")
-    spent = [run["trained"]["evaluations_by_budget"] for label, run in result["runs"].items()
-             if label.startswith("range/") and "evaluations_by_budget" in run["trained"]]
+    spent = [result["runs"][f"range/{x}"]["trained"]["evaluations_by_budget"] for x in seeds
+             if "evaluations_by_budget" in result["runs"].get(f"range/{x}", {}).get("trained", {})]
     if spent:
         lines += ["", f"range runs' training evaluations by budget, mean over {len(spent)} "
                   "seeds: " + " / ".join(

@@ -1,4 +1,5 @@
-"""bench/search.py's range table: the means, the zero-shot shortfall and the spend it prints."""
+"""bench/search.py's range table: the means, the zero-shot shortfall and the spend it prints,
+all over the seeds every method holds in full."""
 
 import sys
 from pathlib import Path
@@ -24,7 +25,12 @@ def test_range_table_means_shortfall_and_spend():
         runs[f"dedicated/3/{s}"] = _row(d, d)
         runs[f"dedicated/4/{s}"] = _row(0.92, 0.9)
         runs[f"dp/3/{s}"] = _row(0.82, 0.8)
-    lines = range_table({"grid": [3.0, 4.0], "runs": runs}).splitlines()
+    # seed 2 has a range run but a dedicated row at one budget only: left out of every column
+    runs["range/2"] = {"trained": {"evaluations_by_budget": {"3": 99.0}},
+                       "zero_shot": {"3": _row(0.1, 0.1), "4": _row(0.1, 0.1)}, "checked": {}}
+    runs["dedicated/3/2"] = _row(0.1, 0.1)
+    head, _, *lines = range_table({"grid": [3.0, 4.0], "runs": runs}).splitlines()
+    assert head == "seeds 0, 1 (left out, incomplete: 2)"
     assert lines[0] == ("| budget | zero-shot test (val) | dedicated test (val) | dp test (val) "
                         "| zero-shot − dedicated |")
     row3 = lines[2].split(" | ")
@@ -39,7 +45,8 @@ def test_range_table_means_shortfall_and_spend():
 
 def test_range_table_without_dedicated_rows_has_no_shortfall_column():
     runs = {"range/0": {"trained": {}, "zero_shot": {"3": _row(0.8, 0.7)}, "checked": {}}}
-    lines = range_table({"grid": [3.0], "runs": runs}).splitlines()
+    head, _, *lines = range_table({"grid": [3.0], "runs": runs}).splitlines()
+    assert head == "seeds 0"
     assert "dedicated" not in lines[0] and len(lines) == 4
     assert lines[2] == "| 3 | 0.8000 ± 0.0000 (0.7000) |"
     assert pytest.approx(0.8) == float(lines[3].split(" | ")[1].split()[0])
