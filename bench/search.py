@@ -33,6 +33,9 @@ DP plan on validation, ``apply --check-dp``) with dedicated runs there, and with
 searches that spend the same E in all: spdy with E evaluations at the range's middle budget, its
 coefficients re-planned at every budget of the grid without a new evaluation (``spdy-reused``),
 and spdy at every budget of the grid with E / (grid size) evaluations each (``spdy-split``).
+``--eval-step S`` compares at the budgets of a finer grid (step S) than the one the policy trains
+on (``env.budget_step``): the budgets between are ones the policy never saw (no incumbent there;
+its rollout starts from the DP plan), marked † in the table; every other row runs there too.
 """
 
 from __future__ import annotations
@@ -169,8 +172,12 @@ def bench_task(cfg: Config, out: Path, budgets: list[float], evaluations: list[i
 
 
 def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
-                seeds: list[int], method: str) -> dict[str, Any]:
-    """One budget-conditioned policy per seed vs dedicated runs at every budget of the grid."""
+                seeds: list[int], method: str, eval_step: float | None = None) -> dict[str, Any]:
+    """One budget-conditioned policy per seed vs dedicated runs at every budget compared.
+
+    The policy trains on the grid of ``env.budget_step``; the comparison runs on the grid of
+    ``eval_step`` (default: the same) joined with it.
+    """
     path = out / f"range_{cfg.task.name}_{method}.json"
     result = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
     # files written before dp ran per seed hold it as dp/<budget>: that is seed 0's
@@ -179,10 +186,15 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
     prepared = pipeline.prepare(cfg, out, db_dir=out / f"db_{cfg.task.name}", progress=False)
     base = prepared.cfg
     mid = round((lo + hi) / 2 / base.env.budget_step) * base.env.budget_step
-    grid = _with(base, mid, 0, {"budget_range": (lo, hi)}).env.budgets()
+    trained = _with(base, mid, 0, {"budget_range": (lo, hi)}).env.budgets()
+    step = base.env.budget_step if eval_step is None else eval_step
+    grid = tuple(sorted(set(trained) | set(
+        _with(base, mid, 0, {"budget_range": (lo, hi), "budget_step": step}).env.budgets())))
     for s in seeds:
         label = f"range/{s}"
-        if "corrections" not in result["runs"].get(label, {}):  # (re)train: same seed, same policy
+        have = result["runs"].get(label, {})
+        if "corrections" not in have or set(have["zero_shot"]) != {f"{b:g}" for b in grid}:
+            # (re)train: the same seed gives the same policy
             c = _with(base, mid, s, {"budget_range": (lo, hi)}, **LEARNED[method])
             row, search = learned(prepared, c, float(evaluations))
             # the objective and corrections the range run chose, as `apply` reads them from the
@@ -229,7 +241,8 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                                                               None)
                 atomic_write_json(path, result)
     prepared.cfg = base
-    result.update({"grid": list(grid), "evaluations": evaluations, "method": method})
+    result.update({"grid": list(grid), "trained_grid": list(trained), "evaluations": evaluations,
+                   "method": method})
     atomic_write_json(path, result)
     return result
 
@@ -331,11 +344,13 @@ def range_table(result: dict[str, Any]) -> str:
     """Markdown: per budget, each method's test mean ± std over seeds (validation mean), the
     zero-shot plans against the dedicated runs in points, the mean over the grid, and where the
     range runs spent their training evaluations (mean over seeds); every method over the same
-    seeds (:func:`complete_seeds`), named in the first line."""
+    seeds (:func:`complete_seeds`), named in the first line. Budgets the policy did not train
+    at (``trained_grid``) are marked †."""
     seeds = complete_seeds(result)
     rows = range_rows(result, seeds)
     methods = [m for m in RANGE_METHODS if rows[m]]
     grid = [f"{b:g}" for b in result["grid"]]
+    trained = [f"{b:g}" for b in result.get("trained_grid", result["grid"])]
     gap = "zero-shot" in methods and "dedicated" in methods
     every = sorted({label.split("/")[-1] for label in result["runs"]}, key=int)
     left = [x for x in every if x not in seeds]
@@ -359,7 +374,7 @@ def range_table(result: dict[str, Any]) -> str:
             cells.append(f"{100 * (means['zero-shot'][b][0] - means['dedicated'][b][0]):+.2f} pt")
         elif gap:
             cells.append("–")
-        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+        lines.append(f"| {b}{'' if b in trained else ' †'} | " + " | ".join(cells) + " |")
     full = {m: (statistics.fmean(t for t, _ in means[m].values()),
                 statistics.fmean(v for _, v in means[m].values()))
             for m in methods if len(means[m]) == len(grid)}
@@ -369,13 +384,15 @@ def range_table(result: dict[str, Any]) -> str:
         cells.append(f"{100 * (full['zero-shot'][0] - full['dedicated'][0]):+.2f} pt"
                      if both else "–")
     lines.append("| mean over the grid | " + " | ".join(cells) + " |")
+    if trained != grid:
+        lines += ["", "† not a budget the policy trained at: its rollout starts from the DP plan"]
     spent = [result["runs"][f"range/{x}"]["trained"]["evaluations_by_budget"] for x in seeds
              if "evaluations_by_budget" in result["runs"].get(f"range/{x}", {}).get("trained", {})]
     if spent:
         lines += ["", f"range runs' training evaluations by budget, mean over {len(spent)} "
                   "seeds: " + " / ".join(
                       f"{b}: {statistics.fmean(float(x.get(b, 0.0)) for x in spent):.1f}"
-                      for b in grid)]
+                      for b in trained)]
     return "\n".join(lines)
 
 
@@ -408,6 +425,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", nargs="+", default=["dp", *SEARCHES, *LEARNED],
                     choices=["dp", *SEARCHES, *LEARNED])
     ap.add_argument("--range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"))
+    ap.add_argument("--eval-step", type=float, default=None, metavar="S",
+                    help="with --range: compare on the grid of step S (default env.budget_step)")
     ap.add_argument("--tb", default=None, metavar="DIR",
                     help="with --range: also write the metric-vs-bits curves to DIR/range")
     ap.add_argument("--out", default="bench_out/search")
@@ -418,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.range:
         res = bench_range(cfg, out, args.range[0], args.range[1], args.evaluations[0],
                           args.seeds, args.methods[0] if args.methods[0] in LEARNED else
-                          "rl-coef")
+                          "rl-coef", args.eval_step)
         print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
         for label, run in sorted(res["runs"].items()):
             if label.startswith("range/") and "evaluations_by_budget" in run["trained"]:

@@ -50,3 +50,19 @@ def test_range_table_without_dedicated_rows_has_no_shortfall_column():
     assert "dedicated" not in lines[0] and len(lines) == 4
     assert lines[2] == "| 3 | 0.8000 ± 0.0000 (0.7000) |"
     assert pytest.approx(0.8) == float(lines[3].split(" | ")[1].split()[0])
+
+
+def test_range_table_marks_the_budgets_the_policy_did_not_train_at():
+    """``--eval-step``: a budget between the training grid's is marked †, and the spend line
+    names the training budgets only."""
+    runs = {"range/0": {"trained": {"evaluations_by_budget": {"3": 5.0, "4": 7.0}},
+                        "zero_shot": {b: _row(0.8, 0.7) for b in ("3", "3.5", "4")},
+                        "checked": {}}}
+    text = range_table({"grid": [3.0, 3.5, 4.0], "trained_grid": [3.0, 4.0], "runs": runs})
+    lines = text.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines[4:7]] == ["| 3", "| 3.5 †", "| 4"]
+    assert "† not a budget the policy trained at" in text
+    assert lines[-1].endswith("3: 5.0 / 4: 7.0")
+    # without trained_grid (files written before --eval-step) nothing is marked
+    plain = range_table({"grid": [3.0, 3.5, 4.0], "runs": runs})
+    assert "†" not in plain
