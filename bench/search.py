@@ -34,8 +34,9 @@ searches that spend the same E in all: spdy with E evaluations at the range's mi
 coefficients re-planned at every budget of the grid without a new evaluation (``spdy-reused``),
 and spdy at every budget of the grid with E / (grid size) evaluations each (``spdy-split``).
 ``--eval-step S`` compares at the budgets of a finer grid (step S) than the one the policy trains
-on (``env.budget_step``): the budgets between are ones the policy never saw (no incumbent there;
-its rollout starts from the DP plan), marked † in the table; every other row runs there too.
+on (``env.budget_step``): the budgets between are ones the policy never saw, marked † in the
+table (its rollout starts there from the incumbent of the nearest lower budget, as ``apply``'s
+does); every other row runs there too.
 """
 
 from __future__ import annotations
@@ -206,14 +207,19 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
             zero, checked = {}, {}
             for b in grid:
                 prepared.cfg = _with(chosen, b, s, {"budget_range": (lo, hi)})
+                # off the training grid: from the nearest lower incumbent, as `apply` starts
+                lent = search.anchors.lend(b, trained)
                 plan = search.rollout(True, b, measure=False).plan
-                zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0}, time.perf_counter())
+                zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0}, time.perf_counter(),
+                                      {"lent_from": lent})
                 t0 = time.perf_counter()
                 oracle = MetricOracle(selection.evaluator(prepared))
                 plan, val, kept = checked_rollout(search, b, oracle)
                 checked[f"{b:g}"] = _row(prepared, plan, {"metric_val": val,
                                                           "evaluations": oracle.evaluations},
-                                         t0, {"kept": kept})
+                                         t0, {"kept": kept, "lent_from": lent})
+                if lent is not None:
+                    del search.anchors.best[round(b, 6)]
             search.close()
             result["runs"][label] = {"trained": row, "zero_shot": zero, "checked": checked,
                                      "corrections": dataclasses.asdict(chosen.eval),
@@ -385,7 +391,8 @@ def range_table(result: dict[str, Any]) -> str:
                      if both else "–")
     lines.append("| mean over the grid | " + " | ".join(cells) + " |")
     if trained != grid:
-        lines += ["", "† not a budget the policy trained at: its rollout starts from the DP plan"]
+        lines += ["", "† not a budget the policy trained at: its rollout starts from the "
+                  "incumbent of the nearest lower budget that has one (else the DP plan)"]
     spent = [result["runs"][f"range/{x}"]["trained"]["evaluations_by_budget"] for x in seeds
              if "evaluations_by_budget" in result["runs"].get(f"range/{x}", {}).get("trained", {})]
     if spent:

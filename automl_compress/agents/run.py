@@ -474,6 +474,10 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
     # run found (the incumbents at its budgets), not from the DP plan
     incumbents = policy_incumbents(source.folder, prepared) if zero_shot else {}
     search.anchors.restore(incumbents)
+    # a budget it never trained at starts from the incumbent of the nearest budget below
+    # (a manifest older than the `budgets` entry lends nothing)
+    lent = search.anchors.lend(cfg.env.budget_bits, source.manifest.get("budgets") or
+                               [cfg.env.budget_bits])
     incumbent_start = search.anchors.get(cfg.env.budget_bits) is not None
     try:
         if search.writer is not None:
@@ -492,7 +496,7 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
              "policy_model_family": source.manifest.get("model_family"),
              "finetune_steps": int(finetune_steps), "zero_shot": zero_shot,
              "checked_against_dp": bool(zero_shot and source.check_dp),
-             "incumbent_start": incumbent_start,
+             "incumbent_start": incumbent_start, "incumbent_lent_from": lent,
              "env_steps": prog.steps if not zero_shot else 0,
              "episodes": search.tracker.episodes, "form": cfg.agent.form,
              "action": cfg.agent.action}

@@ -75,6 +75,7 @@ def manifest_of(cfg: Config, trained_steps: int) -> dict[str, Any]:
         "model_family": cfg.task.name,
         "budget_bits": cfg.env.budget_bits,
         "budget_range": list(cfg.env.budget_range),
+        "budgets": list(cfg.env.budgets()),
         "eval": {"bias_correction": cfg.eval.bias_correction,
                  "bn_reestimate": cfg.eval.bn_reestimate},
         "objective": cfg.alloc.objective,

@@ -124,6 +124,31 @@ class Anchors:
         self.best[round(float(budget), 6)] = inc
         return True
 
+    def lend(self, budget: float, trained: Sequence[float]) -> float | None:
+        """Give a budget off the training grid the incumbent of the nearest budget below it.
+
+        A zero-shot rollout at a budget its run never trained at would start from the DP plan;
+        it starts instead from the incumbent of the nearest lower budget that has one, its
+        coefficients re-planned by the DP at ``budget`` (docs/benchmarks.md §3, "Between the
+        training budgets"). A budget of the grid keeps what its run left, incumbent or none.
+
+        Args:
+            budget: the rollout's budget.
+            trained: the budgets the policy trained at.
+
+        Returns:
+            The budget lent from, or None (a training budget, an incumbent of its own, or no
+            incumbent below).
+        """
+        key = round(float(budget), 6)
+        if key in self.best or any(abs(key - float(b)) < 1e-6 for b in trained):
+            return None
+        below = [b for b in self.best if b < key]
+        if not below:
+            return None
+        self.best[key] = self.best[max(below)]
+        return max(below)
+
     def state(self) -> dict[str, Any]:
         """JSON-ready data for a checkpoint."""
         return {str(b): {"u": list(x.u), "v": [list(g) for g in x.v], "metric": x.metric,

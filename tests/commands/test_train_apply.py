@@ -173,7 +173,8 @@ def test_resumed_anchored_train_starts_from_the_checkpoints_incumbents(train_run
 
 
 def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_run, tmp_path):
-    """`apply` on the policy's own database, objective and corrections starts from its plans."""
+    """`apply` on the policy's own database, objective and corrections starts from its plans;
+    at a budget it never trained at, from the plan of the nearest budget below."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "db").symlink_to(train_run / "db")
@@ -199,6 +200,22 @@ def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_
 
     res, plan = apply("same")
     assert res["zero_shot"] is True and res["incumbent_start"] is True
+    assert res["incumbent_lent_from"] is None
+    # a budget it never trained at (1.25; the run trained at 1 bit) starts from the incumbent of
+    # the nearest budget below, re-planned there ...
+    cfg = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=1.25"])
+    lent, lent_plan = apply("between")
+    assert lent["incumbent_lent_from"] == 1.0 and lent["incumbent_start"] is True
+    # ... which a manifest without the trained budgets (an older policy) does not do
+    manifest_path = run / "policy/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest.pop("budgets") == [1.0]
+    atomic_write_json(manifest_path, manifest)
+    unlent, from_dp = apply("between_old")
+    assert unlent["incumbent_lent_from"] is None and unlent["incumbent_start"] is False
+    layer = next(iter(lent_plan.layers))
+    assert lent_plan.layers[layer].row_bits != from_dp.layers[layer].row_bits
+    cfg = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=1.0"])
     # the incumbents of another database, objective or corrections mean other plans: unused
     state["incumbent_key"] = "another"
     atomic_write_json(ckpt, state)

@@ -208,6 +208,23 @@ def test_anchors_keep_the_best_per_budget_and_survive_a_checkpoint():
     assert b.best == a.best
 
 
+def test_anchors_lend_a_budget_off_the_training_grid_the_nearest_lower_incumbent():
+    a = Anchors()
+    low, mid = Incumbent((1,), ((0,),), 0.5, 3.0), Incumbent((2,), ((1,),), 0.6, 2.0)
+    a.offer(2.5, low)
+    a.offer(3.0, mid)
+    trained = (2.5, 2.75, 3.0, 3.25)
+    assert a.lend(3.125, trained) == 3.0 and a.get(3.125) is mid  # the nearest below
+    assert a.lend(2.625, trained) == 2.5 and a.get(2.625) is low
+    assert a.lend(3.125, trained) is None and a.get(3.125) is mid  # it has one now: kept
+    # a training budget keeps what its run left, even with none
+    assert a.lend(3.25, trained) is None and a.get(3.25) is None
+    assert a.lend(2.75, trained) is None and a.get(2.75) is None
+    # nothing below: the DP plan stays the start
+    assert a.lend(2.4, trained) is None and a.get(2.4) is None
+    assert set(a.best) == {2.5, 3.0, 3.125, 2.625}
+
+
 def _cfg(env=None, **agent):
     cfg = synth_config(3.0, budget_range=(2.5, 3.5), budget_step=0.25)
     base = {"action": "coefficient", "total_steps": 512, "n_steps": 64, "batch_size": 32,
