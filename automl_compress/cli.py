@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from automl_compress.config import Config, dump_config, load_config
-from automl_compress.errors import AutoMLCompressError
+from automl_compress.errors import AutoMLCompressError, ConfigError
 
 
 def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -70,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train the RL controllers and write the best plan")
     _add_common(p)
     _add_executor(p)
-    p.add_argument("--budget-bits", type=float, required=True, help="average bits per weight")
+    p.add_argument("--budget-bits", type=float, default=None,
+                   help="average bits per weight (with --budget-range: the budget whose plan "
+                        "the run writes; default the range's middle on its grid)")
     p.add_argument("--total-steps", type=int, default=None, help="environment steps")
     p.add_argument("--evaluations", type=float, default=None,
                    help="validation passes to spend (training stops when they are spent)")
@@ -135,7 +137,14 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if getattr(args, "budget_bits", None) is not None:
         env["budget_bits"] = float(args.budget_bits)
     if getattr(args, "budget_range", None) is not None:
-        env["budget_range"] = (float(args.budget_range[0]), float(args.budget_range[1]))
+        lo, hi = float(args.budget_range[0]), float(args.budget_range[1])
+        env["budget_range"] = (lo, hi)
+        if "budget_bits" not in env:  # the middle of the range, on its grid
+            step = cfg.env.budget_step
+            env["budget_bits"] = round(min(hi, lo + round((hi - lo) / 2 / step) * step), 6)
+    elif args.command == "train" and "budget_bits" not in env:
+        raise ConfigError("train needs --budget-bits B (one budget) or --budget-range LOW HIGH "
+                          "(one policy for every budget of the range)")
     if env:
         top["env"] = dataclasses.replace(cfg.env, **env)
     executor = {k: v for k, v in (("kind", getattr(args, "executor", None)),

@@ -53,6 +53,8 @@ def run(cfg: Config, out: str | Path, policy_dir: str | Path, finetune_steps: in
                            time.perf_counter() - t0, extra=result.extra,
                            selection=result.selection)
     label = "zero-shot" if source.zero_shot else f"fine-tuned {result.steps} steps"
+    if result.extra.get("incumbent_lent_from") is not None:
+        label += f" from the policy's {result.extra['incumbent_lent_from']:g}-bit plan"
     if result.extra.get("checked_against_dp"):
         label += f", checked against dp (kept the {result.plan.meta['kept']} plan)"
     rundir.print_against_baselines(prepared, res, out, label)

@@ -172,7 +172,8 @@ def test_resumed_anchored_train_starts_from_the_checkpoints_incumbents(train_run
     assert res["evaluations_by_budget"] == resumed["evaluations_by_budget"]
 
 
-def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_run, tmp_path):
+def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_run, tmp_path,
+                                                                          capsys):
     """`apply` on the policy's own database, objective and corrections starts from its plans;
     at a budget it never trained at, from the plan of the nearest budget below."""
     run = tmp_path / "run"
@@ -206,6 +207,7 @@ def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_
     cfg = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=1.25"])
     lent, lent_plan = apply("between")
     assert lent["incumbent_lent_from"] == 1.0 and lent["incumbent_start"] is True
+    assert "zero-shot from the policy's 1-bit plan" in capsys.readouterr().out
     # ... which a manifest without the trained budgets (an older policy) does not do
     manifest_path = run / "policy/manifest.json"
     manifest = json.loads(manifest_path.read_text())
