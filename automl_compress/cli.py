@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from automl_compress.config import Config, dump_config, load_config
-from automl_compress.errors import AutoMLCompressError, ConfigError
+from automl_compress.errors import AutoMLCompressError, ConfigError, DatabaseMismatchError
 
 
 def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> None:
@@ -30,6 +30,9 @@ def _add_common(p: argparse.ArgumentParser, config_required: bool = True) -> Non
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--db", default=None, metavar="DIR",
+                   help="a shared layer database, e.g. another run's RUN/db: OUT/db links to it "
+                        "(built there if missing), so the run does not solve the layers again")
 
 
 def _add_executor(p: argparse.ArgumentParser) -> None:
@@ -181,8 +184,47 @@ def _dispatch(args: argparse.Namespace) -> int:
     return _dispatch_config(args, cfg, Path(args.out))
 
 
+def link_database(out: Path, db: str | Path) -> bool:
+    """Make ``out/db`` a link to the shared database folder ``db``; whether it made the link.
+
+    A link, not a path in the config: every later command on the run (``evaluate``, ``export``,
+    ``--resume``) finds the database where it always does.
+
+    Raises:
+        ConfigError: ``out/db`` already holds a database, or links elsewhere.
+    """
+    target = Path(db).resolve()
+    link = out / "db"
+    if link.is_symlink():
+        if link.resolve() == target:
+            return False
+        raise ConfigError(f"{link} already links to {link.resolve()}, not to --db {target}; "
+                          "use another --out, or drop --db")
+    if link.exists():
+        raise ConfigError(f"{link} already holds a database; drop --db to reuse it, or use "
+                          "another --out")
+    target.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(target, target_is_directory=True)
+    return True
+
+
 def _dispatch_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     """Run a subcommand that takes a config (build-db, compress, train, apply)."""
+    linked = args.db is not None and link_database(out, args.db)
+    try:
+        return _run_config(args, cfg, out)
+    except DatabaseMismatchError as exc:
+        if not linked:
+            raise
+        (out / "db").unlink()  # the shared folder is another setup's: leave the run as it was
+        raise DatabaseMismatchError(
+            f"--db {Path(args.db).resolve()} holds a layer database built for a different "
+            f"setup: {'; '.join(exc.differences)}. Give --db a folder for this setup (built there "
+            "if empty), or drop --db.", exc.differences) from None
+
+
+def _run_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:
     if args.command == "build-db":
         from automl_compress.commands import build_db
 

@@ -68,7 +68,14 @@ class InfeasibleBudgetError(AutoMLCompressError, ValueError):
 
 
 class DatabaseMismatchError(AutoMLCompressError):
-    """A layer database that was built for another model, calibration set, menu or solver."""
+    """A layer database that was built for another model, calibration set, menu or solver.
+
+    ``differences`` names each one (``"menu: database has ..., this run needs ..."``).
+    """
+
+    def __init__(self, msg: str, differences: tuple[str, ...] = ()) -> None:
+        self.differences = differences
+        super().__init__(msg)
 
 
 class CorruptCacheError(AutoMLCompressError):

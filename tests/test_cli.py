@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -87,3 +88,45 @@ def test_a_range_run_needs_no_budget_bits_and_a_single_one_does(capsys, tmp_path
     assert main(base) == 2
     assert "--budget-bits B (one budget) or --budget-range LOW HIGH" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+TINY = """\
+task:
+  name: _compress_task:make_task
+menu:
+  bits: [0, 2, 4, 8]
+  patterns: [dense, '2:4']
+solver:
+  quant: gptq
+"""
+
+
+def test_db_links_a_shared_database_and_refuses_a_clash(capsys, tmp_path, monkeypatch):
+    """`--db DIR`: OUT/db links to DIR and no layer is solved again; an OUT that holds its own
+    database, or a DIR of another setup, is a named error that leaves OUT as it was."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))  # the tiny task
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY)
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(["build-db", "--config", str(cfg), "--out", str(first)]) == 0
+    layers = {p: p.stat().st_mtime_ns for p in (first / "db/layers").iterdir()}
+    args = ["compress", "--config", str(cfg), "--method", "dp", "--budget-bits", "3"]
+    assert main([*args, "--db", str(first / "db"), "--out", str(second)]) == 0
+    assert (second / "db").is_symlink()
+    assert (second / "db").resolve() == (first / "db").resolve()
+    assert {p: p.stat().st_mtime_ns for p in (first / "db/layers").iterdir()} == layers
+    assert main([*args, "--db", str(first / "db"), "--out", str(second)]) == 0  # the same link
+    capsys.readouterr()
+    # the first run holds a database of its own
+    assert main([*args, "--db", str(tmp_path / "elsewhere"), "--out", str(first)]) == 2
+    assert "already holds a database" in capsys.readouterr().err
+    # another menu's run cannot use the first one's database: no link is left behind
+    other = tmp_path / "other.yaml"
+    other.write_text(TINY.replace("[0, 2, 4, 8]", "[0, 4, 8]"))
+    third = tmp_path / "third"
+    assert main(["compress", "--config", str(other), "--method", "dp", "--budget-bits", "3",
+                 "--db", str(first / "db"), "--out", str(third)]) == 2
+    err = capsys.readouterr().err
+    assert "holds a layer database built for a different setup: menu" in err
+    assert "drop --db" in err and "delete" not in err
+    assert not (third / "db").is_symlink() and not (third / "db").exists()

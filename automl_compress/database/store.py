@@ -256,7 +256,8 @@ class LayerDatabase:
             raise DatabaseMismatchError(
                 f"the layer database at {str(root)!r} was built for a different setup: "
                 + "; ".join(diffs)
-                + ". Use another --out folder, or delete that database to rebuild it."
+                + ". Use another --out folder, or delete that database to rebuild it.",
+                tuple(diffs),
             )
 
     @classmethod
