@@ -18,6 +18,18 @@ from torch import nn
 
 from automl_compress.zoo.base import ItemMetric, Task
 
+#: A YAML config of this task with a small menu and the fast solvers, for the CLI tests (this
+#: folder must be on ``sys.path`` for the task to load).
+TINY_YAML = """\
+task:
+  name: _compress_task:make_task
+menu:
+  bits: [0, 2, 4, 8]
+  patterns: [dense, '2:4']
+solver:
+  quant: gptq
+"""
+
 
 class TinyNet(nn.Module):
     def __init__(self, width: int = 8) -> None:

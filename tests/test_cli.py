@@ -90,21 +90,11 @@ def test_a_range_run_needs_no_budget_bits_and_a_single_one_does(capsys, tmp_path
     assert not (tmp_path / "run").exists()
 
 
-TINY = """\
-task:
-  name: _compress_task:make_task
-menu:
-  bits: [0, 2, 4, 8]
-  patterns: [dense, '2:4']
-solver:
-  quant: gptq
-"""
-
-
 def test_db_links_a_shared_database_and_refuses_a_clash(capsys, tmp_path, monkeypatch):
     """`--db DIR`: OUT/db links to DIR and no layer is solved again; an OUT that holds its own
     database, or a DIR of another setup, is a named error that leaves OUT as it was."""
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))  # the tiny task
+    from _compress_task import TINY_YAML as TINY
     cfg = tmp_path / "c.yaml"
     cfg.write_text(TINY)
     first, second = tmp_path / "first", tmp_path / "second"

@@ -17,14 +17,9 @@ TESTS = Path(__file__).resolve().parents[1]
 if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
-CONFIG = """\
-task:
-  name: _compress_task:make_task
-menu:
-  bits: [0, 2, 4, 8]
-  patterns: [dense, '2:4']
-solver:
-  quant: gptq
+from _compress_task import TINY_YAML  # noqa: E402
+
+CONFIG = TINY_YAML + """\
 env:
   metric_every: 1
 agent:
