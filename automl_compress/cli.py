@@ -145,7 +145,7 @@ def resolve_config(args: argparse.Namespace) -> Config:
         if "budget_bits" not in env:  # the middle of the range, on its grid
             step = cfg.env.budget_step
             env["budget_bits"] = round(min(hi, lo + round((hi - lo) / 2 / step) * step), 6)
-    elif args.command == "train" and "budget_bits" not in env:
+    elif getattr(args, "command", None) == "train" and "budget_bits" not in env:
         raise ConfigError("train needs --budget-bits B (one budget) or --budget-range LOW HIGH "
                           "(one policy for every budget of the range)")
     if env:
@@ -201,6 +201,8 @@ def link_database(out: Path, db: str | Path) -> bool:
         raise ConfigError(f"{link} already links to {link.resolve()}, not to --db {target}; "
                           "use another --out, or drop --db")
     if link.exists():
+        if link.resolve() == target:  # --db names the run's own folder
+            return False
         raise ConfigError(f"{link} already holds a database; drop --db to reuse it, or use "
                           "another --out")
     target.mkdir(parents=True, exist_ok=True)
@@ -225,6 +227,7 @@ def _dispatch_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:
 
 
 def _run_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:
+    """The subcommand itself, its database in ``out/db``."""
     if args.command == "build-db":
         from automl_compress.commands import build_db
 

@@ -106,6 +106,7 @@ def test_db_links_a_shared_database_and_refuses_a_clash(capsys, tmp_path, monkey
     assert (second / "db").resolve() == (first / "db").resolve()
     assert {p: p.stat().st_mtime_ns for p in (first / "db/layers").iterdir()} == layers
     assert main([*args, "--db", str(first / "db"), "--out", str(second)]) == 0  # the same link
+    assert main([*args, "--db", str(first / "db"), "--out", str(first)]) == 0  # its own folder
     capsys.readouterr()
     # the first run holds a database of its own
     assert main([*args, "--db", str(tmp_path / "elsewhere"), "--out", str(first)]) == 2
