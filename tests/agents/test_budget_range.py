@@ -60,15 +60,19 @@ def test_train_spends_at_most_its_evaluations(trained):
     assert manifest["controllers"]["action"] == "coefficient"
 
 
-@pytest.mark.parametrize("budget", [2.5, 3.25, 3.5])
+@pytest.mark.parametrize("budget", [2.5, 2.625, 3.25, 3.4, 3.5])
 def test_apply_zero_shot_over_the_range_spends_nothing(trained, budget, capsys):
+    """On the grid and between it (2.625, 3.4: from another budget's plan when one lies below)
+    the budget is met and nothing is spent; the database is the training run's (--db)."""
     root, run = trained
     out = root / f"apply-{budget}"
     rc = main(["apply", "--policy", str(run), "--config", str(root / "c.yaml"),
-               "--budget-bits", str(budget), "--out", str(out)])
+               "--budget-bits", str(budget), "--db", str(run / "db"), "--out", str(out)])
     assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["zero_shot"] and res["evaluations"] == 0
+    lent = res["incumbent_lent_from"]
+    assert lent is None or (lent < budget and budget not in (2.5, 3.25, 3.5))
     assert res["avg_bits"] <= budget + 1e-9
     assert CompressionPlan.load(out / "plan.json").meta["budget_bits"] == budget
     text = capsys.readouterr().out
