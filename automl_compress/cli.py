@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_executor(p)
     p.add_argument("--budget-bits", type=float, default=None,
                    help="average bits per weight (with --budget-range: the budget whose plan "
-                        "the run writes; default the range's middle on its grid)")
+                        "the run writes; default the range's middle, rounded to env.budget_step)")
     p.add_argument("--total-steps", type=int, default=None, help="environment steps")
     p.add_argument("--evaluations", type=float, default=None,
                    help="validation passes to spend (training stops when they are spent)")
@@ -142,9 +142,8 @@ def resolve_config(args: argparse.Namespace) -> Config:
     if getattr(args, "budget_range", None) is not None:
         lo, hi = float(args.budget_range[0]), float(args.budget_range[1])
         env["budget_range"] = (lo, hi)
-        if "budget_bits" not in env:  # the middle of the range, on its grid
-            step = cfg.env.budget_step
-            env["budget_bits"] = round(min(hi, lo + round((hi - lo) / 2 / step) * step), 6)
+        if "budget_bits" not in env:
+            env["budget_bits"] = cfg.env.range_middle(lo, hi)
     elif getattr(args, "command", None) == "train" and "budget_bits" not in env:
         raise ConfigError("train needs --budget-bits B (one budget) or --budget-range LOW HIGH "
                           "(one policy for every budget of the range)")

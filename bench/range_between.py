@@ -50,7 +50,7 @@ def seed_rows(prepared: pipeline.Prepared, lo: float, hi: float, seed: int,
               evaluations: int) -> dict[str, Any]:
     """Train seed ``seed``'s range policy; its three plans at every midpoint of its grid."""
     base = prepared.cfg
-    mid = round((lo + hi) / 2 / base.env.budget_step) * base.env.budget_step
+    mid = base.env.range_middle(lo, hi)
     cfg = _with(base, mid, seed, {"budget_range": (lo, hi)}, **LEARNED["rl-coef"])
     trained = cfg.env.budgets()
     _, search = learned(prepared, cfg, float(evaluations))

@@ -186,7 +186,7 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                       for k, v in result["runs"].items()}
     prepared = pipeline.prepare(cfg, out, db_dir=out / f"db_{cfg.task.name}", progress=False)
     base = prepared.cfg
-    mid = round((lo + hi) / 2 / base.env.budget_step) * base.env.budget_step
+    mid = base.env.range_middle(lo, hi)
     trained = _with(base, mid, 0, {"budget_range": (lo, hi)}).env.budgets()
     step = base.env.budget_step if eval_step is None else eval_step
     grid = tuple(sorted(set(trained) | set(

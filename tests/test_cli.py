@@ -74,14 +74,18 @@ def test_report_and_export_help_name_the_formats(capsys):
 
 
 def test_a_range_run_needs_no_budget_bits_and_a_single_one_does(capsys, tmp_path):
-    """`train --budget-range LOW HIGH` alone trains at the range's middle on its grid (the budget
-    whose plan it writes); without either flag `train` is a named error, exit code 2."""
+    """`train --budget-range LOW HIGH` alone writes its plan at the range's middle rounded to
+    `env.budget_step`; without either flag `train` is a named error, exit code 2."""
     base = ["train", "--config", str(tmp_path / "none.yaml"), "--out", str(tmp_path / "run")]
     (tmp_path / "none.yaml").write_text("seed: 0\n")
     for rng, mid in ((("2.5", "4"), 3.25), (("1", "2"), 1.5), (("0.75", "1.75"), 1.25)):
         assert main([*base, "--budget-range", *rng, "--print-config"]) == 0
         env = yaml.safe_load(capsys.readouterr().out)["env"]
         assert env["budget_bits"] == mid and env["budget_range"] == [float(r) for r in rng]
+    # rounded to the step (the benches' range runs at 3 bits on a 0.5 grid)
+    assert main([*base, "--budget-range", "2.5", "4", "--set", "env.budget_step=0.5",
+                 "--print-config"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out)["env"]["budget_bits"] == 3.0
     # an explicit budget is kept
     assert main([*base, "--budget-range", "2.5", "4", "--budget-bits", "4", "--print-config"]) == 0
     assert yaml.safe_load(capsys.readouterr().out)["env"]["budget_bits"] == 4.0

@@ -83,6 +83,14 @@ class EnvConfig:
         grid = {round(lo + k * (hi - lo) / max(n, 1), 6) for k in range(n + 1)}
         return tuple(sorted(grid | {round(self.budget_bits, 6)}))
 
+    def range_middle(self, lo: float, hi: float) -> float:
+        """The budget a run over [lo, hi] writes its plan at when none is given.
+
+        The middle of the range rounded to a multiple of ``budget_step``, clipped to the range.
+        """
+        mid = round((lo + hi) / 2 / self.budget_step) * self.budget_step
+        return round(min(hi, max(lo, mid)), 6)
+
     def __post_init__(self) -> None:
         if self.coef_levels < 3 or self.coef_levels % 2 == 0:
             raise ConfigError(f"env.coef_levels must be odd and >= 3, found {self.coef_levels}")
