@@ -125,23 +125,26 @@ class Anchors:
         return True
 
     def lend(self, budget: float, trained: Sequence[float]) -> float | None:
-        """Give a budget off the training grid the incumbent of the nearest budget below it.
+        """Give a budget between the training budgets the incumbent of the nearest one below.
 
         A zero-shot rollout at a budget its run never trained at would start from the DP plan;
-        it starts instead from the incumbent of the nearest lower budget that has one, its
-        coefficients re-planned by the DP at ``budget`` (docs/benchmarks.md §3, "Between the
-        training budgets"). A budget of the grid keeps what its run left, incumbent or none.
+        between two training budgets it starts instead from the incumbent of the nearest lower
+        budget that has one, its coefficients re-planned by the DP at ``budget``
+        (docs/benchmarks.md §3, "Between the training budgets"). A training budget keeps what
+        its run left, incumbent or none; outside the training budgets' span (a single-budget
+        policy anywhere else, or beyond a range) nothing is lent: that was not measured.
 
         Args:
             budget: the rollout's budget.
             trained: the budgets the policy trained at.
 
         Returns:
-            The budget lent from, or None (a training budget, an incumbent of its own, or no
-            incumbent below).
+            The budget lent from, or None (a training budget, outside their span, an incumbent
+            of its own, or no incumbent below).
         """
         key = round(float(budget), 6)
-        if key in self.best or any(abs(key - float(b)) < 1e-6 for b in trained):
+        if (key in self.best or not min(trained) < key < max(trained)
+                or any(abs(key - float(b)) < 1e-6 for b in trained)):
             return None
         below = [b for b in self.best if b < key]
         if not below:

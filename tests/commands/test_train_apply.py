@@ -175,7 +175,7 @@ def test_resumed_anchored_train_starts_from_the_checkpoints_incumbents(train_run
 def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_run, tmp_path,
                                                                           capsys):
     """`apply` on the policy's own database, objective and corrections starts from its plans;
-    at a budget it never trained at, from the plan of the nearest budget below."""
+    at a budget between the ones it trained at, from the plan of the nearest budget below."""
     run = tmp_path / "run"
     run.mkdir()
     (run / "db").symlink_to(train_run / "db")
@@ -202,21 +202,26 @@ def test_zero_shot_apply_on_the_same_model_moves_from_the_runs_incumbents(train_
     res, plan = apply("same")
     assert res["zero_shot"] is True and res["incumbent_start"] is True
     assert res["incumbent_lent_from"] is None
-    # a budget it never trained at (1.25; the run trained at 1 bit) starts from the incumbent of
-    # the nearest budget below, re-planned there ...
+    # a single-budget policy lends nothing: 1.25 bits is not between budgets it trained at
     cfg = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=1.25"])
+    single, from_dp = apply("above")
+    assert single["incumbent_lent_from"] is None and single["incumbent_start"] is False
+    # as if it had trained at 1 and 1.5 bits: 1.25 starts from the 1-bit incumbent, re-planned
+    manifest_path = run / "policy/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["budgets"] == [1.0]
+    manifest["budgets"] = [1.0, 1.5]
+    atomic_write_json(manifest_path, manifest)
+    capsys.readouterr()
     lent, lent_plan = apply("between")
     assert lent["incumbent_lent_from"] == 1.0 and lent["incumbent_start"] is True
     assert "zero-shot from the policy's 1-bit plan" in capsys.readouterr().out
-    # ... which a manifest without the trained budgets (an older policy) does not do
-    manifest_path = run / "policy/manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    assert manifest.pop("budgets") == [1.0]
-    atomic_write_json(manifest_path, manifest)
-    unlent, from_dp = apply("between_old")
-    assert unlent["incumbent_lent_from"] is None and unlent["incumbent_start"] is False
     layer = next(iter(lent_plan.layers))
     assert lent_plan.layers[layer].row_bits != from_dp.layers[layer].row_bits
+    # a manifest older than `budgets` lends nothing
+    del manifest["budgets"]
+    atomic_write_json(manifest_path, manifest)
+    assert apply("between_old")[0]["incumbent_lent_from"] is None
     cfg = load_config(ROOT / "configs/digits.yaml", ["env.budget_bits=1.0"])
     # the incumbents of another database, objective or corrections mean other plans: unused
     state["incumbent_key"] = "another"

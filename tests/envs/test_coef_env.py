@@ -220,8 +220,13 @@ def test_anchors_lend_a_budget_off_the_training_grid_the_nearest_lower_incumbent
     # a training budget keeps what its run left, even with none
     assert a.lend(3.25, trained) is None and a.get(3.25) is None
     assert a.lend(2.75, trained) is None and a.get(2.75) is None
-    # nothing below: the DP plan stays the start
+    # outside the training budgets' span: below it, and above it with incumbents below
     assert a.lend(2.4, trained) is None and a.get(2.4) is None
+    assert a.lend(3.3, trained) is None and a.get(3.3) is None
+    # between, with no incumbent below: the DP plan stays the start
+    b = Anchors()
+    b.offer(3.0, mid)
+    assert b.lend(2.625, trained) is None and b.get(2.625) is None
     assert set(a.best) == {2.5, 3.0, 3.125, 2.625}
 
 
