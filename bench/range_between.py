@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 # bench/search.py's helpers (bench/ is on sys.path when run)
-from search import LEARNED, _row, _with, learned
+from search import _row, _with, lent_start, train_range
 
 from automl_compress import pipeline
 from automl_compress.config import load_config
@@ -50,11 +50,8 @@ def seed_rows(prepared: pipeline.Prepared, lo: float, hi: float, seed: int,
               evaluations: int) -> dict[str, Any]:
     """Train seed ``seed``'s range policy; its three plans at every midpoint of its grid."""
     base = prepared.cfg
-    mid = base.env.range_middle(lo, hi)
-    cfg = _with(base, mid, seed, {"budget_range": (lo, hi)}, **LEARNED["rl-coef"])
-    trained = cfg.env.budgets()
-    _, search = learned(prepared, cfg, float(evaluations))
-    chosen = prepared.cfg  # the objective and corrections the range run chose
+    _, search, chosen = train_range(prepared, lo, hi, seed, "rl-coef", evaluations)
+    trained = chosen.env.budgets()
     rows: dict[str, Any] = {}
     try:
         for a, b in zip(trained, trained[1:], strict=False):
@@ -63,10 +60,8 @@ def seed_rows(prepared: pipeline.Prepared, lo: float, hi: float, seed: int,
             t0 = time.perf_counter()
             plans = {"dp-start": search.rollout(True, at, measure=False).plan,
                      "dp": search.dp_plan(at)}
-            lent = search.anchors.lend(at, trained)
-            plans["lent"] = search.rollout(True, at, measure=False).plan
-            if lent is not None:
-                del search.anchors.best[at]
+            with lent_start(search, at, trained) as lent:
+                plans["lent"] = search.rollout(True, at, measure=False).plan
             rows[f"{at:g}"] = {k: _row(prepared, p, {"evaluations": 0.0}, t0)
                                for k, p in plans.items()}
             rows[f"{at:g}"]["lent_from"] = lent

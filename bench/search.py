@@ -42,11 +42,13 @@ does); every other row runs there too.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import statistics
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -172,6 +174,34 @@ def bench_task(cfg: Config, out: Path, budgets: list[float], evaluations: list[i
     return result
 
 
+def train_range(prepared: pipeline.Prepared, lo: float, hi: float, seed: int, method: str,
+                evaluations: int) -> tuple[dict[str, Any], Search, Config]:
+    """Train seed ``seed``'s budget-conditioned policy over [lo, hi] (the grid of
+    ``env.budget_step``, its plan at the range's middle); its row, its search and the config
+    carrying the objective and corrections it chose (as `apply` reads them from the manifest).
+    """
+    base = prepared.cfg
+    c = _with(base, base.env.range_middle(lo, hi), seed, {"budget_range": (lo, hi)},
+              **LEARNED[method])
+    row, search = learned(prepared, c, float(evaluations))
+    return row, search, prepared.cfg
+
+
+@contextlib.contextmanager
+def lent_start(search: Search, budget: float, trained: Sequence[float]) -> Iterator[float | None]:
+    """The search's rollouts at ``budget`` start as `apply`'s would: between the training
+    budgets from the nearest lower incumbent (``Anchors.lend``); the loan ends on exit.
+
+    Yields the budget lent from, or None.
+    """
+    lent = search.anchors.lend(budget, trained)
+    try:
+        yield lent
+    finally:
+        if lent is not None:
+            del search.anchors.best[round(float(budget), 6)]
+
+
 def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
                 seeds: list[int], method: str, eval_step: float | None = None) -> dict[str, Any]:
     """One budget-conditioned policy per seed vs dedicated runs at every budget compared.
@@ -195,31 +225,25 @@ def bench_range(cfg: Config, out: Path, lo: float, hi: float, evaluations: int,
         label = f"range/{s}"
         have = result["runs"].get(label, {})
         if "corrections" not in have or set(have["zero_shot"]) != {f"{b:g}" for b in grid}:
-            # (re)train: the same seed gives the same policy
-            c = _with(base, mid, s, {"budget_range": (lo, hi)}, **LEARNED[method])
-            row, search = learned(prepared, c, float(evaluations))
-            # the objective and corrections the range run chose, as `apply` reads them from the
-            # policy's manifest; every budget's rollout is scored under them
-            chosen = prepared.cfg
+            # (re)train: the same seed gives the same policy; every budget's rollout is scored
+            # under the objective and corrections it chose
+            row, search, chosen = train_range(prepared, lo, hi, s, method, evaluations)
             # zero-shot rollouts start from this run's incumbents, as `apply` on the same model
             # does (agents/run.py policy_incumbents): from the best plan it found at a budget of
             # the grid, from the DP plan at a budget it never visited
             zero, checked = {}, {}
             for b in grid:
                 prepared.cfg = _with(chosen, b, s, {"budget_range": (lo, hi)})
-                # off the training grid: from the nearest lower incumbent, as `apply` starts
-                lent = search.anchors.lend(b, trained)
-                plan = search.rollout(True, b, measure=False).plan
-                zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0}, time.perf_counter(),
-                                      {"lent_from": lent})
-                t0 = time.perf_counter()
-                oracle = MetricOracle(selection.evaluator(prepared))
-                plan, val, kept = checked_rollout(search, b, oracle)
-                checked[f"{b:g}"] = _row(prepared, plan, {"metric_val": val,
-                                                          "evaluations": oracle.evaluations},
-                                         t0, {"kept": kept, "lent_from": lent})
-                if lent is not None:
-                    del search.anchors.best[round(b, 6)]
+                with lent_start(search, b, trained) as lent:
+                    plan = search.rollout(True, b, measure=False).plan
+                    zero[f"{b:g}"] = _row(prepared, plan, {"evaluations": 0.0},
+                                          time.perf_counter(), {"lent_from": lent})
+                    t0 = time.perf_counter()
+                    oracle = MetricOracle(selection.evaluator(prepared))
+                    plan, val, kept = checked_rollout(search, b, oracle)
+                    checked[f"{b:g}"] = _row(prepared, plan, {"metric_val": val,
+                                                              "evaluations": oracle.evaluations},
+                                             t0, {"kept": kept, "lent_from": lent})
             search.close()
             result["runs"][label] = {"trained": row, "zero_shot": zero, "checked": checked,
                                      "corrections": dataclasses.asdict(chosen.eval),
