@@ -190,10 +190,13 @@ def link_database(out: Path, db: str | Path) -> bool:
     ``--resume``) finds the database where it always does.
 
     Raises:
-        ConfigError: ``out/db`` already holds a database, or links elsewhere.
+        ConfigError: ``out/db`` already holds a database, or links elsewhere; ``db`` is a file,
+            or a non-empty folder that is not a layer database (e.g. a run folder: its database
+            is the run's ``db`` folder).
     """
     target = Path(db).resolve()
     link = out / "db"
+    _check_db_folder(target)
     if link.is_symlink():
         if link.resolve() == target:
             return False
@@ -208,6 +211,23 @@ def link_database(out: Path, db: str | Path) -> bool:
     out.mkdir(parents=True, exist_ok=True)
     link.symlink_to(target, target_is_directory=True)
     return True
+
+
+def _check_db_folder(target: Path) -> None:
+    """Refuse a ``--db`` that cannot be a layer database folder, before anything is written."""
+    from automl_compress.database.store import BUILD_LOCK, MANIFEST
+
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"--db {target} is a file; expected a layer database folder (one "
+                          "that build-db, compress or train wrote, or a new or empty folder)")
+    if not target.is_dir() or (target / MANIFEST).exists():
+        return
+    # what a build writes (a killed one may not have written its manifest yet)
+    if {p.name for p in target.iterdir()} <= {BUILD_LOCK, "layers", "objectives"}:
+        return
+    hint = (f"did you mean --db {target / 'db'}, the run's own database?"
+            if (target / "db" / MANIFEST).exists() else "give a new or empty folder to build one")
+    raise ConfigError(f"--db {target} holds files but no layer database (no {MANIFEST}); {hint}")
 
 
 def _dispatch_config(args: argparse.Namespace, cfg: Config, out: Path) -> int:

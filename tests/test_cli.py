@@ -125,3 +125,29 @@ def test_db_links_a_shared_database_and_refuses_a_clash(capsys, tmp_path, monkey
     assert "holds a layer database built for a different setup: menu" in err
     assert "drop --db" in err and "delete" not in err
     assert not (third / "db").is_symlink() and not (third / "db").exists()
+
+
+def test_db_refuses_a_file_or_a_folder_that_is_no_database(capsys, tmp_path, monkeypatch):
+    """`--db` naming a file, a run folder (not its db/) or a folder of other files is a named
+    error before anything is written: no OUT, nothing added to the folder."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))  # the tiny task
+    from _compress_task import TINY_YAML as TINY
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(TINY)
+    run = tmp_path / "run"
+    assert main(["build-db", "--config", str(cfg), "--out", str(run)]) == 0
+    capsys.readouterr()
+    (tmp_path / "a_file").write_text("")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("")
+    before = {p.name for p in run.iterdir()}
+    args = ["compress", "--config", str(cfg), "--method", "dp", "--budget-bits", "3"]
+    for db, says in ((tmp_path / "a_file", "is a file"),
+                     (run, f"did you mean --db {(run / 'db').resolve()}"),
+                     (tmp_path / "other", "give a new or empty folder")):
+        out = tmp_path / f"out_{db.name}"
+        assert main([*args, "--db", str(db), "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
+        assert not out.exists()
+    assert {p.name for p in run.iterdir()} == before
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["notes.txt"]
