@@ -131,9 +131,17 @@ class Prepared:
 
 
 def resolve_device(device: str) -> str:
-    """'auto' → 'cuda' when available, else 'cpu'."""
+    """'auto' → 'cuda' when available, else 'cpu'.
+
+    Raises:
+        ConfigError: 'cuda' where this torch sees no CUDA device.
+    """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        build = "built without CUDA" if torch.version.cuda is None else "sees no GPU"
+        raise ConfigError(f"device is 'cuda', but this torch {torch.__version__} {build}; use "
+                          "device=auto or device=cpu, or run where torch.cuda.is_available()")
     return device
 
 

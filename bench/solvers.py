@@ -161,6 +161,9 @@ def main() -> None:
     ap.add_argument("--max-rows", type=int, default=None, help="solve only the first N rows")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: this torch {torch.__version__} sees no CUDA device; "
+                         "run on a GPU machine with a CUDA build of torch, or pass --device cpu")
     table = methods(args.bits)
     print(f"device={args.device} torch={torch.__version__} threads={torch.get_num_threads()}"
           + (f" gpu={torch.cuda.get_device_name(0)}" if args.device == "cuda" else ""))

@@ -92,3 +92,17 @@ def test_an_infeasible_search_spends_no_evaluation(prepared, counted):
 def test_an_unknown_method_is_named_before_the_budget(prepared):
     with pytest.raises(ConfigError, match="method must be one of"):
         selection.compress(prepared, "annealing", 0.5)
+
+
+def test_resolve_device_names_a_cuda_device_this_torch_cannot_see():
+    """device=cuda without CUDA is a ConfigError that says what to do, not torch's assertion
+    deep in the capture; with CUDA it is kept, and 'auto' picks what is there."""
+    import torch
+
+    assert pipeline.resolve_device("cpu") == "cpu"
+    assert pipeline.resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.cuda.is_available():
+        assert pipeline.resolve_device("cuda") == "cuda"
+    else:
+        with pytest.raises(ConfigError, match="device=auto or device=cpu"):
+            pipeline.resolve_device("cuda")
