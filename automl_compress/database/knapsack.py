@@ -96,26 +96,51 @@ def _unit(c: np.ndarray) -> int:
 
 
 def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact DP: ``f[t]`` = min error with total cost exactly t units, and the argmin choices."""
+    """Exact DP: ``f[t]`` = min error with total cost exactly t units, and the argmin choices.
+
+    After r rows only the costs ``[r·min u, r·max u]`` (clipped to ``cap``) can be finite, so
+    each row's step reads and writes that window alone: about half the cells of the whole
+    ``rows × (cap + 1)`` table; the cells outside stay infinite, their choice 0.
+    """
     rows, n_opt = e.shape
     f = np.full(cap + 1, np.inf)
     f[0] = 0.0
     choice = np.zeros((rows, cap + 1), dtype=np.int8)
     fits = [(j, int(u[j])) for j in range(n_opt) if u[j] <= cap]
-    g, cand = np.empty(cap + 1), np.empty(cap + 1)
+    if not fits:  # nothing fits: every row leaves every cost infinite
+        f[: 1 if rows else 0] = np.inf
+        return f, choice
+    u_lo, u_hi = min(uj for _, uj in fits), max(uj for _, uj in fits)
+    g, cand = np.full(cap + 1, np.inf), np.empty(cap + 1)
     better = np.empty(cap + 1, dtype=bool)
+    lo, hi = 0, 0  # the window of f that can be finite
     for r in range(rows):
         # g[t] = min_j f[t − u_j] + e[r, j], the first best option j kept on ties (a strict
         # improvement over the options in order; option 0 where every candidate is infinite)
-        g.fill(np.inf)
-        for j, uj in fits:
-            n = cap + 1 - uj
-            np.add(f[:n], e[r, j], out=cand[:n])
-            np.less(cand[:n], g[uj:], out=better[:n])
-            np.copyto(g[uj:], cand[:n], where=better[:n])
+        new_lo, new_hi = min(lo + u_lo, cap + 1), min(hi + u_hi, cap)
+        if new_lo > new_hi:  # no cost up to cap is reachable any more
+            f[:] = np.inf
+            return f, choice
+        g[new_lo : new_hi + 1] = np.inf
+        for k, (j, uj) in enumerate(fits):
+            s1 = min(hi, cap - uj)  # sources lo … s1 land on lo + u_j … s1 + u_j
+            n = s1 - lo + 1
+            if n <= 0:
+                continue
+            t0 = lo + uj
+            if k == 0:  # the first option meets only infinities: it takes every cell it reaches
+                np.add(f[lo : s1 + 1], e[r, j], out=g[t0 : t0 + n])
+                if j:
+                    choice[r, t0 : t0 + n] = np.where(np.isfinite(g[t0 : t0 + n]), j, 0)
+                continue
+            np.add(f[lo : s1 + 1], e[r, j], out=cand[:n])
+            np.less(cand[:n], g[t0 : t0 + n], out=better[:n])
+            np.copyto(g[t0 : t0 + n], cand[:n], where=better[:n])
             if j:
-                np.copyto(choice[r, uj:], np.int8(j), where=better[:n])
+                np.copyto(choice[r, t0 : t0 + n], np.int8(j), where=better[:n])
         f, g = g, f
+        lo, hi = new_lo, new_hi
+    f[:lo] = np.inf
     return f, choice
 
 

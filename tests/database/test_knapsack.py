@@ -37,9 +37,24 @@ def test_knapsack_layer_matches_brute_force(pattern):
         assert t.error_of(pattern, rb) == pytest.approx(brute_force(t, pattern, budget), rel=1e-12)
 
 
+def _scan_dp(e, u, cap):
+    """The row DP by its definition: for each total cost t, the options in order, a later one
+    taken only when strictly better (ties and infeasible costs keep the first, option 0)."""
+    g = np.full(cap + 1, np.inf)
+    g[0] = 0.0
+    picks = []
+    for r in range(len(e)):
+        new, pick = np.full(cap + 1, np.inf), np.zeros(cap + 1, dtype=np.int64)
+        for t in range(cap + 1):
+            for j in range(len(u)):
+                if u[j] <= t and g[t - u[j]] + e[r, j] < new[t]:
+                    new[t], pick[t] = g[t - u[j]] + e[r, j], j
+        picks.append(pick.tolist())
+        g = new
+    return g.tolist(), picks
+
+
 def test_row_dp_keeps_the_first_best_option_as_a_scan_over_the_options_does():
-    # the row step's values and choices are those of a plain scan: for each total cost t, the
-    # options in order, a later one taken only when strictly better (ties and infeasible costs)
     from automl_compress.database.knapsack import _dp_rows
 
     rng = np.random.default_rng(7)
@@ -47,17 +62,27 @@ def test_row_dp_keeps_the_first_best_option_as_a_scan_over_the_options_does():
     u = np.array([0, 2, 3, 3, 7])  # two options with the same cost; one past small caps
     for cap in (5, 40):
         f, choice = _dp_rows(e, u, cap)
-        g = np.full(cap + 1, np.inf)
-        g[0] = 0.0
-        for r in range(len(e)):
-            new, pick = np.full(cap + 1, np.inf), np.zeros(cap + 1, dtype=np.int64)
-            for t in range(cap + 1):
-                for j in range(len(u)):
-                    if u[j] <= t and g[t - u[j]] + e[r, j] < new[t]:
-                        new[t], pick[t] = g[t - u[j]] + e[r, j], j
-            assert choice[r].tolist() == pick.tolist()
-            g = new
-        assert f.tolist() == g.tolist()
+        want_f, want_choice = _scan_dp(e, u, cap)
+        assert f.tolist() == want_f
+        assert choice.tolist() == want_choice
+
+
+def test_row_dp_equals_the_scan_on_random_costs_caps_and_infinite_errors():
+    # the DP works on the window of costs that can be finite after each row: costs whose
+    # cheapest option is not free, caps below and above what the rows reach, options past the
+    # cap, infeasible (infinite) errors, no row at all
+    from automl_compress.database.knapsack import _dp_rows
+
+    rng = np.random.default_rng(11)
+    for _ in range(300):
+        rows, n_opt = int(rng.integers(0, 6)), int(rng.integers(1, 5))
+        u = rng.integers(0, 7, n_opt)
+        cap = int(rng.integers(0, 30))
+        e = rng.choice([0.0, 0.5, 1.0, np.inf], size=(rows, n_opt), p=[0.3, 0.3, 0.3, 0.1])
+        f, choice = _dp_rows(e, u, cap)
+        want_f, want_choice = _scan_dp(e, u, cap)
+        assert f.tolist() == want_f, (rows, u.tolist(), cap)
+        assert choice.tolist() == want_choice, (rows, u.tolist(), cap)
 
 
 def test_hull_mode_stays_within_budget_and_is_exact_at_breakpoints():
