@@ -107,8 +107,9 @@ def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.nda
     f[0] = 0.0
     choice = np.zeros((rows, cap + 1), dtype=np.int8)
     fits = [(j, int(u[j])) for j in range(n_opt) if u[j] <= cap]
-    if not fits:  # nothing fits: every row leaves every cost infinite
-        f[: 1 if rows else 0] = np.inf
+    if not fits:  # nothing fits: any row leaves every cost infinite
+        if rows:
+            f[0] = np.inf
         return f, choice
     u_lo, u_hi = min(uj for _, uj in fits), max(uj for _, uj in fits)
     g, cand = np.full(cap + 1, np.inf), np.empty(cap + 1)

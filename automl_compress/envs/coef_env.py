@@ -146,11 +146,10 @@ class Anchors:
         if (key in self.best or not min(trained) < key < max(trained)
                 or any(abs(key - float(b)) < 1e-6 for b in trained)):
             return None
-        below = [b for b in self.best if b < key]
-        if not below:
-            return None
-        self.best[key] = self.best[max(below)]
-        return max(below)
+        below = max((b for b in self.best if b < key), default=None)
+        if below is not None:
+            self.best[key] = self.best[below]
+        return below
 
     def state(self) -> dict[str, Any]:
         """JSON-ready data for a checkpoint."""
