@@ -17,13 +17,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from automl_compress.config import Config
 from automl_compress.database.allocate import allocate_dp
-from automl_compress.database.knapsack import ENV_DP_CELLS, knapsack_layer
+from automl_compress.database.knapsack import (
+    ENV_DP_CELLS,
+    ENV_KEPT_BYTES,
+    KeptTables,
+    knapsack_layer,
+)
 from automl_compress.database.tables import LayerTable
 from automl_compress.envs.episode import TOL
 from automl_compress.envs.policy import LayerAllocator, RowAllocator, RowRequest
@@ -34,18 +39,27 @@ class KnapsackChannels:
     """The exact multiple-choice knapsack over the kept rows.
 
     Exact DP up to ``max_cells`` rows × budget states, the convex-hull greedy above; see
-    :func:`~automl_compress.database.knapsack.knapsack_layer`.
+    :func:`~automl_compress.database.knapsack.knapsack_layer`. The knapsack tables of each
+    (layer table, pattern, kept rows) are kept (an env asks the same few row sets at many
+    budgets), so a repeated request is a backtrack; the choices are those of a fresh knapsack.
     """
 
     max_cells: int = ENV_DP_CELLS
+    # (id of the table, pattern, kept rows) -> (the table, the kept rows' table, its DP tables)
+    _kept: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def fill_rows(self, req: RowRequest) -> np.ndarray:
         """The width index of every kept row: the exact knapsack's choice within the budget."""
         t = req.table
-        kept = LayerTable(dataclasses.replace(t.info, rows=len(req.rows)), t.bits, t.patterns,
-                          t.errors[req.rows])
-        bits = knapsack_layer(kept, t.patterns[req.pattern], req.budget, req.cost,
-                              max_cells=self.max_cells)
+        rows = np.asarray(req.rows, dtype=np.int64)
+        key = (id(t), req.pattern, rows.tobytes())
+        hit = self._kept.get(key)
+        if hit is None or hit[0] is not t:  # the table is held, so its id is not reused
+            kept = LayerTable(dataclasses.replace(t.info, rows=len(rows)), t.bits, t.patterns,
+                              t.errors[rows])
+            hit = self._kept[key] = (t, kept, KeptTables(ENV_KEPT_BYTES, runs=False))
+        bits = knapsack_layer(hit[1], t.patterns[req.pattern], req.budget, req.cost,
+                              max_cells=self.max_cells, tables=hit[2])
         return np.searchsorted(np.asarray(t.bits), bits)
 
 

@@ -45,6 +45,9 @@ __all__ = [
 ]
 
 DP_RESOLUTION = 4000
+# a DP step over at most this many (candidate, cost) cells is one gather and one minimum over a
+# table; a larger one is a shifted minimum per candidate (no table of that size)
+GATHER_CELLS = 1 << 16
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,23 +287,37 @@ def allocate_dp(
     total_budget = budget_avg_bits * _total_weights(tables)
     delta = total_budget / resolution if total_budget > 0 else 1.0
     T = resolution
-    F = np.zeros(T + 1)
-    steps = []  # per layer: F before it, the units and costs of its candidates that can win
+    layers = []  # per layer: the units and costs of its candidates that can win
     for li, pts in enumerate(cands):
-        # G[t] = min_k F[t − units_k] + w·e_k over the layer's candidates that can win
         bits, errs = _candidate_arrays(pts, li, memo)
         units = np.where(bits > 0, np.ceil(bits / delta - 1e-9), 0).astype(np.int64)
         cost_k = w[li] * errs
         keep = _can_win(units, cost_k)
-        u, c = np.minimum(units[keep], T + 1), cost_k[keep]
+        layers.append((np.minimum(units[keep], T + 1), cost_k[keep], keep))
+    # after layer l only the costs t ≥ T − (the later layers' largest units) can still end at T:
+    # G is computed there alone, and the backtrack reads nothing below it
+    later = np.concatenate([np.cumsum([int(u.max(initial=0)) for u, _, _ in layers][::-1])[::-1],
+                            [0]])
+    F = np.zeros(T + 1)
+    steps = []  # per layer: F before it, the units and costs of its candidates that can win
+    for li, (u, c, keep) in enumerate(layers):
+        # G[t] = min_k F[t − units_k] + w·e_k over the layer's candidates that can win
         steps.append((F, u, c, keep))
+        lo = max(T - int(later[li + 1]), 0)
         G = np.full(T + 1, np.inf)  # F[s] for s < 0 is infeasible
+        if len(u) * (T + 1 - lo) <= GATHER_CELLS:  # a small step: one (K, window) table
+            src = np.arange(lo, T + 1)[None, :] - u[:, None]
+            vals = np.where(src >= 0, F[np.maximum(src, 0)], np.inf) + c[:, None]
+            G[lo:] = vals.min(axis=0)
+            F = G
+            continue
         tmp = np.empty(T + 1)
         for uk, ck in zip(u.tolist(), c.tolist(), strict=True):
-            if uk <= T:
-                n = T + 1 - uk
-                np.add(F[:n], ck, out=tmp[:n])
-                np.minimum(G[uk:], tmp[:n], out=G[uk:])
+            t0 = max(uk, lo)
+            if t0 <= T:
+                n = T + 1 - t0
+                np.add(F[t0 - uk : t0 - uk + n], ck, out=tmp[:n])
+                np.minimum(G[t0:], tmp[:n], out=G[t0:])
         F = G
     if not np.isfinite(F[T]):
         # the bucket rounding cost too much: only possible right at the feasibility limit

@@ -48,11 +48,18 @@ class KeptTables(dict):
         max_bytes: the most bytes one kept item may hold.
         runs: whether a DP table past ``max_bytes`` in int8 cells may be kept as runs
             (:class:`ChoiceRuns`).
+        curve_choices: whether :func:`layer_curve` builds its DP with the choices and keeps it
+            (a caller that realises many budgets of one curve, the searches), or computes the
+            least errors alone (about 2.5× faster) and leaves :func:`knapsack_layer` to build
+            the choices up to the budget it is asked (a caller that realises about one budget
+            per curve, the environments).
     """
 
-    def __init__(self, max_bytes: int = KEPT_TABLE_BYTES, runs: bool = True) -> None:
+    def __init__(self, max_bytes: int = KEPT_TABLE_BYTES, runs: bool = True,
+                 curve_choices: bool = True) -> None:
         super().__init__()
         self.max_bytes, self.runs = int(max_bytes), bool(runs)
+        self.curve_choices = bool(curve_choices)
 
 
 def _limits(tables: dict) -> tuple[int, bool]:
@@ -60,6 +67,11 @@ def _limits(tables: dict) -> tuple[int, bool]:
     if isinstance(tables, KeptTables):
         return tables.max_bytes, tables.runs
     return KEPT_TABLE_BYTES, True
+
+
+def _keeps_curves(tables: dict | None) -> bool:
+    """Whether :func:`layer_curve` keeps its DP's choices in ``tables``."""
+    return tables is not None and getattr(tables, "curve_choices", True)
 
 
 def pattern_index(table: LayerTable, pattern: str) -> int:
@@ -95,17 +107,23 @@ def _unit(c: np.ndarray) -> int:
     return max(g, 1)
 
 
-def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.ndarray]:
+def _dp_rows(
+    e: np.ndarray, u: np.ndarray, cap: int, choices: bool = True
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Exact DP: ``f[t]`` = min error with total cost exactly t units, and the argmin choices.
 
     After r rows only the costs ``[r·min u, r·max u]`` (clipped to ``cap``) can be finite, so
     each row's step reads and writes that window alone: about half the cells of the whole
     ``rows × (cap + 1)`` table; the cells outside stay infinite, their choice 0.
+
+    With ``choices=False`` only ``f`` is computed (a plain running minimum per option, about
+    2.5× faster; the same ``f`` bit for bit, a minimum of the same sums being exact in any
+    order) and None stands for the choices.
     """
     rows, n_opt = e.shape
     f = np.full(cap + 1, np.inf)
     f[0] = 0.0
-    choice = np.zeros((rows, cap + 1), dtype=np.int8)
+    choice = np.zeros((rows, cap + 1), dtype=np.int8) if choices else None
     fits = [(j, int(u[j])) for j in range(n_opt) if u[j] <= cap]
     if not fits:  # nothing fits: any row leaves every cost infinite
         if rows:
@@ -131,10 +149,13 @@ def _dp_rows(e: np.ndarray, u: np.ndarray, cap: int) -> tuple[np.ndarray, np.nda
             t0 = lo + uj
             if k == 0:  # the first option meets only infinities: it takes every cell it reaches
                 np.add(f[lo : s1 + 1], e[r, j], out=g[t0 : t0 + n])
-                if j:
+                if j and choice is not None:
                     choice[r, t0 : t0 + n] = np.where(np.isfinite(g[t0 : t0 + n]), j, 0)
                 continue
             np.add(f[lo : s1 + 1], e[r, j], out=cand[:n])
+            if choice is None:
+                np.minimum(g[t0 : t0 + n], cand[:n], out=g[t0 : t0 + n])
+                continue
             np.less(cand[:n], g[t0 : t0 + n], out=better[:n])
             np.copyto(g[t0 : t0 + n], cand[:n], where=better[:n])
             if j:
@@ -434,7 +455,9 @@ def layer_curve(
 
     Every returned point (bits, error) is reached by :func:`knapsack_layer` at that budget with an
     error no larger than the one listed. ``tables``: as for :func:`knapsack_layer`; the curve's
-    exact DP is kept there (when it fits the dict's byte limit) for later budgets.
+    exact DP is kept there (when it fits the dict's byte limit) for later budgets, unless it is a
+    :class:`KeptTables` with ``curve_choices=False``. Without a dict to keep it in, or with
+    such a one, only the DP's least errors are computed.
 
     Returns:
         (costs, errors): ascending total row bits and descending errors.
@@ -444,12 +467,15 @@ def layer_curve(
     g, u, integer = _units(table, c)
     cap = rows * int(u.max())
     if integer and rows * (cap + 1) <= max_cells:
-        dp = _layer_knapsack(table, e, u, cap)
-        kept = dp.kept(*_limits(tables)) if tables is not None else None
-        if kept is not None:
-            tables[pattern] = kept
+        if _keeps_curves(tables):
+            dp = _layer_knapsack(table, e, u, cap)
+            kept = dp.kept(*_limits(tables))
+            if kept is not None:
+                tables[pattern] = kept
+            errs = dp.f
+        else:
+            errs, _ = _dp_rows(e, u, cap, choices=False)
         costs = np.arange(cap + 1, dtype=np.float64) * g
-        errs = dp.f
     else:
         h = _kept_hull(e, c, pattern, tables)
         costs = float(c[h.start].sum()) + np.concatenate([[0.0], np.cumsum(h.step_dc)])

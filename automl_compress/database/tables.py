@@ -7,7 +7,7 @@ exactly additive (docs/solvers.md §1), so any per-row mixture's error is a sum 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class LayerTable:
     bits: tuple[int, ...]
     patterns: tuple[str, ...]
     errors: np.ndarray
+    # option_bits by cost config: every DP step and plan count reads them
+    _option_bits: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         shape = (self.info.rows, len(self.patterns), len(self.bits))
@@ -47,11 +49,19 @@ class LayerTable:
             raise ValueError(f"patterns must start with 'dense', found {self.patterns}")
 
     def option_bits(self, cost: CostConfig | None = None) -> np.ndarray:
-        """(len(patterns), len(bits)) bits to store one row at each option, metadata included."""
-        return np.array(
-            [[row_bits(self.info.cols, b, p, cost) for b in self.bits] for p in self.patterns],
-            dtype=np.float64,
-        )
+        """(len(patterns), len(bits)) bits to store one row at each option, metadata included.
+
+        Computed once per ``cost`` and returned read-only.
+        """
+        ob = self._option_bits.get(cost)
+        if ob is None:
+            ob = np.array(
+                [[row_bits(self.info.cols, b, p, cost) for b in self.bits] for p in self.patterns],
+                dtype=np.float64,
+            )
+            ob.setflags(write=False)
+            self._option_bits[cost] = ob
+        return ob
 
     def error_of(self, pattern: str, row_bits_: np.ndarray) -> float:
         """Layer error of a per-row assignment: the sum of the table entries."""

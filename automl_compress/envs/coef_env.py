@@ -368,8 +368,10 @@ class CoefficientEnv(gym.Env):
                 mult[g] = 10.0 ** self.values[level]
             wt = LayerTable(t.info, t.bits, t.patterns, t.errors * mult[:, None, None])
             # the third item keeps this weighted layer's knapsack tables (database.knapsack),
-            # starting with the curves' own DPs; one set per multiplier vector, so small ones
-            kept = KeptTables(ENV_KEPT_BYTES, runs=False)
+            # one set per multiplier vector, so small ones; a new vector is mostly realised at
+            # one budget per pattern, so its curves compute their least errors alone and a
+            # table with choices is built only for the budgets asked
+            kept = KeptTables(ENV_KEPT_BYTES, runs=False, curve_choices=False)
             self._cands[key] = (wt, layer_candidates(wt, self.cfg.cost, tables=kept), kept)
         return self._cands[key]
 

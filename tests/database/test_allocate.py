@@ -111,9 +111,14 @@ def _dp_picks_over_every_candidate(cands, budget_units, units_of, weights):
     return picks[::-1]
 
 
+@pytest.mark.parametrize("gather_cells", [0, 1 << 16])
 @pytest.mark.parametrize("seed", range(6))
-def test_dp_pruned_candidates_choose_exactly_as_every_candidate(seed):
-    # errors rounded to a coarse grid: many ties in cost and in error, and zero layer weights
+def test_dp_pruned_candidates_choose_exactly_as_every_candidate(seed, gather_cells, monkeypatch):
+    # errors rounded to a coarse grid: many ties in cost and in error, and zero layer weights;
+    # every step a shifted minimum per candidate (0), or one gathered table (every step fits)
+    import automl_compress.database.allocate as al
+
+    monkeypatch.setattr(al, "GATHER_CELLS", gather_cells)
     rng = np.random.default_rng(seed)
     tables = tables_set()
     for t in tables:

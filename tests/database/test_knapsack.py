@@ -83,6 +83,24 @@ def test_row_dp_equals_the_scan_on_random_costs_caps_and_infinite_errors():
         want_f, want_choice = _scan_dp(e, u, cap)
         assert f.tolist() == want_f, (rows, u.tolist(), cap)
         assert choice.tolist() == want_choice, (rows, u.tolist(), cap)
+        f_alone, none = _dp_rows(e, u, cap, choices=False)
+        assert none is None and f_alone.tolist() == want_f, (rows, u.tolist(), cap)
+
+
+def test_row_dp_without_choices_gives_the_same_least_errors_bit_for_bit():
+    # the values-only DP takes a running minimum where the full one scans for strict
+    # improvements: the same sums, so the same floats, on errors of every magnitude
+    from automl_compress.database.knapsack import _dp_rows
+
+    rng = np.random.default_rng(12)
+    for _ in range(20):
+        rows, n_opt = int(rng.integers(1, 30)), int(rng.integers(2, 7))
+        u = np.concatenate([[0], np.sort(rng.integers(1, 40, n_opt - 1))])
+        e = 10.0 ** rng.uniform(-8, 3, size=(rows, n_opt))
+        cap = int(rng.integers(0, rows * int(u.max()) + 2))
+        f, _ = _dp_rows(e, u, cap)
+        f_alone, _ = _dp_rows(e, u, cap, choices=False)
+        assert np.array_equal(f, f_alone)
 
 
 def test_hull_mode_stays_within_budget_and_is_exact_at_breakpoints():
@@ -141,6 +159,28 @@ def test_kept_tables_answer_every_budget_as_a_fresh_knapsack(max_cells, runs, mo
         fresh = knapsack_layer(small, "dense", budget, max_cells=max_cells)
         again = knapsack_layer(small, "dense", budget, max_cells=max_cells, tables=from_curve)
         assert again.tolist() == fresh.tolist()
+
+
+def test_curves_without_choices_keep_nothing_and_give_the_same_curve_and_plans():
+    # the environments' tables (curve_choices=False): the curve is the one a keeping or a
+    # dict-less call gives, no DP is kept by it, and later budgets build their own tables
+    import automl_compress.database.knapsack as ks
+
+    t = random_table(rows=10, cols=32, seed=8)
+    rng = np.random.default_rng(1)
+    for pattern in ("dense", "50%"):
+        keeping: dict = {}
+        lazy = ks.KeptTables(curve_choices=False)
+        want = layer_curve(t, pattern, tables=keeping)
+        for got in (layer_curve(t, pattern, tables=lazy), layer_curve(t, pattern)):
+            assert got[0].tolist() == want[0].tolist() and got[1].tolist() == want[1].tolist()
+        assert pattern in keeping and pattern not in lazy
+        c = t.option_bits()[t.patterns.index(pattern)]
+        for budget in rng.uniform(10 * c.min(), 10 * c.max(), 10):
+            fresh = knapsack_layer(t, pattern, budget)
+            assert knapsack_layer(t, pattern, budget, tables=lazy).tolist() == fresh.tolist()
+            assert knapsack_layer(t, pattern, budget, tables=keeping).tolist() == fresh.tolist()
+        assert pattern in lazy
 
 
 @pytest.mark.parametrize("width", [300, 70_000])

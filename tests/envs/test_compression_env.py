@@ -208,6 +208,29 @@ def test_knapsack_channels_at_the_dp_layer_budgets_give_the_dp_plan(tables):
         assert got == pytest.approx(t.error_of(lp.pattern, lp.row_bits), rel=1e-12), t.info.name
 
 
+def test_knapsack_channels_keep_tables_and_answer_as_a_fresh_knapsack(tables):
+    """One policy asked many budgets of the same few (layer, pattern, kept rows) keeps one set
+    of knapsack tables per set and gives the assignment a fresh policy gives every time."""
+    cfg = synth_config(3.0)
+    kept = CHANNEL_POLICIES["knapsack"]()
+    rng = np.random.default_rng(0)
+    keys = set()
+    for _ in range(60):
+        t = tables[int(rng.integers(len(tables)))]
+        p = int(rng.integers(len(t.patterns)))
+        order = np.argsort(-t.errors[:, p, :].sum(axis=1), kind="stable")
+        if rng.integers(2):  # another row set of the same size: the other half
+            order = order[::-1]
+        rows = order[: int(rng.choice([t.info.rows, max(t.info.rows // 2, 1)]))]
+        ob = t.option_bits(cfg.cost)[p]
+        budget = float(rng.uniform(len(rows) * ob.min(), len(rows) * ob.max()))
+        req = RowRequest(t, p, rows, budget, ob, cfg.cost)
+        want = CHANNEL_POLICIES["knapsack"]().fill_rows(req)
+        assert kept.fill_rows(req).tolist() == want.tolist()
+        keys.add((t.info.name, p, tuple(rows.tolist())))
+    assert len(kept._kept) == len(keys)
+
+
 def test_observation_size_is_model_independent():
     wide = tuple((n, k, 2 * r + 3, c, kern) for n, k, r, c, kern in SHAPES) + (
         ("fc3", "linear", 7, 40, ()),)
