@@ -54,7 +54,7 @@ class KnapsackChannels:
         rows = np.asarray(req.rows, dtype=np.int64)
         key = (id(t), req.pattern, rows.tobytes())
         hit = self._kept.get(key)
-        if hit is None or hit[0] is not t:  # the table is held, so its id is not reused
+        if hit is None:  # the value holds the table, so its id is not reused while kept
             kept = LayerTable(dataclasses.replace(t.info, rows=len(rows)), t.bits, t.patterns,
                               t.errors[rows])
             hit = self._kept[key] = (t, kept, KeptTables(ENV_KEPT_BYTES, runs=False))
