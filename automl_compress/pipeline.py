@@ -42,7 +42,7 @@ from automl_compress.objectives import (
 )
 from automl_compress.plan import CompressionPlan
 from automl_compress.stitch import plan_source, stitch
-from automl_compress.zoo.base import ItemMetric, Task, with_validation
+from automl_compress.zoo.base import ItemMetric, Task, fidelity_metric, with_validation
 
 ALLOCATORS = ("uniform", "dp", "rtn")
 SEARCHES = ("evo", "spdy")
@@ -57,7 +57,7 @@ class Prepared:
 
     Attributes:
         cfg: the resolved config (``cfg.eval`` holds the statistics corrections in force; with
-            ``eval.corrections = auto`` a run replaces them,
+            ``eval.corrections`` auto or calibration a run replaces them,
             :func:`automl_compress.selection.calibrate`).
         task: model, calibration data, validation and test metrics.
         db: the layer database.
@@ -81,6 +81,7 @@ class Prepared:
     _dense_metric: float | None = field(default=None, repr=False)
     _dense_val: float | None = field(default=None, repr=False)
     _dense_stats: DenseStats | None = field(default=None, repr=False)
+    _calib_fidelity: ItemMetric | None = field(default=None, repr=False)
     _weighted: tuple[list[LayerTable], list[LayerTable]] | None = field(default=None, repr=False)
 
     @property
@@ -124,6 +125,14 @@ class Prepared:
         if self._dense_stats is None:
             self._dense_stats = dense_stats(self.task.model, self.task)
         return self._dense_stats
+
+    def calib_fidelity(self) -> ItemMetric:
+        """The fidelity to the dense outputs on the calibration batches (dense outputs once)."""
+        if self._calib_fidelity is None:
+            t = self.task
+            self._calib_fidelity = fidelity_metric(t.model, t.forward, t.distance, list(t.calib),
+                                                   t.name)
+        return self._calib_fidelity
 
     def tables_for(self, plan: CompressionPlan) -> list[LayerTable]:
         """The tables a plan's errors are read from (rtn tables for the rtn baseline)."""
@@ -282,6 +291,18 @@ def validate_plan(prepared: Prepared, plan: CompressionPlan, fraction: float = 1
     model = stitched_model(prepared, plan, eval_cfg)
     return float(validate(model, fraction) if isinstance(validate, ItemMetric)
                  else validate(model))
+
+
+def calibration_fidelity(prepared: Prepared, plan: CompressionPlan,
+                         eval_cfg: EvalConfig | None = None) -> float:
+    """Mean fidelity of the stitched, corrected model's outputs to the dense model's.
+
+    On the calibration batches, under ``task.distance`` (−KL, cosine or −relative squared
+    error; higher is better): needs no labels and spends no validation evaluation, so it can
+    choose the statistics corrections where nothing may be scored (``eval.corrections =
+    calibration``). ``eval_cfg`` overrides ``prepared.cfg.eval``.
+    """
+    return float(prepared.calib_fidelity()(stitched_model(prepared, plan, eval_cfg)))
 
 
 def plan_report(prepared: Prepared, plan: CompressionPlan) -> dict[str, float] | None:

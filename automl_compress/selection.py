@@ -100,44 +100,76 @@ def _candidates(prepared: Prepared, names: Sequence[str | None],
     return out, skipped
 
 
-def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, Any]:
-    """Choose the objective and the statistics corrections together, on the validation split.
+def _most_faithful(prepared: Prepared, plan: CompressionPlan, choices: list[EvalConfig],
+                   fids: dict[tuple[tuple, EvalConfig], float]) -> EvalConfig:
+    """The corrections of highest calibration fidelity for ``plan`` (the first on ties).
 
-    The objective when ``alloc.objective = auto``, the corrections when ``eval.corrections = auto``.
+    Every (plan, corrections) pair is measured once: ``fids`` keeps the measurements.
+    """
+    key = plan.key()
+    for c in choices:
+        if (key, c) not in fids:
+            fids[(key, c)] = pipeline.calibration_fidelity(prepared, plan, c)
+    return max(choices, key=lambda c: fids[(key, c)])
+
+
+def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, Any]:
+    """Choose the objective and the statistics corrections together.
+
+    The objective when ``alloc.objective = auto`` (on the validation split), the corrections when
+    ``eval.corrections`` is ``auto`` (on the validation split) or ``calibration`` (by the
+    outputs' fidelity to the dense model on the calibration batches,
+    :func:`~automl_compress.pipeline.calibration_fidelity`: no validation evaluations).
 
     Every candidate objective (``alloc.auto_objectives``; only for the methods in
     :data:`CALIBRATED`, the others keep the loaded one) gives its plan at ``budget_bits`` (the
     DP plan for the searches, the start they warm from), and every correction choice
-    (:func:`correction_choices`) scores it; the best pair becomes ``prepared``'s objective and
-    ``prepared.cfg.eval`` (and, with ``auto``, ``prepared.cfg.alloc.objective``: a run directory
-    records what was chosen). Ties keep the earlier candidate and the configured corrections; a pair
-    whose plan and corrections were scored already costs nothing.
+    (:func:`correction_choices`) scores it (with ``calibration``, only the choice of highest
+    fidelity goes on to validation, and only when objectives are compared); the best pair
+    becomes ``prepared``'s objective and ``prepared.cfg.eval`` (and, with ``auto``,
+    ``prepared.cfg.alloc.objective``: a run directory records what was chosen). Ties keep the
+    earlier candidate and the configured corrections; a pair whose plan and corrections were
+    scored already costs nothing.
 
     Returns:
         ``{"objective": {"name", "chosen_on", "scores"}, "corrections": {"bias_correction",
         "bn_reestimate", "chosen_on", "scores", "evaluations"}, "evaluations"}`` with the
         evaluations (full validation passes) the choice spent; 0 when there is nothing to
-        choose.
+        choose. With ``calibration`` the corrections' ``scores`` are the fidelities and
+        ``calibration_passes`` counts the calibration passes that measured them.
     """
     cfg = prepared.cfg
     auto = cfg.alloc.objective == AUTO and method in CALIBRATED
     names = list(dict.fromkeys(cfg.alloc.auto_objectives)) if auto else [None]
     choices = correction_choices(prepared) if cfg.eval.corrections != "fixed" else [cfg.eval]
+    on_calib = cfg.eval.corrections == "calibration" and len(choices) > 1
     objectives, skipped = _candidates(prepared, names)
     names = [n for n in names if n is None or n in objectives]
-    scores: dict[tuple[str | None, EvalConfig], float] = {}
+    scores: dict[tuple[str | None, EvalConfig], float] = {}  # on validation
     seen: dict[tuple[tuple, EvalConfig], float] = {}
+    fids: dict[tuple[tuple, EvalConfig], float] = {}  # on calibration
+    by_fid: dict[str | None, EvalConfig] = {}
+    plan_of: dict[str | None, tuple] = {}
     for name in names if len(names) * len(choices) > 1 else ():
         if name is not None:
             prepared.set_objective(objectives[name])
         plan = pipeline.allocate(prepared, method if method in ALLOCATORS else "dp", budget_bits)
-        for c in choices:
+        if on_calib:
+            plan_of[name] = plan.key()
+            by_fid[name] = _most_faithful(prepared, plan, choices, fids)
+            if len(names) == 1:  # one objective: nothing is left to compare on validation
+                continue
+        for c in [by_fid[name]] if on_calib else choices:
             if (plan.key(), c) not in seen:
                 seen[(plan.key(), c)] = pipeline.validate_plan(prepared, plan, 1.0, c)
             scores[(name, c)] = seen[(plan.key(), c)]
     # the first maximum: the earlier objective and the configured corrections on ties
-    best_name, best_eval = (max(scores, key=lambda k: scores[k]) if scores
-                            else (names[0], choices[0]))
+    if scores:
+        best_name, best_eval = max(scores, key=lambda k: scores[k])
+    elif by_fid:
+        best_name, best_eval = next(iter(by_fid.items()))
+    else:
+        best_name, best_eval = names[0], choices[0]
     if best_name is not None:
         prepared.set_objective(objectives[best_name])
     alloc = dataclasses.replace(cfg.alloc, objective=best_name) if auto else cfg.alloc
@@ -152,9 +184,13 @@ def calibrate(prepared: Prepared, method: str, budget_bits: float) -> dict[str, 
             objective["skipped"] = skipped
     corrections = {"bias_correction": best_eval.bias_correction,
                    "bn_reestimate": best_eval.bn_reestimate,
-                   "evaluations": len(seen), "chosen_on": chosen_on if len(choices) > 1
+                   "evaluations": len(seen),
+                   "chosen_on": ("calibration" if on_calib else chosen_on) if len(choices) > 1
                    else "config"}
-    if len(choices) > 1:
+    if on_calib:
+        corrections["scores"] = {_label(c): fids[(plan_of[best_name], c)] for c in choices}
+        corrections["calibration_passes"] = len(fids)
+    elif len(choices) > 1:
         corrections["scores"] = {_label(c): v for (m, c), v in scores.items() if m == best_name}
     return {"objective": objective, "corrections": corrections, "evaluations": len(seen)}
 

@@ -116,3 +116,71 @@ def test_bad_objective_settings_are_named(override):
     key = override.split("=")[0]
     with pytest.raises(ConfigError, match=key):
         load_config(None, [override])
+
+
+def _on_calibration(fresh, objective):
+    fresh.cfg = dataclasses.replace(
+        fresh.cfg, alloc=dataclasses.replace(fresh.cfg.alloc, objective=objective),
+        eval=dataclasses.replace(fresh.cfg.eval, corrections="calibration"))
+    if objective != "auto":
+        fresh.set_objective(pipeline.load_objective(fresh, progress=False))
+
+
+def _fidelities(prepared, budget):
+    plan = pipeline.allocate(prepared, "dp", budget)
+    return {c: pipeline.calibration_fidelity(prepared, plan, c)
+            for c in selection.correction_choices(prepared)}
+
+
+def test_calibration_corrections_take_the_most_faithful_and_spend_no_evaluations(fresh):
+    _on_calibration(fresh, "fisher")
+    fids = _fidelities(fresh, BUDGET)
+    assert len(set(fids.values())) > 1  # the choice matters here
+    best = max(fids, key=fids.get)
+    out = selection.calibrate(fresh, "dp", BUDGET)
+    assert out["evaluations"] == 0 == out["corrections"]["evaluations"]
+    assert out["corrections"]["chosen_on"] == "calibration"
+    assert out["corrections"]["calibration_passes"] == len(fids)
+    assert out["corrections"]["scores"] == pytest.approx(
+        {selection._label(c): v for c, v in fids.items()})
+    assert (fresh.cfg.eval.bias_correction, fresh.cfg.eval.bn_reestimate) == \
+        (best.bias_correction, best.bn_reestimate)
+    assert out["objective"] == {"name": "fisher", "chosen_on": "config"}
+
+
+def test_calibration_fidelity_is_the_dense_outputs_fidelity_on_the_calibration_batches(fresh):
+    from automl_compress.zoo.base import fidelity_metric
+
+    t = fresh.task
+    plan = pipeline.allocate(fresh, "dp", BUDGET)
+    direct = fidelity_metric(t.model, t.forward, t.distance, list(t.calib))
+    for c in selection.correction_choices(fresh):
+        assert pipeline.calibration_fidelity(fresh, plan, c) == pytest.approx(
+            direct(pipeline.stitched_model(fresh, plan, c)))
+    assert pipeline.calibration_fidelity(fresh, plan) < direct(t.model) == pytest.approx(0.0,
+                                                                                    abs=1e-9)
+
+
+def test_calibration_corrections_with_auto_objective_validate_one_choice_per_plan(fresh):
+    _on_calibration(fresh, "auto")
+    names = fresh.cfg.alloc.auto_objectives
+    val, plans = {}, set()
+    for name in names:
+        fresh.set_objective(pipeline.load_objective(fresh, name, progress=False))
+        fids = _fidelities(fresh, BUDGET)
+        c = max(fids, key=fids.get)
+        plan = pipeline.allocate(fresh, "dp", BUDGET)
+        val[name] = (pipeline.validate_plan(fresh, plan, 1.0, c), c)
+        plans.add((plan.key(), c))
+    out = selection.calibrate(fresh, "dp", BUDGET)
+    best = max(names, key=lambda n: val[n][0])
+    assert out["objective"]["name"] == best and out["objective"]["chosen_on"] == "validation"
+    assert out["evaluations"] == len(plans)
+    assert out["corrections"]["chosen_on"] == "calibration"
+    assert (fresh.cfg.eval.bias_correction, fresh.cfg.eval.bn_reestimate) == \
+        (val[best][1].bias_correction, val[best][1].bn_reestimate)
+
+
+def test_bad_corrections_setting_is_named():
+    with pytest.raises(ConfigError, match="eval.corrections must be one of"):
+        tiny_config("eval.corrections=sometimes")

@@ -339,8 +339,9 @@ class PolicySource:
     Attributes:
         folder: the policy folder.
         manifest: its manifest (docs/env.md §6).
-        cfg: the target config with the policy's controllers (and, zero-shot, the corrections
-            its training run chose).
+        cfg: the target config with the policy's controllers (and, zero-shot, the objective
+            its training run chose, and its corrections on its own model or
+            ``eval.corrections = calibration`` on another).
         zero_shot: no fine-tuning: one deterministic rollout, no validation evaluations.
         check_dp: zero-shot: the rollout is kept only if it scores at least the DP plan on
             validation (2 evaluations).
@@ -357,9 +358,12 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
                 evaluations: float | None = None, check_dp: bool = False) -> PolicySource:
     """Read a trained policy and fit the target config to it.
 
-    Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the objective and the
-    statistics corrections the policy's training run chose, except with ``check_dp`` on another
-    model than the policy's: there both are chosen on this model's validation split, as the
+    Zero-shot (``finetune_steps == 0`` and no ``evaluations``) takes the objective the policy's
+    training run chose and, on the policy's own model, its statistics corrections too (its
+    incumbents were scored under them). On another model the corrections are chosen there by
+    the outputs' fidelity to the dense model on the calibration batches (``eval.corrections =
+    calibration``: no labels, no validation evaluation; the policy's values first on ties).
+    With ``check_dp`` on another model both are chosen on its validation split instead, as the
     calibrated dp chooses them, so that the check compares the rollout with dp itself. A budget
     outside the policy's trained range warns, and so does a zero-shot rollout on another model
     than the policy's without ``check_dp``.
@@ -392,14 +396,16 @@ def open_policy(cfg: Config, policy: str | Path, finetune_steps: int = 0,
     ctrl = manifest.get("controllers", {})
     family = manifest.get("model_family")
     other_model = family not in (None, cfg.task.name)
-    # a zero-shot rollout scores nothing, so it keeps the policy's objective and corrections;
+    # a zero-shot rollout scores nothing on validation, so it keeps the policy's objective and,
+    # on its own model, its corrections (on another, the most faithful on calibration there);
     # checked on another model it is compared with dp as dp runs there: both chosen here
     pinned = zero_shot and not (check_dp and other_model)
     try:
         cfg = dataclasses.replace(cfg, agent=dataclasses.replace(cfg.agent, **ctrl))
-        if pinned and manifest.get("eval"):
+        if pinned and (other_model or manifest.get("eval")):
             cfg = dataclasses.replace(cfg, eval=dataclasses.replace(
-                cfg.eval, corrections="fixed", **manifest["eval"]))
+                cfg.eval, corrections="calibration" if other_model else "fixed",
+                **manifest.get("eval") or {}))
         if pinned and (manifest.get("objective") or cfg.alloc.objective == AUTO):
             # the policy's objective (a manifest older than `auto` has none: the first
             # candidate), so that a zero-shot rollout scores nothing
@@ -428,7 +434,8 @@ def apply_policy(prepared: pipeline.Prepared, source: PolicySource, finetune_ste
                  save_dir: str | Path | None = None, progress: bool = True) -> PolicyRun:
     """Compress the prepared model with a trained policy.
 
-    Zero-shot: one deterministic rollout at the budget with the policy's corrections; it spends
+    Zero-shot: one deterministic rollout at the budget with the policy's corrections (on
+    another model, the corrections of highest calibration fidelity there); it spends
     no validation evaluations, or two with ``source.check_dp`` (the rollout and the calibrated
     DP plan are scored on the validation split and the better is kept, so the result is never
     below dp there; on another model than the policy's, after choosing the objective and the

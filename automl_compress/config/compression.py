@@ -249,6 +249,8 @@ class AllocConfig:
 
 
 BN_MODES = ("relative", "reset", "off")
+#: How ``eval.corrections`` chooses: on validation, on calibration fidelity, or not at all.
+CORRECTION_CHOICES = ("auto", "calibration", "fixed")
 # the words YAML reads as booleans, as values of eval.bn_reestimate: on = the default mode
 BN_SWITCHES = {"on": "relative", "true": "relative", "yes": "relative",
                "off": "off", "false": "off", "no": "off"}
@@ -267,7 +269,10 @@ class EvalConfig:
         bias_correction: fold ``(W − Ŵ)μ`` into biases.
         corrections: 'auto': every run compares bias correction on/off × the BN modes on the
             validation split with its starting plan and keeps the best (ties keep the values
-            above; the evaluations are counted); 'fixed': use the values above.
+            above; the evaluations are counted); 'calibration': the same comparison by the
+            outputs' fidelity to the dense model on the calibration batches (no labels, no
+            validation evaluations; a zero-shot ``apply`` on another model uses it);
+            'fixed': use the values above.
     """
 
     bn_reestimate: str = "relative"
@@ -275,10 +280,9 @@ class EvalConfig:
     corrections: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.corrections not in ("auto", "fixed"):
-            raise ConfigError(
-                f"eval.corrections must be 'auto' or 'fixed', found {self.corrections!r}"
-            )
+        if self.corrections not in CORRECTION_CHOICES:
+            raise ConfigError(f"eval.corrections must be one of {list(CORRECTION_CHOICES)}, "
+                              f"found {self.corrections!r}")
         mode = str(self.bn_reestimate).strip().lower()
         mode = BN_SWITCHES.get(mode, mode)
         if mode not in BN_MODES:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from automl_compress.cli import main
 from automl_compress.commands.rundir import RESULT_KEYS
@@ -89,6 +90,24 @@ def test_compress_evaluate_export_in_process(config, tmp_path, capsys):
     acc = float(task.evaluate(model))
     assert acc == pytest.approx(res["metric"])
     assert model(x).shape == (len(x), 10)
+
+
+def test_compress_with_corrections_on_calibration_spends_validation_only_on_the_objective(
+        config, tmp_path):
+    run = tmp_path / "run"
+    assert main(["compress", "--config", str(config), "--method", "dp", "--budget-bits", "3",
+                 "--set", "eval.corrections=calibration", "--out", str(run)]) == 0
+    res = json.loads((run / "results.json").read_text())
+    corr = res["corrections"]
+    assert corr["chosen_on"] == "calibration" and corr["calibration_passes"] >= len(corr["scores"])
+    assert len(corr["scores"]) > 1
+    # auto: one validation pass per candidate objective's plan, none for the corrections
+    assert res["evaluations"] == corr["evaluations"] <= len(res["objective_choice"]["scores"])
+    # the run directory records the choice as fixed settings, so `evaluate` re-scores the same
+    again = yaml.safe_load((run / "config.yaml").read_text())["eval"]
+    assert again["corrections"] == "fixed"
+    assert (again["bias_correction"], again["bn_reestimate"]) == (corr["bias_correction"],
+                                                                  corr["bn_reestimate"])
 
 
 def test_infeasible_budget_is_a_clear_error(config, tmp_path, capsys):

@@ -100,6 +100,29 @@ def test_apply_on_the_wider_sibling(train_run, wide_apply):
         res["layers"][0]["rows"]
 
 
+def test_zero_shot_on_another_model_chooses_its_corrections_on_calibration_fidelity(
+        train_run, wide_apply):
+    """No validation evaluation, the policy's objective, the most faithful corrections there."""
+    res = json.loads((wide_apply / "results.json").read_text())
+    manifest = json.loads((train_run / "results.json").read_text())
+    assert res["evaluations"] == 0
+    corr = res["corrections"]
+    assert corr["chosen_on"] == "calibration" and corr["evaluations"] == 0
+    assert corr["calibration_passes"] == len(corr["scores"]) > 1
+    best = max(corr["scores"].values())
+    label = f"{'bias' if corr['bias_correction'] else 'nobias'}+{corr['bn_reestimate']}"
+    assert corr["scores"][label] == best
+    assert res["objective_choice"]["name"] == manifest["objective_choice"]["name"]
+    # re-measured directly: the fidelity the choice recorded is the stitched model's
+    cfg = load_config(ROOT / "configs/digits_wide.yaml", ["env.budget_bits=3.0"])
+    prepared = pipeline.prepare(cfg, wide_apply, db_dir=wide_apply / "db", progress=False)
+    prepared.set_objective(pipeline.load_objective(prepared, res["objective_choice"]["name"],
+                                                   progress=False))
+    dp_plan = pipeline.allocate(prepared, "dp", 3.0)
+    c = next(c for c in selection.correction_choices(prepared) if selection._label(c) == label)
+    assert pipeline.calibration_fidelity(prepared, dp_plan, c) == pytest.approx(best)
+
+
 def test_checked_zero_shot_on_another_model_is_compared_with_dp_as_dp_runs_there(
         train_run, wide_apply, tmp_path):
     """On another model `--check-dp` chooses the objective and corrections there, as dp does.
