@@ -18,6 +18,9 @@ Selection on the validation split, reported on the test split. A learned run als
 ``STEPS_PER_EVALUATION`` env steps per evaluation of its budget (a policy repeating scored
 plans spends nothing), as in bench/search.py.
 
+``--methods`` runs a subset of the target rows (the source's dp and training run whenever a row
+applies its policy).
+
 Usage (databases under OUT/db_<task>, results resumed from OUT/transfer_<src>_<tgt>.json)::
 
     python bench/transfer.py --source configs/digits.yaml --target configs/digits_wide.yaml \\
@@ -65,8 +68,11 @@ def _apply(prepared: pipeline.Prepared, cfg: Config, policy_dir: Path,
 
 
 def bench(src_cfg: Config, tgt_cfg: Config, out: Path, budget: float, evaluations: int,
-          share: float, seeds: list[int]) -> dict[str, Any]:
-    """Run (or resume) every row; return the results dict written to OUT."""
+          share: float, seeds: list[int], methods: tuple[str, ...] = METHODS) -> dict[str, Any]:
+    """Run (or resume) the rows of ``methods``; return the results dict written to OUT.
+
+    The source rows run whenever a method applies the source's policy.
+    """
     name = f"transfer_{src_cfg.task.name}_{tgt_cfg.task.name}.json"
     path = out / name
     result = json.loads(path.read_text()) if path.is_file() else {"runs": {}}
@@ -79,8 +85,12 @@ def bench(src_cfg: Config, tgt_cfg: Config, out: Path, budget: float, evaluation
                    "metric_name": tgt.task.metric_name, "dense": tgt.dense_metric(),
                    "dense_val": tgt.dense_val(), "source_dense": src.dense_metric()})
 
+    policy = bool({"zero-shot", "zero-shot-checked", "fine-tuned"} & set(methods))
+
     def once(label: str, fn, *args) -> None:
-        if label in result["runs"]:
+        method = label.split("/")[0]
+        wanted = method in methods or (policy and method in ("source", "source-dp"))
+        if label in result["runs"] or not wanted:
             return
         row = fn(*args)
         result["runs"][label] = row
@@ -138,11 +148,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--finetune-share", type=float, default=0.1)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--out", default="bench_out/transfer")
+    ap.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS),
+                    help="the target rows to run (default: all)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res = bench(load_config(args.source, args.overrides), load_config(args.target, args.overrides),
-                out, args.budget, args.evaluations, args.finetune_share, args.seeds)
+                out, args.budget, args.evaluations, args.finetune_share, args.seeds,
+                tuple(args.methods))
     print(table(res))
     return 0
 
